@@ -1,0 +1,22 @@
+//! Well-known names, ports and headers that are public interface (DESIGN §2, §6, §7).
+
+/// Outbound listener: the app's outgoing connections, redirected by iptables.
+pub const OUTBOUND_PORT: u16 = 4140;
+/// Inbound listener: connections to the app, redirected by iptables.
+pub const INBOUND_PORT: u16 = 4143;
+/// Admin listener: metrics, health, config, shutdown.
+pub const ADMIN_PORT: u16 = 4191;
+/// The UID the sidecar runs as; its own connections are not redirected.
+pub const PROXY_UID: u32 = 2102;
+/// Control plane gRPC push port.
+pub const CONTROL_PLANE_GRPC_PORT: u16 = 8086;
+/// Control plane admin port.
+pub const CONTROL_PLANE_ADMIN_PORT: u16 = 9990;
+
+/// Namespace assumed when a document or a short host name does not name one.
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// Cluster DNS suffix accepted in `Host`: `name.ns.svc.cluster.local`.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Response header set on every response the mesh itself generates instead of the upstream.
+pub const HEADER_REJECTED: &str = "ballast-rejected";

@@ -1,0 +1,132 @@
+//! The admin listener (DESIGN §2): `/metrics`, `/live`, `/ready`, `/config`, `/shutdown`.
+//!
+//! It runs on its own thread with its own single-threaded runtime, so a scrape or a slow
+//! admin client never takes a data-path worker, and a saturated data path still answers
+//! liveness probes.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+use crate::body::{self, Body};
+use crate::drain::Shutdown;
+use crate::metrics::Metrics;
+use crate::routes::ConfigStore;
+
+#[derive(Clone)]
+pub struct Admin {
+    pub metrics: Metrics,
+    pub store: Arc<ConfigStore>,
+    pub shutdown: Shutdown,
+    /// Describes where configuration comes from, shown in `/config`.
+    pub source: Arc<str>,
+}
+
+/// Serves the admin API on `listener` from a dedicated thread.
+pub fn spawn(listener: std::net::TcpListener, admin: Admin) -> std::io::Result<std::thread::JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    std::thread::Builder::new().name("ballast-admin".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the admin runtime");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot use the admin listener");
+                    return;
+                }
+            };
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let admin = admin.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let admin = admin.clone();
+                        async move { Ok::<_, Infallible>(admin.route(req, peer)) }
+                    });
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+    })
+}
+
+fn text(status: StatusCode, s: impl Into<String>) -> Response<Body> {
+    let mut s = s.into();
+    s.push('\n');
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(body::full(s))
+        .unwrap_or_else(|_| Response::new(body::empty()))
+}
+
+impl Admin {
+    fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/metrics") => Response::builder()
+                .header(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)
+                .body(body::full(self.metrics.encode()))
+                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics")),
+            (&Method::GET, "/live") => text(StatusCode::OK, "live"),
+            (&Method::GET, "/ready") => {
+                if self.shutdown.is_draining() {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "draining")
+                } else if self.store.is_ready() {
+                    text(StatusCode::OK, "ready")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "no configuration applied yet")
+                }
+            }
+            (&Method::GET, "/config") => {
+                let snap = self.store.snapshot();
+                let doc = serde_json::json!({
+                    "version": snap.version,
+                    "source": &*self.source,
+                    "namespace": self.store.namespace(),
+                    "services": snap.config.services.values().collect::<Vec<_>>(),
+                    "policies": snap.config.policies.values().collect::<Vec<_>>(),
+                });
+                match serde_json::to_vec_pretty(&doc) {
+                    Ok(json) => Response::builder()
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(body::full(json))
+                        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode config")),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode config: {e}")),
+                }
+            }
+            (&Method::POST, "/shutdown") => {
+                if !peer.ip().is_loopback() {
+                    return text(StatusCode::FORBIDDEN, "shutdown is only accepted from loopback");
+                }
+                tracing::info!("shutdown requested through the admin API");
+                self.shutdown.start();
+                text(StatusCode::OK, "draining")
+            }
+            (_, "/metrics" | "/live" | "/ready" | "/config" | "/shutdown") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            }
+            _ => {
+                text(StatusCode::NOT_FOUND, "not found: try /metrics, /live, /ready, /config, POST /shutdown")
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Pooled upstream connections, one [`EndpointClient`] per endpoint address.
+//!
+//! Each endpoint gets its own hyper-util client whose connector always dials that
+//! endpoint. The request URI keeps the authority the app asked for, so the upstream sees
+//! the caller's `Host`/`:authority` unchanged, while the pool is still per endpoint.
+//! Clients are cached in [`Clients`] and shared by every stack, so a configuration change
+//! that rebuilds a service's stack keeps its warm connections.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::body::Body;
+
+/// Dials one fixed address, whatever the URI says.
+#[derive(Clone)]
+pub struct FixedConnector {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connecting to {addr} timed out after {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("connecting to {addr}: {source}")]
+    Io { addr: SocketAddr, source: std::io::Error },
+}
+
+impl tower::Service<http::Uri> for FixedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: http::Uri) -> Self::Future {
+        let (addr, timeout) = (self.addr, self.connect_timeout);
+        Box::pin(async move {
+            let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+                .await
+                .map_err(|_| ConnectError::Timeout { addr, timeout })?
+                .map_err(|source| ConnectError::Io { addr, source })?;
+            // Small requests and responses must not wait for Nagle.
+            let _ = stream.set_nodelay(true);
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// A pooled client for one endpoint, speaking HTTP/1.1 or HTTP/2 (prior knowledge) as
+/// the request's version says.
+#[derive(Clone)]
+pub struct EndpointClient {
+    addr: SocketAddr,
+    h1: Client<FixedConnector, Body>,
+    h2: Client<FixedConnector, Body>,
+}
+
+impl EndpointClient {
+    fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+        let connector = FixedConnector { addr, connect_timeout };
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .build(connector);
+        Self { addr, h1, h2 }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl tower::Service<Request<Body>> for EndpointClient {
+    type Response = Response<Incoming>;
+    type Error = hyper_util::client::legacy::Error;
+    type Future = hyper_util::client::legacy::ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        if req.version() == Version::HTTP_2 { self.h2.request(req) } else { self.h1.request(req) }
+    }
+}
+
+/// Cache of endpoint clients by address.
+///
+/// Bounded: passthrough traffic can name any address, so past [`Clients::MAX`] entries
+/// the cache is cleared (connections of dropped clients close when idle) rather than grown.
+pub struct Clients {
+    connect_timeout: Duration,
+    cache: Mutex<HashMap<SocketAddr, EndpointClient>>,
+}
+
+impl Clients {
+    const MAX: usize = 4096;
+
+    pub fn new(connect_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self { connect_timeout, cache: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn get(&self, addr: SocketAddr) -> EndpointClient {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(&addr) {
+            return c.clone();
+        }
+        if cache.len() >= Self::MAX {
+            cache.clear();
+        }
+        let c = EndpointClient::new(addr, self.connect_timeout);
+        cache.insert(addr, c.clone());
+        c
+    }
+}

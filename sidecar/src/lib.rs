@@ -1,0 +1,31 @@
+//! The Ballast sidecar: a transparent L4/L7 proxy with a per-service tower stack.
+//!
+//! Read it top to bottom:
+//! * [`run`] wires everything together: configuration, listeners, admin, drain.
+//! * [`server`] accepts connections, recovers the original destination ([`orig_dst`]),
+//!   detects the protocol ([`detect`]) and hands the connection to [`proxy`].
+//! * [`proxy::http`] decides where each request goes and keeps it faithful; [`proxy::tcp`]
+//!   forwards everything else.
+//! * [`routes`] holds the applied configuration as an immutable [`routes::Snapshot`] behind
+//!   an atomic pointer; [`stack`] builds each service's tower stack; [`client`] pools
+//!   upstream connections.
+//! * [`metrics`], [`admin`], [`drain`], [`rejection`]: telemetry, the admin API, graceful
+//!   shutdown, and the responses the mesh makes itself.
+//! * [`init`]: the iptables rules of the init container.
+
+pub mod admin;
+pub mod body;
+pub mod client;
+pub mod detect;
+pub mod drain;
+pub mod init;
+pub mod metrics;
+pub mod orig_dst;
+pub mod proxy;
+pub mod rejection;
+pub mod routes;
+pub mod run;
+pub mod server;
+pub mod stack;
+
+pub use ballast_api::names::HEADER_REJECTED;

@@ -1,0 +1,186 @@
+//! `ballast-sidecar`: `run` the proxy, or `init` the pod's iptables rules.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use ballast_api::names;
+use ballast_sidecar::{init, run};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ballast-sidecar", version, about = "The Ballast service mesh sidecar proxy")]
+struct Cli {
+    /// Log format.
+    #[arg(long, env = "BALLAST_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run(RunArgs),
+    /// Install the iptables rules that redirect the pod's TCP traffic through the proxy.
+    Init(InitArgs),
+}
+
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<ballast_api::Duration>().map(|d| d.get()).map_err(|e| e.to_string())
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Static configuration: ResiliencePolicy and Service YAML documents. Reloaded when it changes.
+    #[arg(long, env = "BALLAST_CONFIG")]
+    config: Option<PathBuf>,
+    /// Control plane URL (not supported by this build yet).
+    #[arg(long, env = "BALLAST_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    /// This pod's namespace: short host names are resolved in it.
+    #[arg(long, env = "BALLAST_NAMESPACE", default_value = names::DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// The service this pod serves (labels inbound metrics).
+    #[arg(long, env = "BALLAST_SERVICE")]
+    service: Option<String>,
+    #[arg(long, env = "BALLAST_OUTBOUND_ADDR", default_value = "127.0.0.1:4140")]
+    outbound_addr: SocketAddr,
+    #[arg(long, env = "BALLAST_INBOUND_ADDR", default_value = "0.0.0.0:4143")]
+    inbound_addr: SocketAddr,
+    #[arg(long, env = "BALLAST_ADMIN_ADDR", default_value = "0.0.0.0:4191")]
+    admin_addr: SocketAddr,
+    /// Where inbound connections go when they were not redirected by iptables.
+    #[arg(long, env = "BALLAST_APP_ADDR", default_value = "127.0.0.1:8080")]
+    app_addr: SocketAddr,
+    /// The endpoint registered for --service (used with the control plane).
+    #[arg(long, env = "BALLAST_ADVERTISE_ADDR")]
+    advertise_addr: Option<SocketAddr>,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[arg(long, env = "BALLAST_DRAIN_DEADLINE", default_value = "30s", value_parser = duration)]
+    drain_deadline: std::time::Duration,
+    /// How long to wait for a client's first bytes before forwarding as opaque TCP
+    /// (server-speaks-first protocols send nothing).
+    #[arg(long, env = "BALLAST_DETECT_TIMEOUT", default_value = "500ms", value_parser = duration)]
+    detect_timeout: std::time::Duration,
+    /// Upstream connect timeout (a policy's timeouts.connect will override it per service).
+    #[arg(long, env = "BALLAST_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration)]
+    connect_timeout: std::time::Duration,
+    /// Resolve hosts that are not mesh services with DNS (proxy requests and CONNECT).
+    #[arg(long, env = "BALLAST_EGRESS_DNS", default_value_t = true, action = clap::ArgAction::Set)]
+    egress_dns: bool,
+    /// How often the config file is checked for changes.
+    #[arg(long, env = "BALLAST_CONFIG_POLL", default_value = "1s", value_parser = duration)]
+    config_poll: std::time::Duration,
+}
+
+#[derive(Args)]
+struct InitArgs {
+    #[arg(long, env = "BALLAST_PROXY_UID", default_value_t = names::PROXY_UID)]
+    proxy_uid: u32,
+    #[arg(long, env = "BALLAST_INBOUND_PORT", default_value_t = names::INBOUND_PORT)]
+    inbound_port: u16,
+    #[arg(long, env = "BALLAST_OUTBOUND_PORT", default_value_t = names::OUTBOUND_PORT)]
+    outbound_port: u16,
+    #[arg(long, env = "BALLAST_ADMIN_PORT", default_value_t = names::ADMIN_PORT)]
+    admin_port: u16,
+    /// Inbound ports not redirected (ports or ranges, comma-separated).
+    #[arg(long, env = "BALLAST_SKIP_INBOUND_PORTS", value_delimiter = ',')]
+    skip_inbound_ports: Vec<String>,
+    /// Outbound destination ports not redirected.
+    #[arg(long, env = "BALLAST_SKIP_OUTBOUND_PORTS", value_delimiter = ',')]
+    skip_outbound_ports: Vec<String>,
+    /// Outbound destination CIDRs not redirected.
+    #[arg(long, env = "BALLAST_SKIP_OUTBOUND_CIDRS", value_delimiter = ',')]
+    skip_outbound_cidrs: Vec<String>,
+    /// The iptables command to use.
+    #[arg(long, env = "BALLAST_IPTABLES", default_value = "iptables")]
+    iptables: String,
+    /// Print the rules instead of installing them.
+    #[arg(long, env = "BALLAST_DRY_RUN")]
+    dry_run: bool,
+}
+
+fn init_logging(format: &str) {
+    let filter = std::env::var("BALLAST_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+        eprintln!("ignoring invalid log filter {filter:?}: {e}");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match cli.command {
+        Command::Init(a) => {
+            let opts = init::InitOptions {
+                proxy_uid: a.proxy_uid,
+                inbound_port: a.inbound_port,
+                outbound_port: a.outbound_port,
+                admin_port: a.admin_port,
+                skip_inbound_ports: a.skip_inbound_ports,
+                skip_outbound_ports: a.skip_outbound_ports,
+                skip_outbound_cidrs: a.skip_outbound_cidrs,
+                iptables: a.iptables,
+            };
+            let result = if a.dry_run {
+                init::plan(&opts).map(|p| print!("{p}"))
+            } else {
+                init::install(&opts).map(|()| tracing::info!("iptables rules installed"))
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ballast-sidecar init: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run(a) => {
+            let _ = a.advertise_addr; // registered with the control plane (next issues)
+            let opts = run::RunOptions {
+                config: a.config,
+                control_plane: a.control_plane,
+                namespace: a.namespace,
+                service: a.service,
+                outbound_addr: a.outbound_addr,
+                inbound_addr: a.inbound_addr,
+                admin_addr: a.admin_addr,
+                app_addr: a.app_addr,
+                drain_deadline: a.drain_deadline,
+                detect_timeout: a.detect_timeout,
+                connect_timeout: a.connect_timeout,
+                egress_dns: a.egress_dns,
+                config_poll: a.config_poll,
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("ballast-sidecar: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run::run(opts)) {
+                Ok(()) => {
+                    // Remaining tasks (connections past the deadline) are dropped here.
+                    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ballast-sidecar: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

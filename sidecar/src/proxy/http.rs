@@ -1,0 +1,377 @@
+//! The HTTP proxy: where a request goes, and how it is kept faithful on the way.
+//!
+//! Choosing the destination of an outbound request (DESIGN §2):
+//! 1. the service whose virtual address the app dialled (original destination);
+//! 2. else the service its `Host`/`:authority` names;
+//! 3. else, when iptables redirected it, the original destination itself (passthrough);
+//!    when the client used the sidecar as an HTTP proxy, the host of the absolute-form URI,
+//!    resolved by DNS unless `--egress-dns=false`; an unknown host gets a 502 naming it.
+//!
+//! Faithfulness: hop-by-hop headers (RFC 9110 §7.6.1, and those `Connection` names) are
+//! removed in both directions, except that an `Upgrade` handshake keeps its pair. `Expect:
+//! 100-continue` is answered here (hyper sends the 100 when the body is first read) and
+//! not sent upstream, as Envoy does. The request's authority travels unchanged: the
+//! upstream sees the `Host` the app sent. HTTP/1.0 clients are spoken to in HTTP/1.0 and
+//! upstream requests use HTTP/1.1 so connections can be pooled. Bodies are streamed, never
+//! buffered, so memory stays bounded whatever their size.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_api::service::Protocol as DeclaredProtocol;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::{ConnInfo, Shared, tcp};
+use crate::body::{self, Body, BoxError};
+use crate::metrics::PASSTHROUGH;
+use crate::rejection::error_response;
+use crate::routes::{ServiceEntry, split_host_port};
+use crate::stack::{self, Direction, HttpRequest, HttpService, UpstreamReset};
+
+/// Handles one request received on a connection.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, BoxError> {
+    let req = req.map(body::boxed);
+    match conn.direction {
+        Direction::Outbound => outbound(shared, conn, req).await,
+        Direction::Inbound => inbound(shared, conn, req).await,
+    }
+}
+
+/// Where an outbound request goes.
+enum Destination {
+    Service(Arc<ServiceEntry>, u16),
+    Endpoint(SocketAddr),
+    /// Proxy mode, not a mesh service: resolve this authority.
+    Resolve(String),
+}
+
+async fn outbound(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: HttpRequest,
+) -> Result<Response<Body>, BoxError> {
+    if req.method() == Method::CONNECT {
+        return connect_tunnel(shared, conn, req).await;
+    }
+    let authority = request_authority(&req);
+    let authority_port = authority.as_deref().and_then(|a| split_host_port(a).1);
+    let destination = {
+        let snap = shared.store.load();
+        let named = authority.as_deref().and_then(|a| snap.by_authority(a)).cloned();
+        match conn.orig_dst {
+            Some(dst) => match snap.by_original_dst(dst).cloned().or(named) {
+                Some(svc) => Destination::Service(svc, authority_port.unwrap_or(dst.port())),
+                None => Destination::Endpoint(dst),
+            },
+            None => match (named, &authority) {
+                (Some(svc), _) => Destination::Service(svc, authority_port.unwrap_or(80)),
+                (None, Some(a)) => Destination::Resolve(a.clone()),
+                (None, None) => {
+                    return Ok(error_response(
+                        StatusCode::BAD_REQUEST,
+                        "ballast: the request names no destination: send a Host header or an absolute-form URI",
+                    ));
+                }
+            },
+        }
+    };
+    let (stack, declared, fallback) = match destination {
+        Destination::Service(svc, port) => {
+            (svc.stack(port), svc.protocol(port), SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))
+        }
+        Destination::Endpoint(dst) => {
+            (shared.ctx.endpoint_stack(Direction::Outbound, &passthrough_label(), dst), None, dst)
+        }
+        Destination::Resolve(a) => match resolve(shared.settings.egress_dns, a.clone(), 80).await {
+            Ok(addr) if shared.is_own_listener(addr, &conn) => {
+                return Ok(error_response(
+                    StatusCode::LOOP_DETECTED,
+                    format!("ballast: {a} is this sidecar itself; the request would loop"),
+                ));
+            }
+            Ok(addr) => {
+                (shared.ctx.endpoint_stack(Direction::Outbound, &passthrough_label(), addr), None, addr)
+            }
+            Err(msg) => return Ok(error_response(StatusCode::BAD_GATEWAY, msg)),
+        },
+    };
+    forward(stack, req, authority, fallback, declared).await
+}
+
+async fn inbound(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: HttpRequest,
+) -> Result<Response<Body>, BoxError> {
+    if req.method() == Method::CONNECT {
+        return Ok(error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "ballast: CONNECT is not accepted on the inbound side",
+        ));
+    }
+    let target = shared.app_target(&conn);
+    let stack = shared.ctx.endpoint_stack(Direction::Inbound, &shared.settings.inbound_label, target);
+    let authority = request_authority(&req);
+    forward(stack, req, authority, target, None).await
+}
+
+fn passthrough_label() -> Arc<str> {
+    static LABEL: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    LABEL.get_or_init(|| Arc::from(PASSTHROUGH)).clone()
+}
+
+/// Prepares the request for the upstream, calls the stack, and prepares the response for
+/// the client.
+async fn forward(
+    stack: HttpService,
+    mut req: HttpRequest,
+    authority: Option<String>,
+    fallback: SocketAddr,
+    declared: Option<DeclaredProtocol>,
+) -> Result<Response<Body>, BoxError> {
+    let downstream_version = req.version();
+    let upgrade = is_upgrade(&req);
+    let upstream_version = match (upgrade, declared) {
+        (true, _) => Version::HTTP_11,
+        (_, Some(DeclaredProtocol::Http)) => Version::HTTP_11,
+        (_, Some(DeclaredProtocol::Http2 | DeclaredProtocol::Grpc)) => Version::HTTP_2,
+        _ if downstream_version == Version::HTTP_2 => Version::HTTP_2,
+        _ => Version::HTTP_11,
+    };
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    req.headers_mut().remove(header::EXPECT);
+
+    let authority = authority.unwrap_or_else(|| fallback.to_string());
+    let Ok(parsed) = authority.parse::<Authority>() else {
+        return Ok(error_response(StatusCode::BAD_REQUEST, format!("ballast: invalid host {authority:?}")));
+    };
+    if req.uri().scheme().is_some_and(|s| *s != Scheme::HTTP) {
+        return Ok(error_response(
+            StatusCode::BAD_REQUEST,
+            "ballast: only http:// URLs can be proxied as requests; use CONNECT for https",
+        ));
+    }
+    let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(parsed);
+    parts.path_and_query = Some(path);
+    *req.uri_mut() = Uri::from_parts(parts)?;
+    if upstream_version == Version::HTTP_2 {
+        // :authority carries it; a Host header alongside would be redundant.
+        req.headers_mut().remove(header::HOST);
+    } else {
+        // Absolute-form URIs win over Host (RFC 9112 §3.2.2); keep them consistent.
+        req.headers_mut().insert(header::HOST, HeaderValue::from_str(&authority)?);
+    }
+    *req.version_mut() = upstream_version;
+
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let mut rsp = stack::call(stack, req).await?;
+    if rsp.extensions().get::<UpstreamReset>().is_some() && downstream_version == Version::HTTP_2 {
+        // Surface the reset as a reset: hyper resets the client's stream on an error.
+        return Err("upstream reset the connection".into());
+    }
+    if rsp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(downstream_upgrade) = downstream_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut rsp);
+        tokio::spawn(async move {
+            match tokio::try_join!(downstream_upgrade, upstream_upgrade) {
+                Ok((down, up)) => {
+                    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                        tracing::debug!(error = %e, "upgraded connection ended with an error");
+                    }
+                }
+                Err(e) => tracing::info!(error = %e, "protocol upgrade failed"),
+            }
+        });
+        return Ok(rsp);
+    }
+    strip_hop_by_hop(rsp.headers_mut(), false);
+    *rsp.version_mut() = downstream_version;
+    Ok(rsp)
+}
+
+/// CONNECT host:port: a TCP tunnel (proxy mode), to a mesh service or a resolved host.
+async fn connect_tunnel(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    mut req: HttpRequest,
+) -> Result<Response<Body>, BoxError> {
+    let Some(authority) = req.uri().authority().map(|a| a.as_str().to_owned()) else {
+        return Ok(error_response(StatusCode::BAD_REQUEST, "ballast: CONNECT needs host:port"));
+    };
+    let port = split_host_port(&authority).1.unwrap_or(443);
+    let service_ep = { shared.store.load().by_authority(&authority).and_then(|s| s.tcp_endpoint(port)) };
+    let target = match service_ep {
+        Some(t) => t,
+        None => match resolve(shared.settings.egress_dns, authority.clone(), 443).await {
+            Ok(t) => t,
+            Err(msg) => return Ok(error_response(StatusCode::BAD_GATEWAY, msg)),
+        },
+    };
+    if shared.is_own_listener(target, &conn) {
+        return Ok(error_response(
+            StatusCode::LOOP_DETECTED,
+            "ballast: CONNECT to this sidecar itself would loop",
+        ));
+    }
+    let upstream = match tcp::connect(target, shared.settings.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            return Ok(error_response(
+                StatusCode::BAD_GATEWAY,
+                format!("ballast: cannot connect to {authority} ({target}): {e}"),
+            ));
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let direction = conn.direction;
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(down) => tcp::splice(&shared.metrics, direction, TokioIo::new(down), upstream).await,
+            Err(e) => tracing::info!(error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    Ok(Response::new(body::empty()))
+}
+
+/// Resolves `authority` (host[:port]) that is not a mesh service.
+async fn resolve(egress_dns: bool, authority: String, default_port: u16) -> Result<SocketAddr, String> {
+    let (host, port) = split_host_port(&authority);
+    let port = port.unwrap_or(default_port);
+    let host = host.to_owned();
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port));
+    }
+    if !egress_dns {
+        return Err(format!(
+            "ballast: unknown host {host:?}: it is not a mesh service, and resolving other hosts is off (--egress-dns=false)"
+        ));
+    }
+    let lookup =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(format!("{host}:{port}"))).await;
+    match lookup {
+        Ok(Ok(mut addrs)) => {
+            addrs.next().ok_or_else(|| format!("ballast: unknown host {host:?}: no addresses"))
+        }
+        Ok(Err(e)) => Err(format!("ballast: unknown host {host:?}: {e}")),
+        Err(_) => Err(format!("ballast: unknown host {host:?}: DNS lookup timed out")),
+    }
+}
+
+/// The authority the request names: the URI's (absolute-form, HTTP/2) or `Host`.
+fn request_authority<B>(req: &Request<B>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str().to_owned());
+    }
+    req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).filter(|h| !h.is_empty()).map(str::to_owned)
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` stays and `Connection`
+/// becomes exactly `upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter(|t| {
+            !t.eq_ignore_ascii_case("upgrade")
+                && !t.eq_ignore_ascii_case("close")
+                && !t.eq_ignore_ascii_case("keep-alive")
+        })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    headers.remove(header::CONNECTION);
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    headers.remove(header::PROXY_AUTHENTICATE);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    headers.remove(header::TRAILER);
+    headers.remove(header::TRANSFER_ENCODING);
+    // `te: trailers` is the one TE value HTTP/2 allows, and gRPC requires it.
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Custom"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-custom", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["te", "x-keep"]);
+        assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[test]
+    fn upgrade_keeps_its_pair() {
+        let req = Request::builder()
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::UPGRADE, "websocket")
+            .body(())
+            .unwrap();
+        assert!(is_upgrade(&req));
+        let mut h = req.headers().clone();
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
+    }
+}
+/// Compile-time check: hyper's HTTP/2 server needs the handler's future to be `Send`.
+#[allow(dead_code)]
+fn _assert_send(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(handle(shared, conn, req));
+}

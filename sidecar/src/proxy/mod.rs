@@ -1,0 +1,65 @@
+//! Proxying a detected connection: [`http`] for HTTP/1 and HTTP/2, [`tcp`] for
+//! everything else (TLS included, passed through untouched).
+
+pub mod http;
+pub mod tcp;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::drain::Shutdown;
+use crate::metrics::Metrics;
+use crate::routes::ConfigStore;
+use crate::stack::{Direction, StackContext};
+
+/// Settings every connection handler reads.
+pub struct Settings {
+    pub detect_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Resolve hosts that are not mesh services with DNS (proxy mode and CONNECT).
+    pub egress_dns: bool,
+    /// `service` label of inbound metrics.
+    pub inbound_label: Arc<str>,
+    /// Where inbound connections go when they carry no original destination.
+    pub app_addr: SocketAddr,
+    /// Ports of our own listeners: a passthrough to one of them on this host would loop.
+    pub own_ports: Vec<u16>,
+}
+
+/// State shared by every connection.
+pub struct Shared {
+    pub store: Arc<ConfigStore>,
+    pub ctx: Arc<StackContext>,
+    pub metrics: Metrics,
+    pub settings: Settings,
+    pub shutdown: Shutdown,
+}
+
+/// What is known of one accepted connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub direction: Direction,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// Where the client meant to connect, when iptables redirected it here.
+    pub orig_dst: Option<SocketAddr>,
+}
+
+impl Shared {
+    /// Whether dialing `addr` would reach one of this sidecar's own listeners.
+    pub fn is_own_listener(&self, addr: SocketAddr, conn: &ConnInfo) -> bool {
+        addr == conn.local
+            || (self.settings.own_ports.contains(&addr.port())
+                && (addr.ip().is_loopback() || addr.ip().is_unspecified() || addr.ip() == conn.local.ip()))
+    }
+
+    /// Where an inbound connection goes: the app on the port the client dialled, or
+    /// `--app-addr` when nothing redirected it.
+    pub fn app_target(&self, conn: &ConnInfo) -> SocketAddr {
+        match conn.orig_dst {
+            Some(dst) => SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), dst.port()),
+            None => self.settings.app_addr,
+        }
+    }
+}

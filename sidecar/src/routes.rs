@@ -1,0 +1,310 @@
+//! The applied configuration as a route table, swapped atomically.
+//!
+//! A [`Snapshot`] is immutable: each request loads the current one (`ArcSwap::load`, no
+//! lock) and keeps it for its lifetime, so a new configuration never disturbs a request
+//! or a connection in flight. Building a snapshot reuses the stacks of services whose
+//! definition and policy did not change, so their balancer state and pools stay warm.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+use ballast_api::service::{EndpointAddr, Protocol};
+use ballast_api::{Config, ResiliencePolicy, Service};
+
+use crate::stack::{HttpService, StackContext};
+
+/// One configured service, ready to take requests.
+pub struct ServiceEntry {
+    pub namespace: String,
+    pub name: String,
+    /// Metrics label: `name.namespace`.
+    pub label: Arc<str>,
+    service: Service,
+    policy: Option<ResiliencePolicy>,
+    /// Stacks by service port; `None` is for any port (every endpoint names its own).
+    stacks: Vec<(Option<u16>, HttpService)>,
+}
+
+impl ServiceEntry {
+    fn build(ctx: &StackContext, service: &Service, policy: Option<&ResiliencePolicy>) -> Self {
+        let namespace = service.metadata.namespace_or_default().to_owned();
+        let name = service.metadata.name.clone();
+        let label: Arc<str> = format!("{name}.{namespace}").into();
+        let eps: Vec<(EndpointAddr, u32)> = service
+            .spec
+            .endpoints
+            .iter()
+            .filter_map(|e| EndpointAddr::parse(&e.address).map(|a| (a, e.weight)))
+            .collect();
+        let all_explicit = eps.iter().all(|(a, _)| matches!(a, EndpointAddr::Socket(_)));
+        let ports: Vec<u16> = service.spec.ports.iter().map(|p| p.port).collect();
+        let stacks = if all_explicit || ports.is_empty() {
+            // Bare IPs with no declared port take port 80, like a Service with no targetPort.
+            let resolved: Vec<_> = eps.iter().map(|&(a, w)| (a.with_default_port(80), w)).collect();
+            vec![(None, ctx.service_stack(label.clone(), &resolved))]
+        } else {
+            ports
+                .iter()
+                .map(|&port| {
+                    let resolved: Vec<_> = eps.iter().map(|&(a, w)| (a.with_default_port(port), w)).collect();
+                    (Some(port), ctx.service_stack(label.clone(), &resolved))
+                })
+                .collect()
+        };
+        Self { namespace, name, label, service: service.clone(), policy: policy.cloned(), stacks }
+    }
+
+    /// The stack for a request to `port` (the first declared port's when it is not declared).
+    pub fn stack(&self, port: u16) -> HttpService {
+        self.stacks
+            .iter()
+            .find(|(p, _)| *p == Some(port) || p.is_none())
+            .or_else(|| self.stacks.first())
+            .map(|(_, s)| s.clone())
+            .expect("a service entry always has at least one stack")
+    }
+
+    /// The declared protocol of `port`, if any.
+    pub fn protocol(&self, port: u16) -> Option<Protocol> {
+        let ports = &self.service.spec.ports;
+        ports
+            .iter()
+            .find(|p| p.port == port)
+            .or(if ports.len() == 1 { ports.first() } else { None })?
+            .protocol
+    }
+
+    /// An endpoint for an opaque TCP connection to `port`; spreads connections at random.
+    pub fn tcp_endpoint(&self, port: u16) -> Option<SocketAddr> {
+        let eps = &self.service.spec.endpoints;
+        if eps.is_empty() {
+            return None;
+        }
+        let pick = &eps[rand::random_range(0..eps.len())];
+        let declared = if self.service.spec.ports.iter().any(|p| p.port == port) {
+            port
+        } else {
+            self.service.spec.ports.first().map(|p| p.port).unwrap_or(port)
+        };
+        EndpointAddr::parse(&pick.address).map(|a| a.with_default_port(declared))
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.service.spec.endpoints.len()
+    }
+}
+
+/// Everything a request needs to find its destination.
+pub struct Snapshot {
+    pub version: u64,
+    pub config: Arc<Config>,
+    namespace: String,
+    by_name: HashMap<(String, String), Arc<ServiceEntry>>,
+    by_addr: HashMap<SocketAddr, Arc<ServiceEntry>>,
+    by_ip: HashMap<IpAddr, Arc<ServiceEntry>>,
+}
+
+impl Snapshot {
+    pub fn empty(namespace: &str) -> Self {
+        Self {
+            version: 0,
+            config: Arc::new(Config::default()),
+            namespace: namespace.to_owned(),
+            by_name: HashMap::new(),
+            by_addr: HashMap::new(),
+            by_ip: HashMap::new(),
+        }
+    }
+
+    /// Builds the route table for `config`, reusing unchanged entries of `previous`.
+    pub fn build(config: Config, ctx: &StackContext, namespace: &str, previous: Option<&Snapshot>) -> Self {
+        let mut snap = Snapshot { version: config.version, ..Snapshot::empty(namespace) };
+        for svc in config.services.values() {
+            let ns = svc.metadata.namespace_or_default().to_owned();
+            let name = svc.metadata.name.clone();
+            let policy = config.policy_for(&ns, &name);
+            let reused = previous
+                .and_then(|p| p.by_name.get(&(ns.clone(), name.clone())))
+                .filter(|e| &e.service == svc && e.policy.as_ref() == policy)
+                .cloned();
+            let entry = reused.unwrap_or_else(|| Arc::new(ServiceEntry::build(ctx, svc, policy)));
+            ctx.metrics
+                .endpoints
+                .with_label_values(&[&entry.label, "ready"])
+                .set(entry.endpoint_count() as i64);
+            for ip in &svc.spec.addresses {
+                if svc.spec.ports.is_empty() {
+                    snap.by_ip.insert(*ip, entry.clone());
+                }
+                for p in &svc.spec.ports {
+                    snap.by_addr.insert(SocketAddr::new(*ip, p.port), entry.clone());
+                }
+            }
+            snap.by_name.insert((ns, name), entry);
+        }
+        if let Some(prev) = previous {
+            for (key, e) in &prev.by_name {
+                if !snap.by_name.contains_key(key) {
+                    let _ = ctx.metrics.endpoints.remove_label_values(&[&e.label, "ready"]);
+                }
+            }
+        }
+        snap.config = Arc::new(config);
+        snap
+    }
+
+    /// The service whose virtual address the connection was made to.
+    pub fn by_original_dst(&self, dst: SocketAddr) -> Option<&Arc<ServiceEntry>> {
+        self.by_addr.get(&dst).or_else(|| self.by_ip.get(&dst.ip()))
+    }
+
+    /// The service a `Host`/`:authority` names: `name`, `name.ns`, `name.ns.svc` or
+    /// `name.ns.svc.cluster.local`, with or without a port, any case.
+    pub fn by_authority(&self, authority: &str) -> Option<&Arc<ServiceEntry>> {
+        let host = split_host_port(authority).0;
+        let host = host.trim_end_matches('.');
+        if host.parse::<IpAddr>().is_ok() {
+            return None;
+        }
+        let lower;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = host.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            host
+        };
+        let mut parts = host.split('.');
+        let name = parts.next()?;
+        let (ns, rest) = match parts.next() {
+            None => (self.namespace.as_str(), None),
+            Some(ns) => (ns, Some(parts)),
+        };
+        if let Some(mut rest) = rest {
+            match rest.next() {
+                None => {}
+                Some("svc") => {
+                    let tail: Vec<&str> = rest.collect();
+                    if !(tail.is_empty() || tail.join(".") == ballast_api::names::CLUSTER_DOMAIN) {
+                        return None;
+                    }
+                }
+                Some(_) => return None,
+            }
+        }
+        self.by_name.get(&(ns.to_owned(), name.to_owned()))
+    }
+}
+
+/// Splits `host[:port]` / `[v6]:port`; the port is `None` when absent or invalid.
+pub fn split_host_port(authority: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = authority.strip_prefix('[') {
+        if let Some(end) = rest.find(']') {
+            let port = rest[end + 1..].strip_prefix(':').and_then(|p| p.parse().ok());
+            return (&rest[..end], port);
+        }
+        return (authority, None);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, p.parse().ok()),
+        _ => (authority, None),
+    }
+}
+
+/// The current snapshot, and whether a first configuration was applied (readiness).
+pub struct ConfigStore {
+    current: ArcSwap<Snapshot>,
+    ready: AtomicBool,
+    namespace: String,
+    ctx: Arc<StackContext>,
+}
+
+impl ConfigStore {
+    pub fn new(ctx: Arc<StackContext>, namespace: &str) -> Arc<Self> {
+        Arc::new(Self {
+            current: ArcSwap::from_pointee(Snapshot::empty(namespace)),
+            ready: AtomicBool::new(false),
+            namespace: namespace.to_owned(),
+            ctx,
+        })
+    }
+
+    pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Applies a validated configuration.
+    pub fn apply(&self, config: Config) {
+        let prev = self.current.load_full();
+        let version = config.version;
+        let snap = Snapshot::build(config, &self.ctx, &self.namespace, Some(&prev));
+        self.current.store(Arc::new(snap));
+        self.ctx.metrics.config_version.set(version as i64);
+        self.ready.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_authorities() {
+        assert_eq!(split_host_port("a.b:80"), ("a.b", Some(80)));
+        assert_eq!(split_host_port("a.b"), ("a.b", None));
+        assert_eq!(split_host_port("[::1]:8080"), ("::1", Some(8080)));
+        assert_eq!(split_host_port("::1"), ("::1", None));
+    }
+
+    #[tokio::test]
+    async fn resolves_names_and_addresses() {
+        let cfg = Config::from_yaml(
+            "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  ports: [{port: 80}]\n  addresses: [10.96.0.10]\n  endpoints: [{address: 127.0.0.1}]\n",
+            "t.yaml",
+        )
+        .unwrap();
+        let ctx = StackContext::new(
+            crate::client::Clients::new(std::time::Duration::from_secs(1)),
+            Default::default(),
+        );
+        let snap = Snapshot::build(cfg.clone(), &ctx, "shop", None);
+        for host in [
+            "web",
+            "web:80",
+            "WEB.shop",
+            "web.shop.svc",
+            "web.shop.svc.cluster.local",
+            "web.shop.svc.cluster.local.",
+        ] {
+            assert!(snap.by_authority(host).is_some(), "{host}");
+        }
+        for host in ["web.other", "web.shop.svc.example.com", "web.shop.com", "10.96.0.10", "other"] {
+            assert!(snap.by_authority(host).is_none(), "{host}");
+        }
+        assert!(snap.by_original_dst("10.96.0.10:80".parse().unwrap()).is_some());
+        assert!(snap.by_original_dst("10.96.0.10:81".parse().unwrap()).is_none());
+        let e = snap.by_authority("web").unwrap();
+        assert_eq!(e.tcp_endpoint(80), Some("127.0.0.1:80".parse().unwrap()));
+        assert_eq!(&*e.label, "web.shop");
+        // An unchanged service keeps its entry (and so its stacks) across snapshots.
+        let again = Snapshot::build(cfg, &ctx, "shop", Some(&snap));
+        assert!(Arc::ptr_eq(snap.by_authority("web").unwrap(), again.by_authority("web").unwrap()));
+        // Another namespace's short name does not resolve.
+        let other_ns = Snapshot::build(again.config.as_ref().clone(), &ctx, "default", None);
+        assert!(other_ns.by_authority("web").is_none());
+    }
+}

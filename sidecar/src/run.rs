@@ -1,0 +1,178 @@
+//! `ballast-sidecar run`: wires the parts together and runs until drained.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ballast_api::{Config, ConfigError};
+use tokio::net::TcpListener;
+
+use crate::admin::{self, Admin};
+use crate::client::Clients;
+use crate::drain::Shutdown;
+use crate::metrics::Metrics;
+use crate::proxy::{Settings, Shared};
+use crate::routes::ConfigStore;
+use crate::server;
+use crate::stack::{Direction, StackContext};
+
+/// Everything `run` needs, from the command line.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config: Option<PathBuf>,
+    pub control_plane: Option<String>,
+    pub namespace: String,
+    pub service: Option<String>,
+    pub outbound_addr: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub app_addr: SocketAddr,
+    pub drain_deadline: Duration,
+    pub detect_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub egress_dns: bool,
+    pub config_poll: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error(
+        "cannot listen on {addr} ({role}): {source}; is another process using it? pass --{role}-addr to choose another"
+    )]
+    Bind { role: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "--control-plane is not supported by this build yet: the control plane client lands with the control-plane issue; run with --config FILE"
+    )]
+    ControlPlaneUnsupported,
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot start the admin server: {0}")]
+    Admin(std::io::Error),
+}
+
+pub async fn run(opts: RunOptions) -> Result<(), RunError> {
+    if opts.control_plane.is_some() {
+        return Err(RunError::ControlPlaneUnsupported);
+    }
+    let metrics = Metrics::new();
+    let ctx = StackContext::new(Clients::new(opts.connect_timeout), metrics.clone());
+    let store = ConfigStore::new(ctx.clone(), &opts.namespace);
+    let source: Arc<str> = match &opts.config {
+        Some(path) => {
+            store.apply(Config::load(path)?);
+            format!("file:{}", path.display()).into()
+        }
+        None => {
+            store.apply(Config { version: 1, ..Default::default() });
+            "none (every connection passes through)".into()
+        }
+    };
+
+    let bind = |role, addr| async move {
+        TcpListener::bind(addr).await.map_err(|source| RunError::Bind { role, addr, source })
+    };
+    let outbound = bind("outbound", opts.outbound_addr).await?;
+    let inbound = bind("inbound", opts.inbound_addr).await?;
+    let admin_listener = std::net::TcpListener::bind(opts.admin_addr).map_err(|source| RunError::Bind {
+        role: "admin",
+        addr: opts.admin_addr,
+        source,
+    })?;
+    let own_ports = [&outbound, &inbound]
+        .iter()
+        .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
+        .chain(admin_listener.local_addr().ok().map(|a| a.port()))
+        .collect();
+
+    let shutdown = Shutdown::new();
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        ctx,
+        metrics: metrics.clone(),
+        settings: Settings {
+            detect_timeout: opts.detect_timeout,
+            connect_timeout: opts.connect_timeout,
+            egress_dns: opts.egress_dns,
+            inbound_label: opts.service.clone().unwrap_or_else(|| "app".into()).into(),
+            app_addr: opts.app_addr,
+            own_ports,
+        },
+        shutdown: shutdown.clone(),
+    });
+    admin::spawn(
+        admin_listener,
+        Admin { metrics: metrics.clone(), store: store.clone(), shutdown: shutdown.clone(), source },
+    )
+    .map_err(RunError::Admin)?;
+    tracing::info!(
+        outbound = %opts.outbound_addr, inbound = %opts.inbound_addr, admin = %opts.admin_addr,
+        version = store.snapshot().version, "ballast-sidecar started"
+    );
+    tokio::spawn(server::accept_loop(outbound, Direction::Outbound, shared.clone()));
+    tokio::spawn(server::accept_loop(inbound, Direction::Inbound, shared.clone()));
+    if let Some(path) = opts.config.clone() {
+        tokio::spawn(watch_file(path, store.clone(), metrics.clone(), opts.config_poll, shutdown.clone()));
+    }
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+        _ = shutdown.signaled() => {}
+    }
+    shutdown.start();
+    let left = shutdown.wait_idle(opts.drain_deadline).await;
+    if left > 0 {
+        tracing::warn!(open = left, deadline = ?opts.drain_deadline, "drain deadline passed; closing remaining connections");
+    } else {
+        tracing::info!("drained");
+    }
+    Ok(())
+}
+
+/// Reapplies the config file when it changes (polled, so it also works on the symlink
+/// swaps of a Kubernetes ConfigMap) or on SIGHUP. A file that fails to parse or validate
+/// is logged and counted, and the previous configuration stays applied.
+async fn watch_file(
+    path: PathBuf,
+    store: Arc<ConfigStore>,
+    metrics: Metrics,
+    every: Duration,
+    shutdown: Shutdown,
+) {
+    let stamp = |p: &PathBuf| {
+        std::fs::metadata(p).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+    };
+    let mut last = stamp(&path);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let stop = shutdown.signaled();
+    tokio::pin!(stop);
+    loop {
+        let forced = tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(every) => false,
+            Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+        };
+        let now = stamp(&path);
+        if !forced && now == last {
+            continue;
+        }
+        last = now;
+        match Config::load(&path) {
+            Ok(mut cfg) => {
+                cfg.version = store.snapshot().version + 1;
+                tracing::info!(version = cfg.version, path = %path.display(), "configuration reloaded");
+                store.apply(cfg);
+            }
+            Err(e) => {
+                metrics.config_reload_errors.with_label_values(&["file"]).inc();
+                tracing::error!(error = %e, "configuration rejected; keeping the previous one");
+            }
+        }
+    }
+}

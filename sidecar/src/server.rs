@@ -1,0 +1,109 @@
+//! Accept loops and per-connection handling: original destination, protocol detection,
+//! then HTTP (hyper) or opaque TCP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::detect::{self, Detection, Protocol};
+use crate::metrics::OpenConnection;
+use crate::proxy::{ConnInfo, Shared, http, tcp};
+use crate::stack::Direction;
+
+/// Accepts until the drain starts; then the listener is dropped, so new connections are
+/// refused while the old ones finish.
+pub async fn accept_loop(listener: TcpListener, direction: Direction, shared: Arc<Shared>) {
+    let stop = shared.shutdown.signaled();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let tracked = shared.shutdown.track();
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        handle(stream, peer, direction, shared).await;
+                        drop(tracked);
+                    });
+                }
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, direction = direction.as_str(), "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    tracing::debug!(direction = direction.as_str(), "listener closed for drain");
+}
+
+async fn handle(stream: TcpStream, peer: std::net::SocketAddr, direction: Direction, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let Ok(local) = stream.local_addr() else { return };
+    let orig_dst = crate::orig_dst::original_dst(&stream);
+    let _open = OpenConnection::new(&shared.metrics, direction.as_str());
+    let conn = ConnInfo { direction, peer, local, orig_dst };
+    let dir = direction.as_str();
+    let (protocol, io) = match detect::detect(stream, shared.settings.detect_timeout).await {
+        Ok(Detection::Detected { protocol, io, timed_out }) => {
+            if timed_out {
+                shared.metrics.detect_timeouts.with_label_values(&[dir]).inc();
+            }
+            (protocol, io)
+        }
+        Ok(Detection::Closed) => return,
+        Err(e) => {
+            tracing::debug!(error = %e, %peer, "connection failed during protocol detection");
+            return;
+        }
+    };
+    shared.metrics.tcp_connections_total.with_label_values(&[dir, protocol.as_str()]).inc();
+    tracing::trace!(%peer, ?orig_dst, protocol = protocol.as_str(), direction = dir, "accepted");
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => serve_http(io, protocol, conn, shared).await,
+        Protocol::Tls | Protocol::Opaque => tcp::forward(shared, conn, io).await,
+    }
+}
+
+async fn serve_http(
+    io: detect::PrefixedIo<TcpStream>,
+    protocol: Protocol,
+    conn: ConnInfo,
+    shared: Arc<Shared>,
+) {
+    let conn = Arc::new(conn);
+    let svc = {
+        let shared = shared.clone();
+        service_fn(move |req| http::handle(shared.clone(), conn.clone(), req))
+    };
+    let io = TokioIo::new(io);
+    let stop = shared.shutdown.signaled();
+    let result = if protocol == Protocol::Http2 {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new());
+        let c = builder.serve_connection(io, svc);
+        tokio::pin!(c);
+        tokio::select! {
+            r = c.as_mut() => r,
+            _ = stop => { c.as_mut().graceful_shutdown(); c.await }
+        }
+    } else {
+        let mut builder = http1::Builder::new();
+        builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
+        let c = builder.serve_connection(io, svc).with_upgrades();
+        tokio::pin!(c);
+        tokio::select! {
+            r = c.as_mut() => r,
+            _ = stop => { c.as_mut().graceful_shutdown(); c.await }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}

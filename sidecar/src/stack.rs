@@ -1,0 +1,347 @@
+//! The per-service HTTP stack, built from tower layers (DESIGN §2).
+//!
+//! Read top to bottom, a request to a configured service passes:
+//!
+//! ```text
+//! RecordMetrics      ballast_requests_total, ballast_request_duration_seconds
+//!   (resilience layers of the next issue slot in here: rate limit, bulkhead,
+//!    timeout, retry, circuit breaker)
+//! UpstreamErrors     errors below become 502 responses (or an HTTP/2 stream reset)
+//! Buffer             makes the balancer shareable by every connection
+//! Balance            power of two choices over peak-EWMA latency (tower::balance::p2c)
+//! EndpointClient     pooled HTTP/1.1 or HTTP/2 connections to one endpoint
+//! ```
+//!
+//! A stack is built when a snapshot is applied and only rebuilt when its service or
+//! policy changes; requests in flight keep the stack they started with.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Request, Response, StatusCode};
+use prometheus::Histogram;
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+use crate::body::{self, Body, BoxError};
+use crate::client::{Clients, ConnectError};
+use crate::metrics::Metrics;
+use crate::rejection::{self, Reason};
+
+pub type HttpRequest = Request<Body>;
+pub type HttpResponse = Response<Body>;
+/// A type-erased, cloneable stack.
+pub type HttpService = BoxCloneSyncService<HttpRequest, HttpResponse, BoxError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// Default RTT assumed for an endpoint that has no latency history yet, and how fast
+/// peak-EWMA forgets: Linkerd's values, which suit in-cluster calls.
+const EWMA_DEFAULT_RTT: Duration = Duration::from_millis(30);
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// Requests waiting for the balancer; beyond this, callers wait for room.
+const BUFFER_CAPACITY: usize = 1024;
+/// Weights are approximated by listing an endpoint `weight` times, at most this many.
+const MAX_WEIGHT: u32 = 16;
+
+/// What every stack is built from.
+pub struct StackContext {
+    pub clients: Arc<Clients>,
+    pub metrics: Metrics,
+    endpoint_stacks: Mutex<HashMap<(Direction, Arc<str>, SocketAddr), HttpService>>,
+}
+
+impl StackContext {
+    pub fn new(clients: Arc<Clients>, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self { clients, metrics, endpoint_stacks: Mutex::new(HashMap::new()) })
+    }
+
+    /// The stack for a configured service with these endpoints (address, weight).
+    pub fn service_stack(&self, label: Arc<str>, endpoints: &[(SocketAddr, u32)]) -> HttpService {
+        let inner: HttpService = if endpoints.is_empty() {
+            BoxCloneSyncService::new(NoEndpoints { service: label.clone() })
+        } else {
+            let mut list = Vec::new();
+            for &(addr, weight) in endpoints {
+                for _ in 0..weight.clamp(1, MAX_WEIGHT) {
+                    let ep = ServiceBuilder::new()
+                        .map_response(|r: Response<hyper::body::Incoming>| r.map(body::boxed))
+                        .service(self.clients.get(addr));
+                    list.push(tower::load::PeakEwma::new(
+                        ep,
+                        EWMA_DEFAULT_RTT,
+                        EWMA_DECAY.as_nanos() as f64,
+                        tower::load::CompleteOnResponse::default(),
+                    ));
+                }
+            }
+            let balance = tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(list));
+            BoxCloneSyncService::new(UpstreamErrors::new(tower::buffer::Buffer::new(
+                balance,
+                BUFFER_CAPACITY,
+            )))
+        };
+        BoxCloneSyncService::new(RecordMetrics::new(&self.metrics, Direction::Outbound, label, inner))
+    }
+
+    /// The stack for one address with no service around it: passthrough traffic and the
+    /// inbound forward to the app. Cached per (direction, label, address).
+    pub fn endpoint_stack(&self, direction: Direction, label: &Arc<str>, addr: SocketAddr) -> HttpService {
+        let mut cache = self.endpoint_stacks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = cache.get(&(direction, label.clone(), addr)) {
+            return s.clone();
+        }
+        if cache.len() >= 4096 {
+            cache.clear();
+        }
+        let client = ServiceBuilder::new()
+            .map_response(|r: Response<hyper::body::Incoming>| r.map(body::boxed))
+            .map_err(BoxError::from)
+            .service(self.clients.get(addr));
+        let stack = BoxCloneSyncService::new(RecordMetrics::new(
+            &self.metrics,
+            direction,
+            label.clone(),
+            UpstreamErrors::new(client),
+        ));
+        cache.insert((direction, label.clone(), addr), stack.clone());
+        stack
+    }
+}
+
+/// Answers every request with the `no-endpoints` rejection.
+#[derive(Clone)]
+struct NoEndpoints {
+    service: Arc<str>,
+}
+
+impl Service<HttpRequest> for NoEndpoints {
+    type Response = HttpResponse;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<HttpResponse, BoxError>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        let detail = format!("service {} has no endpoints", self.service);
+        std::future::ready(Ok(rejection::response(Reason::NoEndpoints, rejection::is_grpc(&req), &detail)))
+    }
+}
+
+/// Marks a 502 made from an upstream reset, so that an HTTP/2 downstream gets a stream
+/// reset instead (what an HTTP/2 client expects when its peer resets).
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamReset;
+
+/// Turns errors from below into 502 responses that say what failed.
+#[derive(Clone)]
+pub struct UpstreamErrors<S> {
+    inner: S,
+}
+
+impl<S> UpstreamErrors<S> {
+    pub fn new(inner: S) -> Self {
+        Self { inner }
+    }
+}
+
+impl<S> Service<HttpRequest> for UpstreamErrors<S>
+where
+    S: Service<HttpRequest, Response = HttpResponse>,
+    S::Error: Into<BoxError>,
+{
+    type Response = HttpResponse;
+    type Error = BoxError;
+    type Future = UpstreamErrorsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        UpstreamErrorsFuture { inner: self.inner.call(req) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct UpstreamErrorsFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, E> Future for UpstreamErrorsFuture<F>
+where
+    F: Future<Output = Result<HttpResponse, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<HttpResponse, BoxError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match std::task::ready!(self.project().inner.poll(cx)) {
+            Ok(rsp) => Poll::Ready(Ok(rsp)),
+            Err(e) => Poll::Ready(Ok(upstream_error_response(&e.into()))),
+        }
+    }
+}
+
+/// What went wrong upstream, in operator terms.
+fn upstream_error_response(err: &BoxError) -> HttpResponse {
+    let mut connect = None;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
+    while let Some(e) = source {
+        if let Some(c) = e.downcast_ref::<ConnectError>() {
+            connect = Some(c.to_string());
+            break;
+        }
+        source = e.source();
+    }
+    let mut rsp = match connect {
+        Some(c) => rejection::error_response(
+            StatusCode::BAD_GATEWAY,
+            format!("ballast: upstream connect error: {c}"),
+        ),
+        None => {
+            let mut r = rejection::error_response(
+                StatusCode::BAD_GATEWAY,
+                format!("ballast: upstream connection failed: {}", error_chain(err.as_ref())),
+            );
+            r.extensions_mut().insert(UpstreamReset);
+            r
+        }
+    };
+    rsp.headers_mut().insert("ballast-error", HeaderValue::from_static("upstream"));
+    rsp
+}
+
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut src = err.source();
+    while let Some(e) = src {
+        let m = e.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        src = e.source();
+    }
+    s
+}
+
+/// Records request count and latency (to response headers) per direction and service.
+#[derive(Clone)]
+pub struct RecordMetrics<S> {
+    inner: S,
+    metrics: Metrics,
+    direction: Direction,
+    service: Arc<str>,
+    duration: Histogram,
+}
+
+impl<S> RecordMetrics<S> {
+    pub fn new(metrics: &Metrics, direction: Direction, service: Arc<str>, inner: S) -> Self {
+        let duration = metrics.request_duration.with_label_values(&[direction.as_str(), &service]);
+        Self { inner, metrics: metrics.clone(), direction, service, duration }
+    }
+}
+
+impl<S> Service<HttpRequest> for RecordMetrics<S>
+where
+    S: Service<HttpRequest, Response = HttpResponse, Error = BoxError>,
+{
+    type Response = HttpResponse;
+    type Error = BoxError;
+    type Future = RecordMetricsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        RecordMetricsFuture {
+            inner: self.inner.call(req),
+            start: Instant::now(),
+            metrics: self.metrics.clone(),
+            direction: self.direction,
+            service: self.service.clone(),
+            duration: self.duration.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct RecordMetricsFuture<F> {
+        #[pin]
+        inner: F,
+        start: Instant,
+        metrics: Metrics,
+        direction: Direction,
+        service: Arc<str>,
+        duration: Histogram,
+    }
+}
+
+impl<F> Future for RecordMetricsFuture<F>
+where
+    F: Future<Output = Result<HttpResponse, BoxError>>,
+{
+    type Output = Result<HttpResponse, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = std::task::ready!(this.inner.poll(cx));
+        this.duration.observe(this.start.elapsed().as_secs_f64());
+        let dir = this.direction.as_str();
+        let service: &str = this.service;
+        match &res {
+            Ok(rsp) => {
+                let rejected = rsp.headers().get(crate::HEADER_REJECTED).and_then(|v| v.to_str().ok());
+                let outcome = match rejected {
+                    Some(reason) => {
+                        this.metrics.rejections_total.with_label_values(&[dir, service, reason]).inc();
+                        "rejected"
+                    }
+                    None if rsp.status().is_server_error() => "failure",
+                    None => "success",
+                };
+                this.metrics
+                    .requests_total
+                    .with_label_values(&[dir, service, rsp.status().as_str(), outcome])
+                    .inc();
+            }
+            Err(_) => {
+                this.metrics.requests_total.with_label_values(&[dir, service, "", "error"]).inc();
+            }
+        }
+        Poll::Ready(res)
+    }
+}
+
+/// Calls a stack once, waiting for it to be ready.
+///
+/// A plain function returning an erased `Send` future rather than an `async fn`: rustc
+/// cannot prove `Send` for async fns that hold tower futures over types containing
+/// `Box<dyn Error>` (rust-lang/rust#102211), and the erasure is one allocation.
+pub fn call(
+    stack: HttpService,
+    req: HttpRequest,
+) -> Pin<Box<dyn Future<Output = Result<HttpResponse, BoxError>> + Send + 'static>> {
+    Box::pin(stack.oneshot(req))
+}

@@ -1,0 +1,1 @@
+//! The root package only carries end-to-end tests (`tests/`) and benchmarks (`benches/`).

@@ -1,0 +1,753 @@
+//! Traffic interception, tested for real with network namespaces, iptables and an
+//! unmodified `curl`.
+//!
+//! Each test builds its own namespaces (unique names: pid + counter, so tests running in
+//! parallel never collide) and deletes them when it ends, even when it panics. Nothing is
+//! installed in, or sent through, the host's own network namespace: addresses live in
+//! 10.250.0.0/30 on a veth pair between the test's two namespaces.
+//!
+//! What it proves:
+//! - `init --dry-run` prints the rules and leaves the nat table untouched;
+//! - `init` is idempotent: a second run leaves `iptables-save -t nat` identical;
+//! - outbound: `curl` in the app namespace reaches a server in another namespace through
+//!   the sidecar (the sidecar's metrics count exactly that one request, so its own
+//!   upstream connection was not looped back into it), and only through it: with the
+//!   sidecar stopped, the same `curl` is refused at the redirect target, while `curl` run
+//!   as the proxy UID still reaches the server (the UID exclusion);
+//! - inbound: a connection from the other namespace to the app's port goes through the
+//!   inbound listener (the app sees it come from 127.0.0.1 and the metrics count it), the
+//!   admin port is not redirected, and with the sidecar stopped the app port is unreachable.
+//!
+//! The HTTP servers are threads of this test process that entered a namespace with
+//! `setns(2)` before binding, so their sockets live in that namespace and they can record
+//! who connected. Everything else runs through `ip netns exec`.
+//!
+//! Needs root, `ip`, `iptables` (with `iptables-save`/`iptables-restore`), `curl`,
+//! `setpriv`, and the sidecar binary (`cargo build --workspace --bins`). A missing
+//! requirement fails the test with a message saying what to install; it is never skipped.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const PROXY_UID: u32 = 2102;
+const APP_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+const SRV_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
+const SERVER_PORT: u16 = 8080;
+const APP_PORT: u16 = 9090;
+const ADMIN: &str = "http://127.0.0.1:4191";
+/// curl's exit code for "failed to connect" (connection refused).
+const CURL_COULDNT_CONNECT: i32 = 7;
+
+// ---------------------------------------------------------------------------------------
+// Requirements
+// ---------------------------------------------------------------------------------------
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// Fails (never skips) when the test cannot run here, saying why.
+fn require_environment() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the interception tests need root (network namespaces and iptables); run them as root"
+    );
+    let missing: Vec<&str> = ["ip", "iptables", "iptables-save", "iptables-restore", "curl", "setpriv"]
+        .into_iter()
+        .filter(|t| !on_path(t))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the interception tests need {missing:?} on PATH (Debian: apt-get install -y iproute2 iptables curl util-linux)"
+    );
+}
+
+/// `target/<profile>/ballast-sidecar`: two directories up from this test executable
+/// (`target/<profile>/deps/interception-<hash>`).
+fn sidecar_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test executable lives in target/<profile>/deps")
+        .join("ballast-sidecar");
+    assert!(bin.is_file(), "{} does not exist: run `cargo build --workspace --bins` first", bin.display());
+    bin
+}
+
+// ---------------------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------------------
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs `cmd` to completion (every command given here is short-lived or has its own
+/// timeout, like `curl -m`).
+fn output(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null());
+    cmd.output().unwrap_or_else(|e| panic!("cannot run `{}`: {e}", describe(cmd)))
+}
+
+/// Runs `cmd` and fails the test unless it succeeds; returns its stdout.
+fn ok(cmd: &mut Command) -> String {
+    let out = output(cmd);
+    assert!(
+        out.status.success(),
+        "`{}` failed ({}):\nstdout: {}\nstderr: {}",
+        describe(cmd),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------
+// Network namespaces
+// ---------------------------------------------------------------------------------------
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+/// A unique suffix for this process and call.
+fn unique_id() -> String {
+    format!("{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A network namespace, deleted on drop (also when the test panics).
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(role: &str, id: &str) -> Netns {
+        let name = format!("bl-{role}-{id}");
+        ok(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        ok(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
+        ns
+    }
+
+    /// `ip netns exec <ns> <program> <args..>`.
+    fn exec<I, S>(&self, program: impl AsRef<std::ffi::OsStr>, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program).args(args);
+        cmd
+    }
+
+    /// Like [`Netns::exec`], as the proxy UID (and GID), with no supplementary groups.
+    fn exec_as_proxy<I, S>(&self, program: impl AsRef<std::ffi::OsStr>, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let id = PROXY_UID.to_string();
+        let mut cmd = self.exec(
+            "setpriv",
+            [format!("--reuid={id}"), format!("--regid={id}"), "--clear-groups".into(), "--".into()],
+        );
+        cmd.arg(program).args(args);
+        cmd
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// `iptables-save -t nat` without comments and with counters zeroed, so two saves of
+    /// the same rules compare equal.
+    fn nat_table(&self) -> String {
+        let saved = ok(&mut self.exec("iptables-save", ["-t", "nat"]));
+        saved
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| match (l.starts_with(':'), l.rfind(" [")) {
+                (true, Some(i)) => format!("{} [0:0]", &l[..i]),
+                _ => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        match Command::new("ip").args(["netns", "del", &self.name]).stdin(Stdio::null()).output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "warning: cannot delete network namespace {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => eprintln!("warning: cannot delete network namespace {}: {e}", self.name),
+        }
+    }
+}
+
+/// An "app" namespace (where the sidecar intercepts) and a "server" namespace, joined by
+/// a veth pair: app 10.250.0.1/30, server 10.250.0.2/30.
+struct Topology {
+    app: Netns,
+    srv: Netns,
+}
+
+impl Topology {
+    fn new() -> Topology {
+        let id = unique_id();
+        let app = Netns::new("app", &id);
+        let srv = Netns::new("srv", &id);
+        // Created inside the app namespace with its peer moved straight into the server
+        // namespace: the host's namespace never sees these interfaces.
+        ok(Command::new("ip").args([
+            "-n", &app.name, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns",
+            &srv.name,
+        ]));
+        for (ns, dev, ip) in [(&app, "veth0", APP_IP), (&srv, "veth1", SRV_IP)] {
+            ok(Command::new("ip").args(["-n", &ns.name, "addr", "add", &format!("{ip}/30"), "dev", dev]));
+            ok(Command::new("ip").args(["-n", &ns.name, "link", "set", dev, "up"]));
+        }
+        Topology { app, srv }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A tiny HTTP server living in a namespace
+// ---------------------------------------------------------------------------------------
+
+/// One request a [`TestServer`] received.
+#[derive(Debug, Clone)]
+struct Seen {
+    peer: SocketAddr,
+    /// The request line, e.g. `GET /path HTTP/1.1`.
+    request_line: String,
+}
+
+/// An HTTP/1.1 server on a thread that entered a network namespace. Every request gets
+/// `200 OK` with body `<name> <path>\n`. Stopped on drop.
+struct TestServer {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+fn enter_netns(path: &Path) -> std::io::Result<()> {
+    let ns = File::open(path)?;
+    // SAFETY: `ns` is an open namespace file descriptor for the duration of the call;
+    // setns only changes this thread's network namespace.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl TestServer {
+    fn start(ns: &Netns, addr: SocketAddr, name: &'static str) -> TestServer {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let path = ns.path();
+        let thread = thread::spawn({
+            let (seen, stop) = (seen.clone(), stop.clone());
+            move || {
+                let listener = enter_netns(&path).and_then(|()| {
+                    let l = TcpListener::bind(addr)?;
+                    l.set_nonblocking(true)?;
+                    Ok(l)
+                });
+                let listener = match listener {
+                    Ok(l) => {
+                        let _ = ready_tx.send(Ok(()));
+                        l
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, peer)) => {
+                            if let Err(e) = serve_one(stream, peer, name, &seen) {
+                                eprintln!("{name}: connection from {peer}: {e}");
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(10));
+                        }
+                        Err(e) => {
+                            eprintln!("{name}: accept failed: {e}");
+                            thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                }
+            }
+        });
+        match ready_rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("{name}: cannot listen on {addr} in namespace {}: {e}", ns.name),
+            Err(e) => panic!("{name}: did not start listening on {addr}: {e}"),
+        }
+        TestServer { seen, stop, thread: Some(thread) }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads one request head, records it, answers, and closes the connection.
+fn serve_one(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    name: &str,
+    seen: &Mutex<Vec<Seen>>,
+) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 || head.len() > 64 * 1024 {
+            return Ok(()); // closed (or not HTTP) before a full request head
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let request_line = head.lines().next().unwrap_or_default().to_owned();
+    let path = request_line.split(' ').nth(1).unwrap_or("?");
+    let body = format!("{name} {path}\n");
+    seen.lock().unwrap_or_else(|p| p.into_inner()).push(Seen { peer, request_line: request_line.clone() });
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+// ---------------------------------------------------------------------------------------
+// curl
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct CurlResult {
+    /// curl's exit code (0: a response was received).
+    exit: i32,
+    /// The HTTP status (0 when there was no response).
+    status: u16,
+    body: String,
+    stderr: String,
+}
+
+const STATUS_MARKER: &str = "\n@@curl-status=";
+
+/// Runs `cmd` (a curl command line) and parses what it printed.
+fn curl(mut cmd: Command) -> CurlResult {
+    let out = output(&mut cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (body, status) = stdout.rsplit_once(STATUS_MARKER).unwrap_or((&stdout, "0"));
+    CurlResult {
+        exit: out.status.code().unwrap_or(-1),
+        status: status.trim().parse().unwrap_or(0),
+        body: body.to_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The arguments of an unmodified, non-proxied `curl` of `url`, with a 5 s overall limit.
+fn curl_args(url: &str) -> Vec<String> {
+    ["-sS", "-m", "5", "--noproxy", "*", "-w", &format!("{STATUS_MARKER}%{{http_code}}"), url]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+// ---------------------------------------------------------------------------------------
+// The sidecar
+// ---------------------------------------------------------------------------------------
+
+/// `ballast-sidecar run` inside the app namespace as the proxy UID; killed on drop.
+struct Sidecar {
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    fn start(ns: &Netns, bin: &Path) -> Sidecar {
+        // The proxy UID must be able to run the binary and read its (empty) config.
+        let check = output(&mut ns.exec_as_proxy(bin, ["--version"]));
+        assert!(
+            check.status.success(),
+            "{} cannot be run as uid {PROXY_UID} ({}): {}; make every directory on its path \
+             world-searchable and the file world-executable",
+            bin.display(),
+            check.status,
+            String::from_utf8_lossy(&check.stderr).trim()
+        );
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the temporary directory");
+        let config = dir.path().join("ballast.yaml");
+        std::fs::write(&config, "").expect("write the empty config");
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod the config");
+        let log = dir.path().join("sidecar.log");
+        let log_file = File::create(&log).expect("create the sidecar log");
+        let mut cmd = ns.exec_as_proxy(bin, ["run", "--config"]);
+        cmd.arg(&config)
+            .args([
+                "--outbound-addr=127.0.0.1:4140",
+                "--inbound-addr=0.0.0.0:4143",
+                "--admin-addr=0.0.0.0:4191",
+                "--app-addr=127.0.0.1:8080",
+                "--egress-dns=false",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup the log file"))
+            .stderr(log_file);
+        eprintln!("starting: {}", describe(&cmd));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start `{}`: {e}", describe(&cmd)));
+        let mut sidecar = Sidecar { child: Some(child), log, _dir: dir };
+        sidecar.wait_ready(ns);
+        sidecar
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(cannot read the log: {e})"))
+    }
+
+    /// Polls `/ready` from inside the namespace: at most 100 tries over about 10 s.
+    fn wait_ready(&mut self, ns: &Netns) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = None;
+        for _ in 0..100 {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("the sidecar exited before becoming ready ({status}); its log:\n{}", self.log());
+            }
+            let r = curl(ns.exec("curl", curl_args(&format!("{ADMIN}/ready"))));
+            if r.status == 200 {
+                return;
+            }
+            last = Some(r);
+            if Instant::now() > deadline {
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        let last = last.map(|r| format!("status {}, curl exit {}: {}", r.status, r.exit, r.stderr.trim()));
+        panic!(
+            "the sidecar did not become ready within 10 s (last /ready: {}); its log:\n{}",
+            last.unwrap_or_default(),
+            self.log()
+        );
+    }
+
+    /// Kills the sidecar (SIGKILL) and waits for it to be gone.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.kill();
+        if thread::panicking() {
+            eprintln!("--- sidecar log ---\n{}--- end of sidecar log ---", self.log());
+        }
+    }
+}
+
+/// `ballast-sidecar init` in `ns` with the default ports and UID.
+fn init(ns: &Netns, bin: &Path, extra: &[&str]) {
+    let mut args = vec!["init"];
+    args.extend_from_slice(extra);
+    ok(&mut ns.exec(bin, args));
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------------------
+
+fn scrape(ns: &Netns) -> String {
+    let r = curl(ns.exec("curl", curl_args(&format!("{ADMIN}/metrics"))));
+    assert_eq!(r.status, 200, "GET /metrics failed: {r:?}");
+    r.body
+}
+
+/// The sum of the samples of `name` whose labels include all of `labels` (0 if none).
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut total = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if series_name != name {
+            continue;
+        }
+        let have: Vec<(&str, &str)> = series_labels
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.trim(), v.trim().trim_matches('"')))
+            .collect();
+        if labels.iter().all(|want| have.contains(want)) {
+            total += value.trim().parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    total
+}
+
+/// Scrapes until `name{labels}` reaches `want` (at most 50 tries over about 5 s), then
+/// returns the last scrape. Metrics may be recorded just after curl has its response.
+fn wait_metric(ns: &Netns, name: &str, labels: &[(&str, &str)], want: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = scrape(ns);
+        if metric(&text, name, labels) >= want || Instant::now() > deadline {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    text
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+/// Rules every install must contain, in `iptables-save` form (which is also the form
+/// `--dry-run` prints them in).
+const EXPECTED_RULES: &[&str] = &[
+    "-A BALLAST_INBOUND -p tcp -m tcp --dport 4143 -j RETURN",
+    "-A BALLAST_INBOUND -p tcp -m tcp --dport 4191 -j RETURN",
+    "-A BALLAST_INBOUND -p tcp -m tcp --dport 22 -j RETURN",
+    "-A BALLAST_INBOUND -p tcp -j REDIRECT --to-ports 4143",
+    "-A BALLAST_OUTPUT -m owner --uid-owner 2102 -j RETURN",
+    "-A BALLAST_OUTPUT -o lo -j RETURN",
+    "-A BALLAST_OUTPUT -d 127.0.0.1/32 -j RETURN",
+    "-A BALLAST_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN",
+    "-A BALLAST_OUTPUT -p tcp -j REDIRECT --to-ports 4140",
+];
+const JUMPS: &[&str] = &["-A PREROUTING -p tcp -j BALLAST_INBOUND", "-A OUTPUT -p tcp -j BALLAST_OUTPUT"];
+const SKIPS: &[&str] = &["--skip-inbound-ports", "22", "--skip-outbound-ports", "5432"];
+
+#[test]
+fn init_dry_run_prints_the_rules_without_touching_the_nat_table() {
+    require_environment();
+    let bin = sidecar_bin();
+    let ns = Netns::new("dry", &unique_id());
+    let before = ns.nat_table();
+
+    let mut args = vec!["init", "--dry-run"];
+    args.extend_from_slice(SKIPS);
+    let printed = ok(&mut ns.exec(&bin, args));
+
+    for rule in EXPECTED_RULES {
+        assert!(printed.lines().any(|l| l == *rule), "--dry-run did not print `{rule}`:\n{printed}");
+    }
+    for jump in JUMPS {
+        let command = format!("iptables -t nat {}", jump);
+        assert!(printed.contains(&command), "--dry-run did not print `{command}`:\n{printed}");
+    }
+    let after = ns.nat_table();
+    assert_eq!(before, after, "--dry-run changed the nat table");
+    assert!(!after.contains("BALLAST"), "--dry-run installed rules:\n{after}");
+}
+
+#[test]
+fn init_is_idempotent() {
+    require_environment();
+    let bin = sidecar_bin();
+    let ns = Netns::new("idem", &unique_id());
+
+    init(&ns, &bin, SKIPS);
+    let first = ns.nat_table();
+    init(&ns, &bin, SKIPS);
+    let second = ns.nat_table();
+
+    assert_eq!(first, second, "a second `init` changed the nat table");
+    for rule in EXPECTED_RULES {
+        assert_eq!(
+            first.lines().filter(|l| l == rule).count(),
+            1,
+            "`{rule}` should be installed exactly once:\n{first}"
+        );
+    }
+    for jump in JUMPS {
+        assert_eq!(
+            first.lines().filter(|l| l == jump).count(),
+            1,
+            "`{jump}` should be installed exactly once:\n{first}"
+        );
+    }
+    // The REDIRECTs come after every exclusion of their chain.
+    let lines: Vec<&str> = first.lines().collect();
+    for (chain, redirect) in
+        [("BALLAST_INBOUND", "REDIRECT --to-ports 4143"), ("BALLAST_OUTPUT", "REDIRECT --to-ports 4140")]
+    {
+        let prefix = format!("-A {chain} ");
+        let last = lines.iter().rev().find(|l| l.starts_with(&prefix)).expect("the chain has rules");
+        assert!(last.ends_with(redirect), "the last rule of {chain} should be the redirect, is `{last}`");
+    }
+}
+
+#[test]
+fn outbound_traffic_reaches_the_server_only_through_the_sidecar() {
+    require_environment();
+    let bin = sidecar_bin();
+    let net = Topology::new();
+    let server = TestServer::start(&net.srv, SocketAddr::from((SRV_IP, SERVER_PORT)), "server");
+    init(&net.app, &bin, &[]);
+    let mut sidecar = Sidecar::start(&net.app, &bin);
+
+    // An unmodified curl in the app namespace, addressing the server directly.
+    let url = format!("http://{SRV_IP}:{SERVER_PORT}/through-the-sidecar");
+    let r = curl(net.app.exec("curl", curl_args(&url)));
+    assert_eq!((r.exit, r.status), (0, 200), "curl through the sidecar failed: {r:?}");
+    assert_eq!(r.body, "server /through-the-sidecar\n");
+    let seen = server.seen();
+    assert_eq!(seen.len(), 1, "the server should have seen exactly one request: {seen:?}");
+    assert_eq!(seen[0].request_line, "GET /through-the-sidecar HTTP/1.1");
+    assert_eq!(seen[0].peer.ip(), APP_IP, "the request should come from the app namespace");
+
+    // The sidecar handled it, exactly once: had its own upstream connection been
+    // redirected back into it, it would have counted (and looped) again.
+    let requests = [("direction", "outbound"), ("service", "passthrough"), ("status_code", "200")];
+    let text = wait_metric(&net.app, "ballast_requests_total", &requests, 1.0);
+    assert_eq!(
+        metric(&text, "ballast_requests_total", &requests),
+        1.0,
+        "the sidecar should count exactly one outbound passthrough request:\n{text}"
+    );
+    assert_eq!(
+        metric(&text, "ballast_requests_total", &[("direction", "outbound"), ("outcome", "success")]),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "ballast_tcp_connections_total", &[("direction", "outbound"), ("protocol", "http1")]),
+        1.0,
+        "the sidecar should have accepted exactly one outbound connection:\n{text}"
+    );
+    assert_eq!(metric(&text, "ballast_tcp_connections_total", &[("direction", "inbound")]), 0.0, "{text}");
+
+    // Without the sidecar the same curl is refused at the redirect target (127.0.0.1:4140):
+    // there is no path to the server around it.
+    sidecar.kill();
+    let r = curl(net.app.exec("curl", curl_args(&url)));
+    assert_eq!(
+        r.exit, CURL_COULDNT_CONNECT,
+        "with the sidecar stopped, curl from the app should be refused: {r:?}"
+    );
+    assert_eq!(server.seen().len(), 1, "the server was reached without the sidecar");
+
+    // ...while the proxy's UID is not redirected: that is how the sidecar's own upstream
+    // connections reach the server instead of looping back into it.
+    let url = format!("http://{SRV_IP}:{SERVER_PORT}/as-the-proxy-uid");
+    let r = curl(net.app.exec_as_proxy("curl", curl_args(&url)));
+    assert_eq!((r.exit, r.status), (0, 200), "curl as uid {PROXY_UID} should bypass the redirect: {r:?}");
+    assert_eq!(r.body, "server /as-the-proxy-uid\n");
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[1].peer.ip(), APP_IP);
+}
+
+#[test]
+fn inbound_connections_to_the_app_pass_through_the_inbound_listener() {
+    require_environment();
+    let bin = sidecar_bin();
+    let net = Topology::new();
+    let app = TestServer::start(&net.app, SocketAddr::from((Ipv4Addr::UNSPECIFIED, APP_PORT)), "app");
+    init(&net.app, &bin, &[]);
+    let mut sidecar = Sidecar::start(&net.app, &bin);
+
+    // From the server namespace to the app's address and port.
+    let url = format!("http://{APP_IP}:{APP_PORT}/inbound");
+    let r = curl(net.srv.exec("curl", curl_args(&url)));
+    assert_eq!((r.exit, r.status), (0, 200), "inbound curl failed: {r:?}");
+    assert_eq!(r.body, "app /inbound\n");
+    let seen = app.seen();
+    assert_eq!(seen.len(), 1, "the app should have seen exactly one request: {seen:?}");
+    assert_eq!(seen[0].request_line, "GET /inbound HTTP/1.1");
+    // The sidecar forwards inbound connections to 127.0.0.1:<original port>; a connection
+    // that bypassed it would come from the server namespace's address.
+    assert_eq!(
+        seen[0].peer.ip(),
+        Ipv4Addr::LOCALHOST,
+        "the app should see the inbound listener's forward, not the client ({SRV_IP})"
+    );
+
+    let requests = [("direction", "inbound"), ("service", "app"), ("status_code", "200")];
+    let text = wait_metric(&net.app, "ballast_requests_total", &requests, 1.0);
+    assert_eq!(
+        metric(&text, "ballast_requests_total", &requests),
+        1.0,
+        "the sidecar should count exactly one inbound request:\n{text}"
+    );
+    assert_eq!(
+        metric(&text, "ballast_tcp_connections_total", &[("direction", "inbound"), ("protocol", "http1")]),
+        1.0,
+        "{text}"
+    );
+    // Its forward to the app (loopback, proxy UID) did not come back in as outbound.
+    assert_eq!(metric(&text, "ballast_requests_total", &[("direction", "outbound")]), 0.0, "{text}");
+
+    // The admin port is reached directly from outside, not through the inbound listener.
+    let r = curl(net.srv.exec("curl", curl_args(&format!("http://{APP_IP}:4191/ready"))));
+    assert_eq!((r.exit, r.status), (0, 200), "the admin port should be reachable from outside: {r:?}");
+    let text = scrape(&net.app);
+    assert_eq!(
+        metric(&text, "ballast_tcp_connections_total", &[("direction", "inbound")]),
+        1.0,
+        "a connection to the admin port went through the inbound listener:\n{text}"
+    );
+
+    // Without the sidecar, the app port is unreachable from outside: connections to it
+    // are redirected to the (closed) inbound port.
+    sidecar.kill();
+    let r = curl(net.srv.exec("curl", curl_args(&url)));
+    assert_eq!(
+        r.exit, CURL_COULDNT_CONNECT,
+        "with the sidecar stopped, inbound connections should be refused: {r:?}"
+    );
+    assert_eq!(app.seen().len(), 1, "the app was reached without the sidecar");
+}

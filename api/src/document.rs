@@ -46,7 +46,7 @@ pub enum ConfigError {
     #[error("{source_name}:{line}:{column}: {message}")]
     Syntax { source_name: String, line: u64, column: u64, message: String },
     #[error("{source_name}:{line}: {kind} {name:?}: {error}")]
-    Invalid { source_name: String, line: u64, kind: String, name: String, error: FieldError },
+    Invalid { source_name: String, line: u64, kind: String, name: String, error: Box<FieldError> },
     #[error("{source_name}:{line}: {kind} {key} is defined twice (first at line {first_line})")]
     Duplicate { source_name: String, line: u64, first_line: u64, kind: String, key: String },
 }
@@ -100,7 +100,7 @@ pub fn parse_documents(text: &str, source_name: &str) -> Result<Vec<(u64, Docume
             line: start,
             kind: kind.to_owned(),
             name: name.to_owned(),
-            error,
+            error: Box::new(error),
         };
         let parsed = match header.kind.as_deref() {
             Some("ResiliencePolicy") => {

@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Install the iptables rules that redirect the pod's TCP traffic through the proxy.
     Init(InitArgs),
 }

@@ -62,11 +62,14 @@ const BUFFER_CAPACITY: usize = 1024;
 /// Weights are approximated by listing an endpoint `weight` times, at most this many.
 const MAX_WEIGHT: u32 = 16;
 
+/// (direction, metrics label, address) of a cached endpoint stack.
+type EndpointKey = (Direction, Arc<str>, SocketAddr);
+
 /// What every stack is built from.
 pub struct StackContext {
     pub clients: Arc<Clients>,
     pub metrics: Metrics,
-    endpoint_stacks: Mutex<HashMap<(Direction, Arc<str>, SocketAddr), HttpService>>,
+    endpoint_stacks: Mutex<HashMap<EndpointKey, HttpService>>,
 }
 
 impl StackContext {

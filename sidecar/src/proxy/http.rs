@@ -335,6 +335,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Compile-time check: hyper's HTTP/2 server needs the handler's future to be `Send`.
+#[allow(dead_code)]
+fn _assert_send(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(handle(shared, conn, req));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,10 +375,4 @@ mod tests {
         assert_eq!(h[header::CONNECTION], "upgrade");
         assert_eq!(h[header::UPGRADE], "websocket");
     }
-}
-/// Compile-time check: hyper's HTTP/2 server needs the handler's future to be `Send`.
-#[allow(dead_code)]
-fn _assert_send(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) {
-    fn is_send<T: Send>(_: T) {}
-    is_send(handle(shared, conn, req));
 }

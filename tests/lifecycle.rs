@@ -1,0 +1,221 @@
+//! The sidecar's life: start-up errors, the admin API, configuration reloads that keep
+//! the old policy on bad input, draining on SIGTERM, and metrics that promtool accepts.
+
+mod support;
+
+use std::io::Write;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn svc(name: &str, up: &Upstream) -> String {
+    format!(
+        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  endpoints: [{{address: \"{}\"}}]\n",
+        up.addr
+    )
+}
+
+#[test]
+fn bad_config_fails_at_start_naming_file_line_and_field() {
+    let mut sc = Sidecar::spawn(
+        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {name: ok}\nspec: {}\n---\napiVersion: ballast.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {name: p}\nspec:\n  targetRef: {service: ok}\n  retries: {attempts: 2, budget: {ratio: 3}}\n",
+        &[],
+    );
+    let code = sc.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(1), "a bad config must stop the sidecar at start");
+    let log = sc.log();
+    let path = sc.config.path().display().to_string();
+    assert!(log.contains(&format!("{path}:6")), "names file and line of the document: {log}");
+    assert!(log.contains("spec.retries.budget.ratio"), "names the field: {log}");
+
+    let mut sc = Sidecar::spawn("kind: Service\nspec:\n  endpoints: [{adress: x}]\n", &[]);
+    assert_eq!(sc.wait_exit(Duration::from_secs(10)), Some(1));
+    let log = sc.log();
+    assert!(log.contains(":3:") && log.contains("adress"), "unknown field named with its line: {log}");
+}
+
+#[test]
+fn port_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run(Command::new(binary("ballast-sidecar")).args([
+        "run",
+        "--outbound-addr",
+        &addr,
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--inbound-addr",
+        "127.0.0.1:0",
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&addr) && err.contains("outbound"), "{err}");
+}
+
+#[test]
+fn admin_api() {
+    let up = Upstream::start("up");
+    let sc = Sidecar::start(&svc("web", &up), &[]);
+    assert_eq!(http_get(sc.admin, "/live").unwrap(), (200, "live\n".into()));
+    assert_eq!(http_get(sc.admin, "/ready").unwrap(), (200, "ready\n".into()));
+    let (status, body) = http_get(sc.admin, "/config").unwrap();
+    assert_eq!(status, 200);
+    let cfg: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(cfg["version"], 1);
+    assert_eq!(cfg["services"][0]["metadata"]["name"], "web");
+    assert_eq!(http_get(sc.admin, "/nope").unwrap().0, 404);
+    assert_eq!(http_get(sc.admin, "/shutdown").unwrap().0, 405, "shutdown needs POST");
+    assert_eq!(sc.metric("ballast_config_version"), 1.0);
+    assert_eq!(sc.metric("ballast_control_plane_connected"), 0.0);
+}
+
+#[test]
+fn admin_shutdown_drains_and_exits_zero() {
+    let mut sc = Sidecar::start("", &[]);
+    let (status, _) = http_request(
+        sc.admin,
+        "POST /shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(sc.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn config_reload_applies_good_files_and_keeps_the_old_one_on_bad_ones() {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let sc = Sidecar::start(&svc("web", &a), &[]);
+    let get = || {
+        String::from_utf8_lossy(&run(curl().args(["-x", &sc.proxy_url(), "http://web/name"])).stdout)
+            .to_string()
+    };
+    assert_eq!(get(), "a");
+    let write = |text: &str| {
+        let mut f = std::fs::File::create(sc.config.path()).unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    };
+    // A bad file is rejected and counted; traffic keeps flowing with the old config.
+    write(
+        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec:\n  endpoints: [{address: \"not an address\"}]\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sc.metric(r#"ballast_config_rejected_total{source="file"}"#) < 1.0 {
+        assert!(Instant::now() < deadline, "bad config never noticed: {}", sc.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(), "a");
+    assert_eq!(sc.metric("ballast_config_version"), 1.0);
+    assert!(sc.log().contains("spec.endpoints[0].address"), "the log names the field");
+    // A good file is applied, without a restart.
+    write(&svc("web", &b));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sc.metric("ballast_config_version") < 2.0 {
+        assert!(Instant::now() < deadline, "good config never applied: {}", sc.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(), "b");
+}
+
+/// In-flight requests finish across SIGTERM, new connections are refused, exit is 0.
+#[test]
+fn sigterm_drains_in_flight_requests_without_failures() {
+    let up = Upstream::start("up");
+    let mut sc = Sidecar::start(&svc("web", &up), &["--drain-deadline", "10s"]);
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let mut threads = Vec::new();
+    for _ in 0..20 {
+        let (url, results) = (sc.proxy_url(), results.clone());
+        threads.push(std::thread::spawn(move || {
+            let out = run(curl().args([
+                "-x",
+                &url,
+                "-w",
+                "%{http_code}",
+                "-o",
+                "/dev/null",
+                "http://web/slow/1500",
+            ]));
+            results.lock().unwrap().push(String::from_utf8_lossy(&out.stdout).to_string());
+        }));
+    }
+    // Wait until all 20 requests reached the upstream, then ask the sidecar to stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.requests() < 20 {
+        assert!(Instant::now() < deadline, "requests never arrived");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sc.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    let refused = std::net::TcpStream::connect(sc.outbound);
+    assert!(refused.is_err(), "new connections must be refused while draining");
+    let code = sc.wait_exit(Duration::from_secs(15));
+    for t in threads {
+        t.join().unwrap();
+    }
+    let results = results.lock().unwrap();
+    assert_eq!(results.len(), 20);
+    assert!(results.iter().all(|r| r == "200"), "every in-flight request completes: {results:?}");
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn drain_deadline_bounds_the_wait() {
+    let up = Upstream::start("up");
+    let mut sc = Sidecar::start(&svc("web", &up), &["--drain-deadline", "300ms"]);
+    let url = sc.proxy_url();
+    let t = std::thread::spawn(move || run(curl().args(["-x", &url, "http://web/slow/5000"])));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.requests() < 1 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let started = Instant::now();
+    sc.signal(libc::SIGTERM);
+    assert_eq!(sc.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(3), "exited after {:?}", started.elapsed());
+    let out = t.join().unwrap();
+    assert!(!out.status.success(), "the request cut at the deadline fails rather than hangs");
+}
+
+#[test]
+fn metrics_pass_promtool() {
+    let up = Upstream::start("up");
+    let sc = Sidecar::start(&svc("web", &up), &[]);
+    for path in ["/status/200", "/status/503", "/status/404"] {
+        run(curl().args(["-x", &sc.proxy_url(), &format!("http://web{path}")]));
+    }
+    run(curl().args(["-x", &sc.proxy_url(), &format!("http://{}/name", up.addr)]));
+    let text = sc.metrics();
+    for name in [
+        "ballast_requests_total",
+        "ballast_request_duration_seconds_bucket",
+        "ballast_tcp_connections_open",
+        "ballast_tcp_connections_total",
+        "ballast_config_version",
+        "ballast_control_plane_connected",
+        "ballast_endpoints",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+    assert_eq!(
+        metric_value(
+            &text,
+            r#"ballast_requests_total{direction="outbound",outcome="failure",service="web.default",status_code="503"}"#
+        ),
+        1.0
+    );
+    let mut child = Command::new(require_tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let complaints =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && complaints.trim().is_empty(), "promtool: {complaints}\n{text}");
+}

@@ -4,7 +4,8 @@
 //! Each test builds its own namespaces (unique names: pid + counter, so tests running in
 //! parallel never collide) and deletes them when it ends, even when it panics. Nothing is
 //! installed in, or sent through, the host's own network namespace: addresses live in
-//! 10.250.0.0/30 on a veth pair between the test's two namespaces.
+//! 10.250.0.0/30 on a veth pair between the test's two namespaces (plus, in some tests, a
+//! route in the app namespace for the service range 10.96.0.0/16 via that veth pair).
 //!
 //! What it proves:
 //! - `init --dry-run` prints the rules and leaves the nat table untouched;
@@ -16,7 +17,11 @@
 //!   as the proxy UID still reaches the server (the UID exclusion);
 //! - inbound: a connection from the other namespace to the app's port goes through the
 //!   inbound listener (the app sees it come from 127.0.0.1 and the metrics count it), the
-//!   admin port is not redirected, and with the sidecar stopped the app port is unreachable.
+//!   admin port is not redirected, and with the sidecar stopped the app port is unreachable;
+//! - routing by original destination: a connection to a service's virtual IP (10.96.0.10,
+//!   which exists nowhere) is sent by the sidecar to the service's endpoints in the other
+//!   namespace, for HTTP (counted under the service, balanced over both endpoints under
+//!   concurrent load) and for opaque TCP; with the sidecar stopped it is refused.
 //!
 //! The HTTP servers are threads of this test process that entered a namespace with
 //! `setns(2)` before binding, so their sockets live in that namespace and they can record
@@ -75,9 +80,13 @@ fn require_environment() {
     );
 }
 
-/// `target/<profile>/ballast-sidecar`: two directories up from this test executable
-/// (`target/<profile>/deps/interception-<hash>`).
-fn sidecar_bin() -> PathBuf {
+/// `target/<profile>/ballast-sidecar` (two directories up from this test executable,
+/// `target/<profile>/deps/interception-<hash>`), as a path the proxy UID can execute.
+///
+/// The sidecar runs as UID 2102, which cannot reach a checkout under a private directory
+/// (a CI clone in a 0700 temporary directory, say). Then the binary is copied into a
+/// world-searchable temporary directory, returned so that it lives as long as the test.
+fn sidecar_bin() -> (PathBuf, Option<tempfile::TempDir>) {
     let exe = std::env::current_exe().expect("the test executable's path");
     let bin = exe
         .parent()
@@ -85,7 +94,29 @@ fn sidecar_bin() -> PathBuf {
         .expect("the test executable lives in target/<profile>/deps")
         .join("ballast-sidecar");
     assert!(bin.is_file(), "{} does not exist: run `cargo build --workspace --bins` first", bin.display());
-    bin
+    let runnable = Command::new("setpriv")
+        .args([
+            format!("--reuid={PROXY_UID}"),
+            format!("--regid={PROXY_UID}"),
+            "--clear-groups".into(),
+            "--".into(),
+        ])
+        .arg(&bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if runnable {
+        return (bin, None);
+    }
+    let dir = tempfile::tempdir().expect("a temporary directory for the sidecar binary");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the directory");
+    let copy = dir.path().join("ballast-sidecar");
+    std::fs::copy(&bin, &copy).expect("copy the sidecar binary");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod the binary");
+    (copy, Some(dir))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -263,8 +294,16 @@ fn enter_netns(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What a [`TestServer`] does with each accepted connection.
+type Handler = fn(TcpStream, SocketAddr, &str, &Mutex<Vec<Seen>>) -> std::io::Result<()>;
+
 impl TestServer {
     fn start(ns: &Netns, addr: SocketAddr, name: &'static str) -> TestServer {
+        TestServer::start_with(ns, addr, name, serve_one)
+    }
+
+    /// Like [`TestServer::start`], handling each connection with `handler`.
+    fn start_with(ns: &Netns, addr: SocketAddr, name: &'static str, handler: Handler) -> TestServer {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -290,7 +329,7 @@ impl TestServer {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, peer)) => {
-                            if let Err(e) = serve_one(stream, peer, name, &seen) {
+                            if let Err(e) = handler(stream, peer, name, &seen) {
                                 eprintln!("{name}: connection from {peer}: {e}");
                             }
                         }
@@ -407,7 +446,12 @@ struct Sidecar {
 
 impl Sidecar {
     fn start(ns: &Netns, bin: &Path) -> Sidecar {
-        // The proxy UID must be able to run the binary and read its (empty) config.
+        Sidecar::start_with_config(ns, bin, "")
+    }
+
+    /// Like [`Sidecar::start`], with `config` (YAML) as its config file.
+    fn start_with_config(ns: &Netns, bin: &Path, config: &str) -> Sidecar {
+        // The proxy UID must be able to run the binary and read its config.
         let check = output(&mut ns.exec_as_proxy(bin, ["--version"]));
         assert!(
             check.status.success(),
@@ -420,13 +464,14 @@ impl Sidecar {
         let dir = tempfile::tempdir().expect("a temporary directory");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod the temporary directory");
-        let config = dir.path().join("ballast.yaml");
-        std::fs::write(&config, "").expect("write the empty config");
-        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod the config");
+        let config_path = dir.path().join("ballast.yaml");
+        std::fs::write(&config_path, config).expect("write the config");
+        std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod the config");
         let log = dir.path().join("sidecar.log");
         let log_file = File::create(&log).expect("create the sidecar log");
         let mut cmd = ns.exec_as_proxy(bin, ["run", "--config"]);
-        cmd.arg(&config)
+        cmd.arg(&config_path)
             .args([
                 "--outbound-addr=127.0.0.1:4140",
                 "--inbound-addr=0.0.0.0:4143",
@@ -573,7 +618,7 @@ const SKIPS: &[&str] = &["--skip-inbound-ports", "22", "--skip-outbound-ports", 
 #[test]
 fn init_dry_run_prints_the_rules_without_touching_the_nat_table() {
     require_environment();
-    let bin = sidecar_bin();
+    let (bin, _bin_dir) = sidecar_bin();
     let ns = Netns::new("dry", &unique_id());
     let before = ns.nat_table();
 
@@ -596,7 +641,7 @@ fn init_dry_run_prints_the_rules_without_touching_the_nat_table() {
 #[test]
 fn init_is_idempotent() {
     require_environment();
-    let bin = sidecar_bin();
+    let (bin, _bin_dir) = sidecar_bin();
     let ns = Netns::new("idem", &unique_id());
 
     init(&ns, &bin, SKIPS);
@@ -633,7 +678,7 @@ fn init_is_idempotent() {
 #[test]
 fn outbound_traffic_reaches_the_server_only_through_the_sidecar() {
     require_environment();
-    let bin = sidecar_bin();
+    let (bin, _bin_dir) = sidecar_bin();
     let net = Topology::new();
     let server = TestServer::start(&net.srv, SocketAddr::from((SRV_IP, SERVER_PORT)), "server");
     init(&net.app, &bin, &[]);
@@ -694,7 +739,7 @@ fn outbound_traffic_reaches_the_server_only_through_the_sidecar() {
 #[test]
 fn inbound_connections_to_the_app_pass_through_the_inbound_listener() {
     require_environment();
-    let bin = sidecar_bin();
+    let (bin, _bin_dir) = sidecar_bin();
     let net = Topology::new();
     let app = TestServer::start(&net.app, SocketAddr::from((Ipv4Addr::UNSPECIFIED, APP_PORT)), "app");
     init(&net.app, &bin, &[]);
@@ -750,4 +795,255 @@ fn inbound_connections_to_the_app_pass_through_the_inbound_listener() {
         "with the sidecar stopped, inbound connections should be refused: {r:?}"
     );
     assert_eq!(app.seen().len(), 1, "the app was reached without the sidecar");
+}
+
+// ---------------------------------------------------------------------------------------
+// Routing by original destination to a service's virtual address
+// ---------------------------------------------------------------------------------------
+
+/// A service virtual IP (a ClusterIP) that exists nowhere: no interface, in no namespace,
+/// has it. A connection to it can only be answered through the sidecar.
+const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const SERVICE_PORT: u16 = 80;
+/// The two endpoints of the service, both in the server namespace.
+const ENDPOINT_PORTS: [u16; 2] = [SERVER_PORT, SERVER_PORT + 1];
+
+/// A `Service` named `web` in namespace `default` with [`SERVICE_VIP`]:[`SERVICE_PORT`]
+/// as its virtual address and the [`ENDPOINT_PORTS`] on the server as its endpoints.
+fn web_service_yaml() -> String {
+    let endpoints: Vec<String> =
+        ENDPOINT_PORTS.iter().map(|p| format!("{{address: \"{SRV_IP}:{p}\"}}")).collect();
+    format!(
+        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: web, namespace: default}}\n\
+         spec:\n  ports: [{{port: {SERVICE_PORT}}}]\n  addresses: [{SERVICE_VIP}]\n  endpoints: [{}]\n",
+        endpoints.join(", ")
+    )
+}
+
+/// Gives the app namespace a route to the service range (10.96.0.0/16) via the server end
+/// of the veth, so that `connect()` to [`SERVICE_VIP`] has a route and reaches the nat
+/// OUTPUT chain (without one it fails with "network unreachable" before any iptables
+/// rule sees it). The redirect then sends the connection to the local sidecar; were a
+/// packet ever not redirected, it would reach the server namespace, which neither owns
+/// the address nor forwards, and be dropped there: nothing leaves the test's namespaces.
+fn route_service_range(net: &Topology) {
+    ok(Command::new("ip").args([
+        "-n",
+        &net.app.name,
+        "route",
+        "add",
+        "10.96.0.0/16",
+        "via",
+        &SRV_IP.to_string(),
+    ]));
+}
+
+/// Echoes every byte it reads until the client half-closes, then closes. Records the
+/// connection with the bytes it received (escaped) as its "request line".
+fn echo_one(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    _name: &str,
+    seen: &Mutex<Vec<Seen>>,
+) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Bounded: each read waits at most 5 s, and at most 64 KiB are accepted.
+    while received.len() <= 64 * 1024 {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        stream.write_all(&buf[..n])?;
+        received.extend_from_slice(&buf[..n]);
+    }
+    let request_line = received.escape_ascii().to_string();
+    seen.lock().unwrap_or_else(|p| p.into_inner()).push(Seen { peer, request_line });
+    Ok(())
+}
+
+/// Runs `f` on a thread that entered the network namespace `ns`, and returns its result
+/// (the calling thread stays where it is).
+fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = ns.path();
+    let name = ns.name.clone();
+    thread::spawn(move || {
+        enter_netns(&path).unwrap_or_else(|e| panic!("cannot enter network namespace {name}: {e}"));
+        f()
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// Opaque bytes, not the start of any protocol the sidecar detects.
+const OPAQUE: &[u8] = b"\x00\x01ping\n";
+
+/// From inside `ns`: connects to `dst`, sends [`OPAQUE`], reads as many bytes back, then
+/// half-closes and reads until the peer closes. Returns (echoed bytes, trailing bytes).
+fn opaque_exchange(ns: &Netns, dst: SocketAddr) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.set_write_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(OPAQUE)?;
+        let mut echoed = vec![0u8; OPAQUE.len()];
+        s.read_exact(&mut echoed)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)?;
+        Ok((echoed, rest))
+    })
+}
+
+#[test]
+fn outbound_to_a_service_virtual_ip_is_routed_to_its_endpoints() {
+    require_environment();
+    let (bin, _bin_dir) = sidecar_bin();
+    let net = Topology::new();
+    route_service_range(&net);
+    let servers = [
+        TestServer::start(&net.srv, SocketAddr::from((SRV_IP, ENDPOINT_PORTS[0])), "web-0"),
+        TestServer::start(&net.srv, SocketAddr::from((SRV_IP, ENDPOINT_PORTS[1])), "web-1"),
+    ];
+    let seen_total = || servers.iter().map(|s| s.seen().len()).sum::<usize>();
+    init(&net.app, &bin, &[]);
+    let mut sidecar = Sidecar::start_with_config(&net.app, &bin, &web_service_yaml());
+
+    let web = [("direction", "outbound"), ("service", "web.default")];
+    let text = scrape(&net.app);
+    assert_eq!(
+        metric(&text, "ballast_endpoints", &[("service", "web.default"), ("state", "ready")]),
+        2.0,
+        "the sidecar should know the two endpoints of web.default:\n{text}"
+    );
+
+    // An unmodified curl in the app namespace, addressing the service's virtual IP: the
+    // sidecar finds `web` by the original destination and sends the request to one of its
+    // endpoints (a different port on a different address).
+    let url = format!("http://{SERVICE_VIP}/to-the-vip");
+    let r = curl(net.app.exec("curl", curl_args(&url)));
+    assert_eq!((r.exit, r.status), (0, 200), "curl to the service's virtual IP failed: {r:?}");
+    assert!(
+        r.body == "web-0 /to-the-vip\n" || r.body == "web-1 /to-the-vip\n",
+        "the answer should come from an endpoint of web: {r:?}"
+    );
+    let seen: Vec<Seen> = servers.iter().flat_map(TestServer::seen).collect();
+    assert_eq!(seen.len(), 1, "the endpoints should have seen exactly one request: {seen:?}");
+    assert_eq!(seen[0].request_line, "GET /to-the-vip HTTP/1.1");
+    assert_eq!(seen[0].peer.ip(), APP_IP, "the sidecar's upstream connection comes from the app namespace");
+
+    let success = [web[0], web[1], ("status_code", "200"), ("outcome", "success")];
+    let text = wait_metric(&net.app, "ballast_requests_total", &success, 1.0);
+    assert_eq!(
+        metric(&text, "ballast_requests_total", &success),
+        1.0,
+        "the request should be counted under service=\"web.default\":\n{text}"
+    );
+    assert_eq!(
+        metric(&text, "ballast_requests_total", &[("service", "passthrough")]),
+        0.0,
+        "a request to a service's virtual IP is not passthrough:\n{text}"
+    );
+
+    // Concurrent load is balanced over both endpoints (sequential requests may all go to
+    // one: peak-EWMA prefers the endpoint that has been fastest).
+    const CONCURRENT: usize = 24;
+    let mut args: Vec<String> = ["-sS", "-m", "20", "--noproxy", "*", "--parallel", "--parallel-max", "8"]
+        .map(str::to_owned)
+        .to_vec();
+    args.extend(["-w".to_owned(), format!("{STATUS_MARKER}%{{http_code}}\n")]);
+    args.extend((0..CONCURRENT).map(|i| format!("http://{SERVICE_VIP}/balanced-{i}")));
+    let out = output(&mut net.app.exec("curl", args));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "parallel curl to the virtual IP failed ({}): {}\n{stdout}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.matches(&format!("{STATUS_MARKER}200")).count(),
+        CONCURRENT,
+        "every concurrent request should get a 200:\n{stdout}"
+    );
+    assert_eq!(seen_total(), 1 + CONCURRENT, "the endpoints should have seen every request");
+    for (server, port) in servers.iter().zip(ENDPOINT_PORTS) {
+        let seen = server.seen();
+        let balanced = seen.iter().filter(|s| s.request_line.starts_with("GET /balanced-")).count();
+        assert!(balanced > 0, "endpoint {SRV_IP}:{port} got none of {CONCURRENT} concurrent requests");
+        assert!(seen.iter().all(|s| s.peer.ip() == APP_IP), "{seen:?}");
+    }
+    let want = (1 + CONCURRENT) as f64;
+    let text = wait_metric(&net.app, "ballast_requests_total", &success, want);
+    assert_eq!(metric(&text, "ballast_requests_total", &success), want, "{text}");
+    assert_eq!(metric(&text, "ballast_requests_total", &[("direction", "outbound")]), want, "{text}");
+
+    // 10.96.0.10 exists nowhere: without the sidecar the same curl is refused at the
+    // redirect target, and no endpoint sees anything more.
+    sidecar.kill();
+    let r = curl(net.app.exec("curl", curl_args(&url)));
+    assert_eq!(
+        r.exit, CURL_COULDNT_CONNECT,
+        "with the sidecar stopped, curl to the virtual IP should be refused: {r:?}"
+    );
+    assert_eq!(seen_total(), 1 + CONCURRENT, "an endpoint was reached without the sidecar");
+}
+
+#[test]
+fn opaque_tcp_to_a_service_virtual_ip_is_forwarded_to_its_endpoints() {
+    require_environment();
+    let (bin, _bin_dir) = sidecar_bin();
+    let net = Topology::new();
+    route_service_range(&net);
+    let servers = [
+        TestServer::start_with(&net.srv, SocketAddr::from((SRV_IP, ENDPOINT_PORTS[0])), "echo-0", echo_one),
+        TestServer::start_with(&net.srv, SocketAddr::from((SRV_IP, ENDPOINT_PORTS[1])), "echo-1", echo_one),
+    ];
+    let seen = || servers.iter().flat_map(TestServer::seen).collect::<Vec<_>>();
+    init(&net.app, &bin, &[]);
+    let mut sidecar = Sidecar::start_with_config(&net.app, &bin, &web_service_yaml());
+
+    // Bytes that are not HTTP (nor TLS, nor HTTP/2), from a plain socket in the app
+    // namespace to the virtual IP: forwarded as opaque TCP to an endpoint, which echoes.
+    const CONNECTIONS: usize = 6;
+    let vip = SocketAddr::from((SERVICE_VIP, SERVICE_PORT));
+    for i in 0..CONNECTIONS {
+        let (echoed, rest) =
+            opaque_exchange(&net.app, vip).unwrap_or_else(|e| panic!("connection {i} to {vip} failed: {e}"));
+        assert_eq!(echoed, OPAQUE, "connection {i}: the endpoint's echo should come back unchanged");
+        assert!(rest.is_empty(), "connection {i}: unexpected bytes after the echo: {rest:?}");
+    }
+    let all = seen();
+    assert_eq!(all.len(), CONNECTIONS, "the endpoints should have seen every connection: {all:?}");
+    let want = OPAQUE.escape_ascii().to_string();
+    for s in &all {
+        assert_eq!(s.request_line, want, "an endpoint received other bytes: {all:?}");
+        assert_eq!(s.peer.ip(), APP_IP, "the sidecar's upstream connection comes from the app namespace");
+    }
+
+    let opaque = [("direction", "outbound"), ("protocol", "opaque")];
+    let n = CONNECTIONS as f64;
+    let text = wait_metric(&net.app, "ballast_tcp_connections_total", &opaque, n);
+    assert_eq!(
+        metric(&text, "ballast_tcp_connections_total", &opaque),
+        n,
+        "the sidecar should count each connection as outbound opaque TCP:\n{text}"
+    );
+    let bytes = (CONNECTIONS * OPAQUE.len()) as f64;
+    let text = wait_metric(&net.app, "ballast_tcp_write_bytes_total", &[("direction", "outbound")], bytes);
+    for name in ["ballast_tcp_read_bytes_total", "ballast_tcp_write_bytes_total"] {
+        assert_eq!(metric(&text, name, &[("direction", "outbound")]), bytes, "{name}:\n{text}");
+    }
+    assert_eq!(metric(&text, "ballast_requests_total", &[]), 0.0, "opaque TCP is not HTTP requests:\n{text}");
+
+    // Without the sidecar the virtual IP is unreachable: refused at the redirect target.
+    sidecar.kill();
+    match opaque_exchange(&net.app, vip) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!("with the sidecar stopped, a connection to {vip} should be refused, got {other:?}"),
+    }
+    assert_eq!(seen().len(), CONNECTIONS, "an endpoint was reached without the sidecar");
 }

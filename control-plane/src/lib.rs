@@ -1,8 +1,10 @@
-//! The Ballast control plane (DESIGN §3): it will keep services, endpoints and policies in
-//! etcd (or an embedded store with the same semantics), push them to every sidecar over a
-//! gRPC stream on port 8086, and serve the admin API on 9990 that `ballastctl` uses.
+//! The Ballast control plane (DESIGN §3) and `ballastctl`.
 //!
-//! Not built yet: see the control-plane issue. Today this crate only checks that the
-//! contract types from `ballast-api` are what it will store.
+//! Today this crate holds `ballastctl demo` ([`demo`]), the local mesh on one machine.
+//! The control plane proper (store on etcd or embedded, the gRPC push stream on 8086, the
+//! admin API on 9990 and the rest of `ballastctl`) comes with the control-plane issue;
+//! until then the demo runs the sidecar on a static configuration.
+
+pub mod demo;
 
 pub use ballast_api::Config;

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what the tests need (Debian
+# packages, a Python virtualenv under target/), then checks formatting, runs clippy with
+# -D warnings, and runs every test. Tests never skip for a missing tool: they fail.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+have curl      || need+=(curl)
+have iptables  || need+=(iptables)
+have ip        || need+=(iproute2)
+have setpriv   || need+=(util-linux)
+have promtool  || need+=(prometheus)
+have h2load    || need+=(nghttp2-client)
+have nghttpd   || need+=(nghttp2-server)
+if ((${#need[@]})); then
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing test tools: ${need[*]}; run as root or: apt-get install -y ${need[*]}" >&2
+    exit 1
+  fi
+  echo "--- installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+venv=target/venv
+if ! "$venv/bin/python" -c 'import grpc, grpc_health, websockets' 2>/dev/null; then
+  echo "--- creating the Python test virtualenv in $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+fi
+
+echo "--- cargo fmt --check"
+cargo fmt --all --check
+echo "--- cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "--- cargo build (the binaries the end-to-end tests run)"
+cargo build --workspace --bins --locked
+echo "--- tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+  cargo test --workspace --doc --locked
+else
+  cargo test --workspace --locked --no-fail-fast
+fi

@@ -358,7 +358,7 @@ fn upstream_connections_are_pooled() {
 fn connection_refused_upstream_is_a_502_that_says_so() {
     let port = free_port();
     let svc = format!(
-        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: down}}\nspec:\n  endpoints: [{{address: \"127.0.0.1:{port}\"}}]\n---\napiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: empty}}\nspec: {{}}\n"
+        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: down}}\nspec:\n  endpoints: [{{address: \"127.0.0.1:{port}\"}}]\n---\napiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: empty}}\nspec: {{}}\n---\napiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: dnsy}}\nspec: {{dns: dnsy.example.internal}}\n"
     );
     let sc = Sidecar::start(&svc, &[]);
     let out = run(curl().args(["-i", "-x", &sc.proxy_url(), "http://down/"]));
@@ -370,4 +370,12 @@ fn connection_refused_upstream_is_a_502_that_says_so() {
     let t = stdout(&out);
     assert!(t.starts_with("HTTP/1.1 503"), "{t}");
     assert!(t.contains("ballast-rejected: no-endpoints"), "{t}");
+    // DNS discovery is not built yet: the answer says so instead of failing silently.
+    let out = run(curl().args(["-i", "-x", &sc.proxy_url(), "http://dnsy/"]));
+    let t = stdout(&out);
+    assert!(
+        t.starts_with("HTTP/1.1 503")
+            && t.contains("dns discovery of dnsy.example.internal is not supported"),
+        "{t}"
+    );
 }

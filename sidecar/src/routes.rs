@@ -39,18 +39,29 @@ impl ServiceEntry {
             .iter()
             .filter_map(|e| EndpointAddr::parse(&e.address).map(|a| (a, e.weight)))
             .collect();
+        // DNS discovery (DESIGN §2, hickory-resolver refreshed by TTL) is not built yet:
+        // say so where the operator looks rather than fail silently.
+        let why_empty = match &service.spec.dns {
+            Some(name) => {
+                tracing::warn!(service = %label, dns = %name, "dns discovery is not supported by this sidecar yet; the service has no endpoints");
+                format!(
+                    " (dns discovery of {name} is not supported by this sidecar yet: list endpoints instead)"
+                )
+            }
+            None => String::new(),
+        };
         let all_explicit = eps.iter().all(|(a, _)| matches!(a, EndpointAddr::Socket(_)));
         let ports: Vec<u16> = service.spec.ports.iter().map(|p| p.port).collect();
         let stacks = if all_explicit || ports.is_empty() {
             // Bare IPs with no declared port take port 80, like a Service with no targetPort.
             let resolved: Vec<_> = eps.iter().map(|&(a, w)| (a.with_default_port(80), w)).collect();
-            vec![(None, ctx.service_stack(label.clone(), &resolved))]
+            vec![(None, ctx.service_stack(label.clone(), &resolved, &why_empty))]
         } else {
             ports
                 .iter()
                 .map(|&port| {
                     let resolved: Vec<_> = eps.iter().map(|&(a, w)| (a.with_default_port(port), w)).collect();
-                    (Some(port), ctx.service_stack(label.clone(), &resolved))
+                    (Some(port), ctx.service_stack(label.clone(), &resolved, &why_empty))
                 })
                 .collect()
         };

@@ -78,9 +78,16 @@ impl StackContext {
     }
 
     /// The stack for a configured service with these endpoints (address, weight).
-    pub fn service_stack(&self, label: Arc<str>, endpoints: &[(SocketAddr, u32)]) -> HttpService {
+    pub fn service_stack(
+        &self,
+        label: Arc<str>,
+        endpoints: &[(SocketAddr, u32)],
+        why_empty: &str,
+    ) -> HttpService {
         let inner: HttpService = if endpoints.is_empty() {
-            BoxCloneSyncService::new(NoEndpoints { service: label.clone() })
+            BoxCloneSyncService::new(NoEndpoints {
+                detail: format!("service {label} has no endpoints{why_empty}").into(),
+            })
         } else {
             let mut list = Vec::new();
             for &(addr, weight) in endpoints {
@@ -133,7 +140,7 @@ impl StackContext {
 /// Answers every request with the `no-endpoints` rejection.
 #[derive(Clone)]
 struct NoEndpoints {
-    service: Arc<str>,
+    detail: Arc<str>,
 }
 
 impl Service<HttpRequest> for NoEndpoints {
@@ -144,8 +151,11 @@ impl Service<HttpRequest> for NoEndpoints {
         Poll::Ready(Ok(()))
     }
     fn call(&mut self, req: HttpRequest) -> Self::Future {
-        let detail = format!("service {} has no endpoints", self.service);
-        std::future::ready(Ok(rejection::response(Reason::NoEndpoints, rejection::is_grpc(&req), &detail)))
+        std::future::ready(Ok(rejection::response(
+            Reason::NoEndpoints,
+            rejection::is_grpc(&req),
+            &self.detail,
+        )))
     }
 }
 

@@ -379,3 +379,46 @@ fn connection_refused_upstream_is_a_502_that_says_so() {
         "{t}"
     );
 }
+
+/// A `ballast-rejected` header from upstream is that upstream's response: it is neither
+/// counted as this sidecar's rejection nor copied into a metric label.
+#[test]
+fn upstream_rejection_headers_are_not_counted_as_ours() {
+    let upstream = RawServer::start(|mut s| {
+        read_head(&mut s);
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nballast-rejected: made-up-reason\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+    });
+    let sc = Sidecar::start("", &[]);
+    let out = run(curl().args(["-x", &sc.proxy_url(), &format!("http://{}/", upstream.addr)]));
+    assert_eq!(stdout(&out), "ok");
+    let m = sc.metrics();
+    assert!(!m.contains("made-up-reason"), "a header value became a label:\n{m}");
+    assert_eq!(
+        metric_value(
+            &m,
+            r#"ballast_requests_total{direction="outbound",outcome="success",service="passthrough",status_code="200"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
+/// The inbound side only forwards to the app, never into the sidecar's own listeners.
+#[test]
+fn inbound_never_forwards_to_the_sidecars_own_listener() {
+    let sc = Sidecar::start("", &["--app-addr", "{outbound}"]);
+    let (status, body) =
+        http_request(sc.inbound, "GET / HTTP/1.1\r\nHost: anything\r\nConnection: close\r\n\r\n").unwrap();
+    assert_eq!(status, 508, "{body}");
+    assert_eq!(sc.metric(r#"ballast_tcp_connections_total{direction="outbound",protocol="http1"}"#), 0.0);
+}
+
+/// An endpoint given as a bare IP listens on the port the caller asked for.
+#[test]
+fn bare_ip_endpoints_take_the_requested_port() {
+    let up = Upstream::start("any-port");
+    let svc = "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {name: anyport}\nspec:\n  endpoints: [{address: \"127.0.0.1\"}]\n";
+    let sc = Sidecar::start(svc, &[]);
+    let out = run(curl().args(["-x", &sc.proxy_url(), &format!("http://anyport:{}/name", up.addr.port())]));
+    assert_eq!(stdout(&out), "any-port", "{out:?}");
+}

@@ -219,3 +219,48 @@ fn metrics_pass_promtool() {
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && complaints.trim().is_empty(), "promtool: {complaints}\n{text}");
 }
+
+/// A CONNECT tunnel outlives its request: it counts as an open connection and the drain
+/// waits for it.
+#[test]
+fn drain_waits_for_open_tunnels() {
+    use std::io::{Read, Write};
+    let echo = RawServer::start(|mut s| {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let mut sc = Sidecar::start("", &["--drain-deadline", "10s"]);
+    let mut tunnel = std::net::TcpStream::connect(sc.outbound).unwrap();
+    tunnel.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    tunnel.write_all(format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", echo.addr).as_bytes()).unwrap();
+    let mut head = [0u8; 19];
+    tunnel.read_exact(&mut head).unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    let mut rest = Vec::new();
+    let mut b = [0u8; 1];
+    while !rest.ends_with(b"\r\n\r\n") {
+        tunnel.read_exact(&mut b).unwrap();
+        rest.push(b[0]);
+    }
+    tunnel.write_all(b"ping").unwrap();
+    let mut pong = [0u8; 4];
+    tunnel.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"ping");
+    assert_eq!(
+        sc.metric(r#"ballast_tcp_connections_open{direction="outbound"}"#),
+        1.0,
+        "the tunnel is an open connection"
+    );
+    sc.signal(libc::SIGTERM);
+    assert_eq!(sc.wait_exit(Duration::from_millis(700)), None, "the drain waits for the open tunnel");
+    tunnel.write_all(b"still").unwrap();
+    let mut still = [0u8; 5];
+    tunnel.read_exact(&mut still).unwrap();
+    assert_eq!(&still, b"still", "the tunnel keeps working while draining");
+    drop(tunnel);
+    assert_eq!(sc.wait_exit(Duration::from_secs(5)), Some(0), "exits once the tunnel closed");
+}

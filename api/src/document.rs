@@ -49,6 +49,8 @@ pub enum ConfigError {
     Invalid { source_name: String, line: u64, kind: String, name: String, error: Box<FieldError> },
     #[error("{source_name}:{line}: {kind} {key} is defined twice (first at line {first_line})")]
     Duplicate { source_name: String, line: u64, first_line: u64, kind: String, key: String },
+    #[error("{source_name}:{line}: {message} (conflicts with line {first_line})")]
+    Conflict { source_name: String, line: u64, first_line: u64, message: String },
 }
 
 /// Header read first to pick the document's type.
@@ -153,6 +155,24 @@ impl Config {
     pub fn from_documents(docs: Vec<(u64, Document)>, source_name: &str) -> Result<Self, ConfigError> {
         let mut cfg = Config { version: 1, ..Default::default() };
         let mut lines: BTreeMap<(String, String), u64> = BTreeMap::new();
+        // What two documents may not both claim: one policy per target service, one service
+        // per virtual address and port. Otherwise one would silently win.
+        let mut claims: BTreeMap<String, u64> = BTreeMap::new();
+        let conflict =
+            |claims: &mut BTreeMap<String, u64>, what: String, line: u64| -> Result<(), ConfigError> {
+                match claims.get(&what) {
+                    Some(&first_line) => Err(ConfigError::Conflict {
+                        source_name: source_name.to_owned(),
+                        line,
+                        first_line,
+                        message: what,
+                    }),
+                    None => {
+                        claims.insert(what, line);
+                        Ok(())
+                    }
+                }
+            };
         for (line, doc) in docs {
             let key = doc.key();
             if let Some(first) = lines.insert((doc.kind().to_owned(), key.clone()), line) {
@@ -163,6 +183,35 @@ impl Config {
                     kind: doc.kind().to_owned(),
                     key,
                 });
+            }
+            match &doc {
+                Document::Policy(p) => conflict(
+                    &mut claims,
+                    format!(
+                        "a second ResiliencePolicy targets service {}/{}",
+                        p.target_namespace(),
+                        p.spec.target_ref.service
+                    ),
+                    line,
+                )?,
+                Document::Service(s) => {
+                    for ip in &s.spec.addresses {
+                        if s.spec.ports.is_empty() {
+                            conflict(
+                                &mut claims,
+                                format!("a second Service claims address {ip} (every port)"),
+                                line,
+                            )?;
+                        }
+                        for p in &s.spec.ports {
+                            conflict(
+                                &mut claims,
+                                format!("a second Service claims address {ip} port {}", p.port),
+                                line,
+                            )?;
+                        }
+                    }
+                }
             }
             match doc {
                 Document::Policy(p) => {
@@ -329,6 +378,23 @@ spec:
     fn syntax_error_has_a_line() {
         let err = Config::from_yaml("kind: Service\nspec: [unclosed\n", "x.yaml").unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+    }
+
+    #[test]
+    fn conflicting_claims_are_rejected() {
+        let two_policies = format!(
+            "{CONTRACT_POLICY}---{}",
+            CONTRACT_POLICY.replace("name: payments, namespace", "name: other, namespace")
+        );
+        let err = Config::from_yaml(&two_policies, "p.yaml").unwrap_err().to_string();
+        assert!(err.contains("second ResiliencePolicy targets service shop/payments"), "{err}");
+        let two_services =
+            format!("{CONTRACT_SERVICE}---{}", CONTRACT_SERVICE.replace("name: httpbin", "name: other"));
+        let err = Config::from_yaml(&two_services, "s.yaml").unwrap_err().to_string();
+        assert!(err.contains("address 10.96.0.10 port 80"), "{err}");
+        let bad_ns = CONTRACT_SERVICE.replace("namespace: default", "namespace: Default");
+        let err = Config::from_yaml(&bad_ns, "s.yaml").unwrap_err().to_string();
+        assert!(err.contains("metadata.namespace"), "{err}");
     }
 
     #[test]

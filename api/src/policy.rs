@@ -375,7 +375,20 @@ impl ResiliencePolicy {
                 format!("{:?} is not a DNS label (lowercase letters, digits and '-')", self.metadata.name),
             );
         }
+        if let Some(ns) = &self.metadata.namespace
+            && !dns_label(ns)
+        {
+            e("metadata.namespace", format!("{ns:?} is not a DNS label (lowercase letters, digits and '-')"));
+        }
         let s = &self.spec;
+        if let Some(ns) = &s.target_ref.namespace
+            && !dns_label(ns)
+        {
+            e(
+                "spec.targetRef.namespace",
+                format!("{ns:?} is not a DNS label (lowercase letters, digits and '-')"),
+            );
+        }
         if !dns_label(&s.target_ref.service) {
             e("spec.targetRef.service", format!("{:?} is not a service name", s.target_ref.service));
         }

@@ -106,6 +106,14 @@ impl Service {
                 format!("{:?} is not a DNS label (lowercase letters, digits and '-')", self.metadata.name),
             ));
         }
+        if let Some(ns) = &self.metadata.namespace
+            && !crate::policy::dns_label(ns)
+        {
+            errs.push(FieldError::new(
+                "metadata.namespace",
+                format!("{ns:?} is not a DNS label (lowercase letters, digits and '-')"),
+            ));
+        }
         for (i, p) in self.spec.ports.iter().enumerate() {
             if p.port == 0 {
                 errs.push(FieldError::new(format!("spec.ports[{i}].port"), "must be 1-65535"));

@@ -12,7 +12,12 @@ use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+/// Concurrent admin connections (probes and scrapes need a handful).
+const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 use crate::body::{self, Body};
 use crate::drain::Shutdown;
@@ -47,6 +52,8 @@ pub fn spawn(listener: std::net::TcpListener, admin: Admin) -> std::io::Result<s
                     return;
                 }
             };
+            // Bounded: admin clients cannot take file descriptors the data path needs.
+            let permits = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
             loop {
                 let (stream, peer) = match listener.accept().await {
                     Ok(a) => a,
@@ -56,13 +63,22 @@ pub fn spawn(listener: std::net::TcpListener, admin: Admin) -> std::io::Result<s
                         continue;
                     }
                 };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "too many admin connections; closing this one");
+                    continue;
+                };
                 let admin = admin.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let admin = admin.clone();
                         async move { Ok::<_, Infallible>(admin.route(req, peer)) }
                     });
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    let _ = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(10))
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                    drop(permit);
                 });
             }
         });

@@ -22,6 +22,12 @@ use tokio::net::TcpStream;
 
 use crate::body::Body;
 
+/// How long an idle upstream connection stays pooled. Shorter than common server
+/// keep-alive timeouts would be ideal but varies (Node.js closes after 5 s); 30 s bounds
+/// the window in which a request can meet a connection the server just closed, which the
+/// retry policy of the resilience issue then covers (`reset`).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Dials one fixed address, whatever the URI says.
 #[derive(Clone)]
 pub struct FixedConnector {
@@ -73,13 +79,13 @@ impl EndpointClient {
     fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
         let connector = FixedConnector { addr, connect_timeout };
         let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector.clone());
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_keep_alive_interval(Duration::from_secs(30))

@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 /// HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Beyond this many bytes without a decision the connection is opaque.
-pub const MAX_DETECT_BYTES: usize = 8 * 1024;
+pub const MAX_DETECT_BYTES: usize = 64 * 1024;
 const MAX_METHOD_LEN: usize = 24;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +153,16 @@ fn http1_request_line(buf: &[u8]) -> Option<Protocol> {
     }
 }
 
+/// Whether an HTTP/1 request line (at the start of `buf`) is a proxy request: `CONNECT`
+/// or an absolute-form target. Sent through iptables, such a request is the app talking
+/// to a proxy of its own.
+pub fn is_proxy_request(buf: &[u8]) -> bool {
+    let Some(sp) = buf.iter().position(|&b| b == b' ') else { return false };
+    let (method, rest) = (&buf[..sp], &buf[sp + 1..]);
+    let lower: Vec<u8> = rest.iter().take(8).map(u8::to_ascii_lowercase).collect();
+    method == b"CONNECT" || lower.starts_with(b"http://") || lower.starts_with(b"https://")
+}
+
 pin_project_lite::pin_project! {
     /// An I/O whose first reads return bytes already read from it.
     pub struct PrefixedIo<T> {
@@ -241,6 +251,15 @@ mod tests {
         ] {
             assert_eq!(classify(partial), None, "{:?}", String::from_utf8_lossy(partial));
         }
+    }
+
+    #[test]
+    fn recognises_proxy_requests() {
+        assert!(is_proxy_request(b"CONNECT example.com:443 HTTP/1.1\r\n"));
+        assert!(is_proxy_request(b"GET http://example.com/ HTTP/1.1\r\n"));
+        assert!(is_proxy_request(b"GET HTTPS://example.com/ HTTP/1.1\r\n"));
+        assert!(!is_proxy_request(b"GET / HTTP/1.1\r\n"));
+        assert!(!is_proxy_request(b"GET /http://x HTTP/1.1\r\n"));
     }
 
     #[tokio::test]

@@ -95,7 +95,10 @@ pub fn ruleset(o: &InitOptions) -> Result<String, InitError> {
     line("*nat".into());
     line(format!(":{INBOUND_CHAIN} - [0:0]"));
     line(format!(":{OUTPUT_CHAIN} - [0:0]"));
-    let mut skip_in = vec![o.inbound_port.to_string(), o.admin_port.to_string()];
+    // Our own ports are never redirected inbound. The outbound port above all: redirected,
+    // a connection to podIP:4140 would reach the outbound proxy through the inbound
+    // forward and use the pod as an open proxy.
+    let mut skip_in = vec![o.inbound_port.to_string(), o.outbound_port.to_string(), o.admin_port.to_string()];
     for p in &o.skip_inbound_ports {
         skip_in.push(port_spec("--skip-inbound-ports", p)?);
     }
@@ -210,6 +213,10 @@ mod tests {
         assert!(r.contains("-A BALLAST_OUTPUT -d 169.254.169.254/32 -j RETURN"));
         assert!(r.contains("-A BALLAST_INBOUND -p tcp -m tcp --dport 22 -j RETURN"));
         assert!(r.contains("-A BALLAST_INBOUND -p tcp -m tcp --dport 4191 -j RETURN"));
+        assert!(
+            r.contains("-A BALLAST_INBOUND -p tcp -m tcp --dport 4140 -j RETURN"),
+            "no open proxy via podIP:4140"
+        );
         // The redirects come last, after every exclusion.
         let lines: Vec<&str> = r.lines().collect();
         let redirect_out = lines.iter().position(|l| l.contains("REDIRECT --to-ports 4140")).unwrap();

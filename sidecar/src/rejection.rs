@@ -55,8 +55,21 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
         .is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
+/// Marks a response made by this sidecar's own rejection, in its extensions. Metrics
+/// count rejections from this marker only: a `ballast-rejected` header from upstream (a
+/// peer sidecar's rejection, or anything an app sends) is that upstream's response, and
+/// copying its value into a label would let any server create series at will.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejected(pub Reason);
+
 /// The rejection response for `reason`, shaped for gRPC when `grpc` is set.
 pub fn response(reason: Reason, grpc: bool, detail: &str) -> Response<Body> {
+    let mut rsp = build(reason, grpc, detail);
+    rsp.extensions_mut().insert(Rejected(reason));
+    rsp
+}
+
+fn build(reason: Reason, grpc: bool, detail: &str) -> Response<Body> {
     let mut builder = Response::builder().header(crate::HEADER_REJECTED, reason.as_str());
     if grpc {
         let message = format!("ballast: {}: {detail}", reason.as_str());
@@ -117,6 +130,7 @@ mod tests {
         let r = response(Reason::NoEndpoints, false, "svc has no endpoints");
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()[crate::HEADER_REJECTED], "no-endpoints");
+        assert_eq!(r.extensions().get::<Rejected>(), Some(&Rejected(Reason::NoEndpoints)));
         let g = response(Reason::Timeout, true, "late");
         assert_eq!(g.status(), 200);
         assert_eq!(g.headers()["grpc-status"], "4");

@@ -7,8 +7,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use ballast_api::service::{EndpointAddr, Protocol};
@@ -24,16 +24,30 @@ pub struct ServiceEntry {
     pub label: Arc<str>,
     service: Service,
     policy: Option<ResiliencePolicy>,
-    /// Stacks by service port; `None` is for any port (every endpoint names its own).
-    stacks: Vec<(Option<u16>, HttpService)>,
+    stacks: Stacks,
 }
 
+/// A service's stacks: one when every endpoint names its port; else one per requested
+/// port, since a bare-IP endpoint listens on the port the caller asked for.
+enum Stacks {
+    Fixed(HttpService),
+    PerPort {
+        ctx: Arc<StackContext>,
+        endpoints: Vec<(EndpointAddr, u32)>,
+        why_empty: String,
+        by_port: Mutex<HashMap<u16, HttpService>>,
+    },
+}
+
+/// Per-port stacks kept per service; requests to further ports get an uncached stack.
+const MAX_PORT_STACKS: usize = 64;
+
 impl ServiceEntry {
-    fn build(ctx: &StackContext, service: &Service, policy: Option<&ResiliencePolicy>) -> Self {
+    fn build(ctx: &Arc<StackContext>, service: &Service, policy: Option<&ResiliencePolicy>) -> Self {
         let namespace = service.metadata.namespace_or_default().to_owned();
         let name = service.metadata.name.clone();
         let label: Arc<str> = format!("{name}.{namespace}").into();
-        let eps: Vec<(EndpointAddr, u32)> = service
+        let endpoints: Vec<(EndpointAddr, u32)> = service
             .spec
             .endpoints
             .iter()
@@ -50,32 +64,43 @@ impl ServiceEntry {
             }
             None => String::new(),
         };
-        let all_explicit = eps.iter().all(|(a, _)| matches!(a, EndpointAddr::Socket(_)));
-        let ports: Vec<u16> = service.spec.ports.iter().map(|p| p.port).collect();
-        let stacks = if all_explicit || ports.is_empty() {
-            // Bare IPs with no declared port take port 80, like a Service with no targetPort.
-            let resolved: Vec<_> = eps.iter().map(|&(a, w)| (a.with_default_port(80), w)).collect();
-            vec![(None, ctx.service_stack(label.clone(), &resolved, &why_empty))]
+        let stacks = if endpoints.iter().all(|(a, _)| matches!(a, EndpointAddr::Socket(_))) {
+            let resolved: Vec<_> = endpoints.iter().map(|&(a, w)| (a.with_default_port(0), w)).collect();
+            Stacks::Fixed(ctx.service_stack(label.clone(), &resolved, &why_empty))
         } else {
-            ports
+            let by_port = service
+                .spec
+                .ports
                 .iter()
-                .map(|&port| {
-                    let resolved: Vec<_> = eps.iter().map(|&(a, w)| (a.with_default_port(port), w)).collect();
-                    (Some(port), ctx.service_stack(label.clone(), &resolved, &why_empty))
+                .map(|p| {
+                    let resolved: Vec<_> =
+                        endpoints.iter().map(|&(a, w)| (a.with_default_port(p.port), w)).collect();
+                    (p.port, ctx.service_stack(label.clone(), &resolved, &why_empty))
                 })
-                .collect()
+                .collect();
+            Stacks::PerPort { ctx: ctx.clone(), endpoints, why_empty, by_port: Mutex::new(by_port) }
         };
         Self { namespace, name, label, service: service.clone(), policy: policy.cloned(), stacks }
     }
 
-    /// The stack for a request to `port` (the first declared port's when it is not declared).
+    /// The stack for a request to `port`.
     pub fn stack(&self, port: u16) -> HttpService {
-        self.stacks
-            .iter()
-            .find(|(p, _)| *p == Some(port) || p.is_none())
-            .or_else(|| self.stacks.first())
-            .map(|(_, s)| s.clone())
-            .expect("a service entry always has at least one stack")
+        match &self.stacks {
+            Stacks::Fixed(s) => s.clone(),
+            Stacks::PerPort { ctx, endpoints, why_empty, by_port } => {
+                let mut map = by_port.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(s) = map.get(&port) {
+                    return s.clone();
+                }
+                let resolved: Vec<_> =
+                    endpoints.iter().map(|&(a, w)| (a.with_default_port(port), w)).collect();
+                let stack = ctx.service_stack(self.label.clone(), &resolved, why_empty);
+                if map.len() < MAX_PORT_STACKS {
+                    map.insert(port, stack.clone());
+                }
+                stack
+            }
+        }
     }
 
     /// The declared protocol of `port`, if any.
@@ -95,12 +120,7 @@ impl ServiceEntry {
             return None;
         }
         let pick = &eps[rand::random_range(0..eps.len())];
-        let declared = if self.service.spec.ports.iter().any(|p| p.port == port) {
-            port
-        } else {
-            self.service.spec.ports.first().map(|p| p.port).unwrap_or(port)
-        };
-        EndpointAddr::parse(&pick.address).map(|a| a.with_default_port(declared))
+        EndpointAddr::parse(&pick.address).map(|a| a.with_default_port(port))
     }
 
     pub fn endpoint_count(&self) -> usize {
@@ -131,7 +151,12 @@ impl Snapshot {
     }
 
     /// Builds the route table for `config`, reusing unchanged entries of `previous`.
-    pub fn build(config: Config, ctx: &StackContext, namespace: &str, previous: Option<&Snapshot>) -> Self {
+    pub fn build(
+        config: Config,
+        ctx: &Arc<StackContext>,
+        namespace: &str,
+        previous: Option<&Snapshot>,
+    ) -> Self {
         let mut snap = Snapshot { version: config.version, ..Snapshot::empty(namespace) };
         for svc in config.services.values() {
             let ns = svc.metadata.namespace_or_default().to_owned();
@@ -309,7 +334,9 @@ mod tests {
         assert!(snap.by_original_dst("10.96.0.10:80".parse().unwrap()).is_some());
         assert!(snap.by_original_dst("10.96.0.10:81".parse().unwrap()).is_none());
         let e = snap.by_authority("web").unwrap();
+        // A bare-IP endpoint listens on the port the caller asked for.
         assert_eq!(e.tcp_endpoint(80), Some("127.0.0.1:80".parse().unwrap()));
+        assert_eq!(e.tcp_endpoint(8080), Some("127.0.0.1:8080".parse().unwrap()));
         assert_eq!(&*e.label, "web.shop");
         // An unchanged service keeps its entry (and so its stacks) across snapshots.
         let again = Snapshot::build(cfg, &ctx, "shop", Some(&snap));

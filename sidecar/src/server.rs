@@ -9,6 +9,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
+use ballast_api::service::Protocol as DeclaredProtocol;
+
 use crate::detect::{self, Detection, Protocol};
 use crate::metrics::OpenConnection;
 use crate::proxy::{ConnInfo, Shared, http, tcp};
@@ -50,6 +52,16 @@ async fn handle(stream: TcpStream, peer: std::net::SocketAddr, direction: Direct
     let _open = OpenConnection::new(&shared.metrics, direction.as_str());
     let conn = ConnInfo { direction, peer, local, orig_dst };
     let dir = direction.as_str();
+    // A port the configuration declares `tcp` is forwarded at once: no detection delay for
+    // server-speaks-first protocols, and no chance of HTTP-looking bytes being rewritten.
+    if direction == Direction::Outbound
+        && let Some(dst) = orig_dst
+        && shared.store.load().by_original_dst(dst).and_then(|e| e.protocol(dst.port()))
+            == Some(DeclaredProtocol::Tcp)
+    {
+        shared.metrics.tcp_connections_total.with_label_values(&[dir, Protocol::Opaque.as_str()]).inc();
+        return tcp::forward(shared, conn, stream).await;
+    }
     let (protocol, io) = match detect::detect(stream, shared.settings.detect_timeout).await {
         Ok(Detection::Detected { protocol, io, timed_out }) => {
             if timed_out {
@@ -65,7 +77,15 @@ async fn handle(stream: TcpStream, peer: std::net::SocketAddr, direction: Direct
     };
     shared.metrics.tcp_connections_total.with_label_values(&[dir, protocol.as_str()]).inc();
     tracing::trace!(%peer, ?orig_dst, protocol = protocol.as_str(), direction = dir, "accepted");
+    // The app speaks to a proxy of its own (CONNECT or absolute-form through iptables) and
+    // that proxy is not a mesh service: keep out of the way and pass the bytes through, so
+    // its request targets and Proxy-* headers reach it unchanged.
+    let own_proxy = direction == Direction::Outbound
+        && protocol == Protocol::Http1
+        && orig_dst.is_some_and(|dst| shared.store.load().by_original_dst(dst).is_none())
+        && detect::is_proxy_request(io.prefix());
     match protocol {
+        Protocol::Http1 if own_proxy => tcp::forward(shared, conn, io).await,
         Protocol::Http1 | Protocol::Http2 => serve_http(io, protocol, conn, shared).await,
         Protocol::Tls | Protocol::Opaque => tcp::forward(shared, conn, io).await,
     }
@@ -86,7 +106,11 @@ async fn serve_http(
     let stop = shared.shutdown.signaled();
     let result = if protocol == Protocol::Http2 {
         let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder.timer(TokioTimer::new());
+        // Pings find dead peers, so their connections do not stay open forever.
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(20)))
+            .keep_alive_timeout(Duration::from_secs(20));
         let c = builder.serve_connection(io, svc);
         tokio::pin!(c);
         tokio::select! {

@@ -325,10 +325,13 @@ where
         let service: &str = this.service;
         match &res {
             Ok(rsp) => {
-                let rejected = rsp.headers().get(crate::HEADER_REJECTED).and_then(|v| v.to_str().ok());
+                let rejected = rsp.extensions().get::<rejection::Rejected>();
                 let outcome = match rejected {
-                    Some(reason) => {
-                        this.metrics.rejections_total.with_label_values(&[dir, service, reason]).inc();
+                    Some(rejection::Rejected(reason)) => {
+                        this.metrics
+                            .rejections_total
+                            .with_label_values(&[dir, service, reason.as_str()])
+                            .inc();
                         "rejected"
                     }
                     None if rsp.status().is_server_error() => "failure",

@@ -82,6 +82,7 @@ pub struct Sidecar {
 
 impl Sidecar {
     /// Starts a sidecar on `config_yaml` with fresh loopback ports and waits until ready.
+    /// In `extra`, `{outbound}`, `{inbound}` and `{admin}` stand for its own addresses.
     pub fn start(config_yaml: &str, extra: &[&str]) -> Sidecar {
         let s = Self::spawn(config_yaml, extra);
         s.wait_ready();
@@ -106,7 +107,11 @@ impl Sidecar {
             .args(["--inbound-addr", &inbound.to_string()])
             .args(["--admin-addr", &admin.to_string()])
             .args(["--egress-dns=false", "--config-poll", "100ms"])
-            .args(extra)
+            .args(extra.iter().map(|a| {
+                a.replace("{outbound}", &outbound.to_string())
+                    .replace("{inbound}", &inbound.to_string())
+                    .replace("{admin}", &admin.to_string())
+            }))
             .env("BALLAST_LOG", "info,ballast_sidecar=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_path).unwrap())

@@ -28,7 +28,7 @@ use hyper_util::rt::TokioIo;
 
 use super::{ConnInfo, Shared, tcp};
 use crate::body::{self, Body, BoxError};
-use crate::metrics::PASSTHROUGH;
+use crate::metrics::{OpenConnection, PASSTHROUGH};
 use crate::rejection::error_response;
 use crate::routes::{ServiceEntry, split_host_port};
 use crate::stack::{self, Direction, HttpRequest, HttpService, UpstreamReset};
@@ -69,7 +69,7 @@ async fn outbound(
         let named = authority.as_deref().and_then(|a| snap.by_authority(a)).cloned();
         match conn.orig_dst {
             Some(dst) => match snap.by_original_dst(dst).cloned().or(named) {
-                Some(svc) => Destination::Service(svc, authority_port.unwrap_or(dst.port())),
+                Some(svc) => Destination::Service(svc, dst.port()),
                 None => Destination::Endpoint(dst),
             },
             None => match (named, &authority) {
@@ -104,7 +104,7 @@ async fn outbound(
             Err(msg) => return Ok(error_response(StatusCode::BAD_GATEWAY, msg)),
         },
     };
-    forward(stack, req, authority, fallback, declared).await
+    forward(shared, conn.direction, stack, req, authority, fallback, declared).await
 }
 
 async fn inbound(
@@ -119,9 +119,17 @@ async fn inbound(
         ));
     }
     let target = shared.app_target(&conn);
+    if shared.is_own_listener(target, &conn) {
+        return Ok(error_response(
+            StatusCode::LOOP_DETECTED,
+            format!(
+                "ballast: {target} is this sidecar's own listener; inbound traffic is only forwarded to the app"
+            ),
+        ));
+    }
     let stack = shared.ctx.endpoint_stack(Direction::Inbound, &shared.settings.inbound_label, target);
     let authority = request_authority(&req);
-    forward(stack, req, authority, target, None).await
+    forward(shared, conn.direction, stack, req, authority, target, None).await
 }
 
 fn passthrough_label() -> Arc<str> {
@@ -132,6 +140,8 @@ fn passthrough_label() -> Arc<str> {
 /// Prepares the request for the upstream, calls the stack, and prepares the response for
 /// the client.
 async fn forward(
+    shared: Arc<Shared>,
+    direction: Direction,
     stack: HttpService,
     mut req: HttpRequest,
     authority: Option<String>,
@@ -176,7 +186,16 @@ async fn forward(
     *req.version_mut() = upstream_version;
 
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let mut rsp = stack::call(stack, req).await?;
+    let mut rsp = match stack::call(stack, req).await {
+        Ok(rsp) => rsp,
+        // The stack turns upstream failures into responses; what is left is the stack
+        // itself failing (its balancer gone), which the client still hears about.
+        Err(e) => {
+            let msg = format!("ballast: the service stack failed: {}", stack::error_chain(e.as_ref()));
+            tracing::warn!(error = %msg);
+            return Ok(error_response(StatusCode::BAD_GATEWAY, msg));
+        }
+    };
     if rsp.extensions().get::<UpstreamReset>().is_some() && downstream_version == Version::HTTP_2 {
         // Surface the reset as a reset: hyper resets the client's stream on an error.
         return Err("upstream reset the connection".into());
@@ -185,16 +204,17 @@ async fn forward(
         && let Some(downstream_upgrade) = downstream_upgrade
     {
         let upstream_upgrade = hyper::upgrade::on(&mut rsp);
+        // The upgraded stream outlives this request: it is tracked by the drain and the
+        // open-connection gauge in its own right.
+        let tracked = (shared.shutdown.track(), OpenConnection::new(&shared.metrics, direction.as_str()));
         tokio::spawn(async move {
             match tokio::try_join!(downstream_upgrade, upstream_upgrade) {
                 Ok((down, up)) => {
-                    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-                        tracing::debug!(error = %e, "upgraded connection ended with an error");
-                    }
+                    tcp::splice(&shared.metrics, direction, TokioIo::new(down), TokioIo::new(up)).await
                 }
                 Err(e) => tracing::info!(error = %e, "protocol upgrade failed"),
             }
+            drop(tracked);
         });
         return Ok(rsp);
     }
@@ -238,11 +258,13 @@ async fn connect_tunnel(
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let direction = conn.direction;
+    let tracked = (shared.shutdown.track(), OpenConnection::new(&shared.metrics, direction.as_str()));
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(down) => tcp::splice(&shared.metrics, direction, TokioIo::new(down), upstream).await,
             Err(e) => tracing::info!(error = %e, "CONNECT upgrade failed"),
         }
+        drop(tracked);
     });
     Ok(Response::new(body::empty()))
 }
@@ -282,9 +304,16 @@ fn request_authority<B>(req: &Request<B>) -> Option<String> {
     req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).filter(|h| !h.is_empty()).map(str::to_owned)
 }
 
+/// An HTTP/1.1 `Upgrade` handshake to splice after its 101. `h2c` is not one: the
+/// sidecar speaks HTTP/2 upstream by itself when the port says so, and the request goes on
+/// as plain HTTP/1.1 (its `Upgrade` and `HTTP2-Settings` dropped), as Envoy does.
 fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| !v.trim().eq_ignore_ascii_case("h2c"))
         && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 

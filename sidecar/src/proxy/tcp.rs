@@ -3,7 +3,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::{ConnInfo, Shared};
@@ -52,18 +56,63 @@ pub async fn connect(target: SocketAddr, timeout: std::time::Duration) -> std::i
     Ok(s)
 }
 
-/// Copies both ways until both sides are done, counting bytes.
-pub async fn splice<A, B>(metrics: &Metrics, direction: Direction, mut downstream: A, mut upstream: B)
+/// Copies both ways until both sides are done. Bytes are counted as they flow, so a
+/// connection that ends in a reset is still counted.
+pub async fn splice<A, B>(metrics: &Metrics, direction: Direction, downstream: A, mut upstream: B)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-        Ok((from_client, to_client)) => {
-            let d = direction.as_str();
-            metrics.tcp_read_bytes.with_label_values(&[d]).inc_by(from_client);
-            metrics.tcp_write_bytes.with_label_values(&[d]).inc_by(to_client);
+    let d = direction.as_str();
+    let mut downstream = Counted {
+        io: downstream,
+        read: metrics.tcp_read_bytes.with_label_values(&[d]),
+        written: metrics.tcp_write_bytes.with_label_values(&[d]),
+    };
+    if let Err(e) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        tracing::debug!(error = %e, "tcp stream ended with an error");
+    }
+}
+
+/// Counts the bytes read from and written to the downstream peer.
+struct Counted<T> {
+    io: T,
+    read: IntCounter,
+    written: IntCounter,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read.inc_by(n as u64);
         }
-        Err(e) => tracing::debug!(error = %e, "tcp stream ended with an error"),
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.inc_by(n as u64);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

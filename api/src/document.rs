@@ -277,6 +277,9 @@ spec:
     - match: {pathPrefix: /charge, methods: [POST]}
       retries: {attempts: 0}
       timeouts: {request: 5s}
+  faults:
+    delay: {percent: 10, duration: 100ms}
+    abort: {percent: 5, status: 503}
 "#;
 
     const CONTRACT_SERVICE: &str = r#"
@@ -311,6 +314,9 @@ spec:
             Some(crate::policy::RateLimitScope::Global)
         );
         assert_eq!(p.spec.routes[0].match_.methods, vec!["POST"]);
+        let faults = p.spec.faults.as_ref().unwrap();
+        assert_eq!(faults.abort.unwrap().status, 503);
+        assert_eq!(faults.delay.unwrap().duration, crate::Duration::from_millis(100));
         let s = &cfg.services["default/httpbin"];
         assert_eq!(s.spec.endpoints[1].weight, 2);
         assert_eq!(s.spec.ports[0].protocol, Some(crate::service::Protocol::Http));
@@ -355,6 +361,9 @@ spec:
         let text = CONTRACT_POLICY.replace("base: 25ms", "base: 25");
         let err = Config::from_yaml(&text, "p.yaml").unwrap_err().to_string();
         assert!(err.contains("ambiguous"), "{err}");
+        let text = CONTRACT_POLICY.replace("status: 503", "status: 200");
+        let err = Config::from_yaml(&text, "p.yaml").unwrap_err().to_string();
+        assert!(err.contains("spec.faults.abort.status"), "{err}");
         let text = CONTRACT_POLICY.replace("connect-failure]", "connect-fail]");
         let err = Config::from_yaml(&text, "p.yaml").unwrap_err().to_string();
         assert!(err.contains("unknown retry condition"), "{err}");

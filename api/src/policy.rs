@@ -43,6 +43,38 @@ pub struct PolicySpec {
     pub inbound: Option<Inbound>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Route>,
+    /// Faults injected by the calling sidecar before a request leaves it, for chaos tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub faults: Option<Faults>,
+}
+
+/// Fault injection (as Istio's `fault`): a share of requests is delayed, a share is
+/// answered with an error status, before leaving the calling sidecar. Injected aborts are
+/// marked `ballast-fault: abort` so nobody mistakes them for a real upstream failure.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Faults {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<DelayFault>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<AbortFault>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DelayFault {
+    /// Share of requests delayed, 0-100.
+    pub percent: f64,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AbortFault {
+    /// Share of requests aborted, 0-100.
+    pub percent: f64,
+    /// HTTP status of the injected response, 400-599.
+    pub status: u16,
 }
 
 /// The service a policy applies to. `namespace` defaults to the policy's own.
@@ -446,6 +478,24 @@ impl ResiliencePolicy {
             }
             if i.max_concurrent == Some(0) {
                 e("spec.inbound.maxConcurrent", "must be at least 1".into());
+            }
+        }
+        if let Some(f) = &s.faults {
+            if let Some(d) = &f.delay
+                && !(0.0..=100.0).contains(&d.percent)
+            {
+                e("spec.faults.delay.percent", format!("must be in [0, 100], got {}", d.percent));
+            }
+            if let Some(a) = &f.abort {
+                if !(0.0..=100.0).contains(&a.percent) {
+                    e("spec.faults.abort.percent", format!("must be in [0, 100], got {}", a.percent));
+                }
+                if !(400..=599).contains(&a.status) {
+                    e(
+                        "spec.faults.abort.status",
+                        format!("must be an error status 400-599, got {}", a.status),
+                    );
+                }
             }
         }
         for (i, r) in s.routes.iter().enumerate() {

@@ -11,6 +11,7 @@
 //!   upstream connections.
 //! * [`metrics`], [`admin`], [`drain`], [`rejection`]: telemetry, the admin API, graceful
 //!   shutdown, and the responses the mesh makes itself.
+//! * [`resilience`]: the policy's layers (rate limit, bulkhead, timeout, faults).
 //! * [`init`]: the iptables rules of the init container.
 
 pub mod admin;
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod orig_dst;
 pub mod proxy;
 pub mod rejection;
+pub mod resilience;
 pub mod routes;
 pub mod run;
 pub mod server;

@@ -31,12 +31,15 @@ pub struct ServiceEntry {
 /// port, since a bare-IP endpoint listens on the port the caller asked for.
 enum Stacks {
     Fixed(HttpService),
-    PerPort {
-        ctx: Arc<StackContext>,
-        endpoints: Vec<(EndpointAddr, u32)>,
-        why_empty: String,
-        by_port: Mutex<HashMap<u16, HttpService>>,
-    },
+    PerPort(Box<PerPort>),
+}
+
+struct PerPort {
+    ctx: Arc<StackContext>,
+    endpoints: Vec<(EndpointAddr, u32)>,
+    why_empty: String,
+    policy: Option<ballast_api::policy::PolicySpec>,
+    by_port: Mutex<HashMap<u16, HttpService>>,
 }
 
 /// Per-port stacks kept per service; requests to further ports get an uncached stack.
@@ -66,7 +69,7 @@ impl ServiceEntry {
         };
         let stacks = if endpoints.iter().all(|(a, _)| matches!(a, EndpointAddr::Socket(_))) {
             let resolved: Vec<_> = endpoints.iter().map(|&(a, w)| (a.with_default_port(0), w)).collect();
-            Stacks::Fixed(ctx.service_stack(label.clone(), &resolved, &why_empty))
+            Stacks::Fixed(ctx.service_stack(label.clone(), &resolved, &why_empty, policy.map(|p| &p.spec)))
         } else {
             let by_port = service
                 .spec
@@ -75,10 +78,16 @@ impl ServiceEntry {
                 .map(|p| {
                     let resolved: Vec<_> =
                         endpoints.iter().map(|&(a, w)| (a.with_default_port(p.port), w)).collect();
-                    (p.port, ctx.service_stack(label.clone(), &resolved, &why_empty))
+                    (p.port, ctx.service_stack(label.clone(), &resolved, &why_empty, policy.map(|p| &p.spec)))
                 })
                 .collect();
-            Stacks::PerPort { ctx: ctx.clone(), endpoints, why_empty, by_port: Mutex::new(by_port) }
+            Stacks::PerPort(Box::new(PerPort {
+                ctx: ctx.clone(),
+                endpoints,
+                why_empty,
+                policy: policy.map(|p| p.spec.clone()),
+                by_port: Mutex::new(by_port),
+            }))
         };
         Self { namespace, name, label, service: service.clone(), policy: policy.cloned(), stacks }
     }
@@ -87,14 +96,15 @@ impl ServiceEntry {
     pub fn stack(&self, port: u16) -> HttpService {
         match &self.stacks {
             Stacks::Fixed(s) => s.clone(),
-            Stacks::PerPort { ctx, endpoints, why_empty, by_port } => {
+            Stacks::PerPort(per_port) => {
+                let PerPort { ctx, endpoints, why_empty, policy, by_port } = &**per_port;
                 let mut map = by_port.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(s) = map.get(&port) {
                     return s.clone();
                 }
                 let resolved: Vec<_> =
                     endpoints.iter().map(|&(a, w)| (a.with_default_port(port), w)).collect();
-                let stack = ctx.service_stack(self.label.clone(), &resolved, why_empty);
+                let stack = ctx.service_stack(self.label.clone(), &resolved, why_empty, policy.as_ref());
                 if map.len() < MAX_PORT_STACKS {
                     map.insert(port, stack.clone());
                 }

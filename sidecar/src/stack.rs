@@ -28,6 +28,8 @@ use prometheus::Histogram;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
+use ballast_api::policy::PolicySpec;
+
 use crate::body::{self, Body, BoxError};
 use crate::client::{Clients, ConnectError};
 use crate::metrics::Metrics;
@@ -77,12 +79,14 @@ impl StackContext {
         Arc::new(Self { clients, metrics, endpoint_stacks: Mutex::new(HashMap::new()) })
     }
 
-    /// The stack for a configured service with these endpoints (address, weight).
+    /// The stack for a configured service with these endpoints (address, weight), with the
+    /// layers `policy` turns on (see [`crate::resilience`] for their order).
     pub fn service_stack(
         &self,
         label: Arc<str>,
         endpoints: &[(SocketAddr, u32)],
         why_empty: &str,
+        policy: Option<&PolicySpec>,
     ) -> HttpService {
         let inner: HttpService = if endpoints.is_empty() {
             BoxCloneSyncService::new(NoEndpoints {
@@ -108,6 +112,10 @@ impl StackContext {
                 balance,
                 BUFFER_CAPACITY,
             )))
+        };
+        let inner = match policy {
+            Some(p) => with_policy(inner, p),
+            None => inner,
         };
         BoxCloneSyncService::new(RecordMetrics::new(&self.metrics, Direction::Outbound, label, inner))
     }
@@ -135,6 +143,34 @@ impl StackContext {
         cache.insert((direction, label.clone(), addr), stack.clone());
         stack
     }
+}
+
+/// Default `bulkhead.maxConcurrent` when the section omits it (Envoy's `max_requests`).
+pub const DEFAULT_MAX_CONCURRENT: u32 = 1024;
+
+/// Wraps `inner` in the resilience layers `policy` turns on, innermost first.
+fn with_policy(inner: HttpService, policy: &PolicySpec) -> HttpService {
+    use crate::resilience::{bulkhead, faults, rate_limit, timeout};
+    let mut svc = inner;
+    if let Some(f) = &policy.faults {
+        svc = BoxCloneSyncService::new(faults::Faults::new(svc, f.clone()));
+    }
+    if let Some(t) = policy.timeouts.as_ref().and_then(|t| t.request) {
+        svc = BoxCloneSyncService::new(timeout::RequestTimeout::new(svc, t.get()));
+    }
+    if let Some(b) = &policy.bulkhead {
+        let config = bulkhead::BulkheadConfig {
+            max_concurrent: b.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT) as usize,
+            // No queue unless the policy asks for one.
+            max_pending: b.max_pending.unwrap_or(0) as usize,
+            queue_timeout: b.queue_timeout.map(|d| d.get()).unwrap_or_default(),
+        };
+        svc = BoxCloneSyncService::new(bulkhead::Bulkhead::new(svc, config));
+    }
+    if let Some(r) = &policy.rate_limit {
+        svc = BoxCloneSyncService::new(rate_limit::RateLimit::new(svc, r.requests_per_second, r.burst));
+    }
+    svc
 }
 
 /// Answers every request with the `no-endpoints` rejection.

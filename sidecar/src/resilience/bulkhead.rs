@@ -1,0 +1,181 @@
+//! `bulkhead`: at most `maxConcurrent` requests in flight to the service from this
+//! sidecar, at most `maxPending` waiting for a slot, each waiting at most `queueTimeout`.
+//! Beyond that the request is rejected at once with 503 `ballast-rejected: bulkhead-full`
+//! (gRPC: RESOURCE_EXHAUSTED), so a slow dependency cannot take every connection of the
+//! caller with it.
+//!
+//! Written here because tower's `ConcurrencyLimit` queues without bound and `LoadShed`
+//! admits no queue at all; the contract wants a bounded queue with a deadline. A slot is
+//! held until the response body ends (or is dropped), not just until its headers, so a
+//! streaming response counts as in flight.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::{Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::Service;
+
+use super::ResponseFuture;
+use crate::body::{Body, BoxError};
+use crate::rejection::{self, Reason};
+use crate::stack::{self, HttpRequest, HttpResponse, HttpService};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BulkheadConfig {
+    pub max_concurrent: usize,
+    pub max_pending: usize,
+    pub queue_timeout: Duration,
+}
+
+struct State {
+    slots: Arc<Semaphore>,
+    pending: AtomicUsize,
+    config: BulkheadConfig,
+}
+
+#[derive(Clone)]
+pub struct Bulkhead {
+    inner: HttpService,
+    state: Arc<State>,
+}
+
+impl Bulkhead {
+    pub fn new(inner: HttpService, config: BulkheadConfig) -> Self {
+        let state = Arc::new(State {
+            slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
+            pending: AtomicUsize::new(0),
+            config,
+        });
+        Self { inner, state }
+    }
+}
+
+/// Leaves the pending count when dropped, however the wait ends.
+struct Pending<'a>(&'a AtomicUsize);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl State {
+    async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        // Join the queue only if it has room.
+        let admitted = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.config.max_pending).then_some(n + 1)
+            })
+            .is_ok();
+        if !admitted {
+            return None;
+        }
+        let _pending = Pending(&self.pending);
+        tokio::time::timeout(self.config.queue_timeout, self.slots.clone().acquire_owned()).await.ok()?.ok()
+    }
+}
+
+impl Service<HttpRequest> for Bulkhead {
+    type Response = HttpResponse;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        let (state, inner) = (self.state.clone(), self.inner.clone());
+        Box::pin(async move {
+            let Some(permit) = state.acquire().await else {
+                let c = state.config;
+                let detail = format!(
+                    "{} requests in flight and {} waiting (maxConcurrent {}, maxPending {}, queueTimeout {:?})",
+                    c.max_concurrent - state.slots.available_permits().min(c.max_concurrent),
+                    state.pending.load(Ordering::Acquire),
+                    c.max_concurrent,
+                    c.max_pending,
+                    c.queue_timeout
+                );
+                return Ok(rejection::response(Reason::BulkheadFull, rejection::is_grpc(&req), &detail));
+            };
+            let rsp = stack::call(inner, req).await?;
+            Ok(rsp.map(|body| crate::body::boxed(HoldPermit { body, _permit: permit })))
+        })
+    }
+}
+
+/// A body that keeps its bulkhead slot until it ends or is dropped.
+struct HoldPermit {
+    body: Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl http_body::Body for HoldPermit {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resilience::tests_support::{ok_after, request};
+
+    fn bulkhead(max_concurrent: usize, max_pending: usize, queue_ms: u64) -> Bulkhead {
+        Bulkhead::new(
+            ok_after(Duration::from_secs(1)),
+            BulkheadConfig { max_concurrent, max_pending, queue_timeout: Duration::from_millis(queue_ms) },
+        )
+    }
+
+    async fn statuses(b: &Bulkhead, n: usize) -> Vec<u16> {
+        let calls = (0..n).map(|_| {
+            let mut b = b.clone();
+            async move {
+                let rsp = b.call(request()).await.unwrap();
+                let status = rsp.status().as_u16();
+                // Reading the body to its end releases the slot.
+                let _ = http_body_util::BodyExt::collect(rsp.into_body()).await;
+                status
+            }
+        });
+        futures_util::future::join_all(calls).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admits_max_concurrent_and_rejects_the_rest_without_a_queue() {
+        let s = statuses(&bulkhead(10, 0, 100), 50).await;
+        assert_eq!(s.iter().filter(|&&c| c == 200).count(), 10);
+        assert_eq!(s.iter().filter(|&&c| c == 503).count(), 40);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queued_requests_wait_up_to_the_queue_timeout() {
+        // 2 slots, 3 may wait 2.5 s: two get a slot at 1 s, the third at 2 s.
+        let s = statuses(&bulkhead(2, 3, 2500), 8).await;
+        assert_eq!(s.iter().filter(|&&c| c == 200).count(), 5, "{s:?}");
+        // A queue timeout shorter than the upstream: the waiters give up.
+        let s = statuses(&bulkhead(2, 3, 500), 8).await;
+        assert_eq!(s.iter().filter(|&&c| c == 200).count(), 2, "{s:?}");
+    }
+}

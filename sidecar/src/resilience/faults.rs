@@ -1,0 +1,97 @@
+//! `faults`: chaos testing from the calling side, as Istio's fault injection. A share of
+//! requests waits `delay.duration` before going on; a share is answered at once with
+//! `abort.status` and `ballast-fault: abort`, never reaching the upstream. The layer sits
+//! inside the request timeout (a delay fault exercises it) and outside retries (an
+//! injected abort is not retried).
+
+use std::task::{Context, Poll};
+
+use ballast_api::policy::Faults as FaultPolicy;
+use http::{HeaderValue, StatusCode};
+use tower::Service;
+
+use super::ResponseFuture;
+use crate::body::BoxError;
+use crate::rejection;
+use crate::stack::{self, HttpRequest, HttpResponse, HttpService};
+
+pub const HEADER_FAULT: &str = "ballast-fault";
+
+#[derive(Clone)]
+pub struct Faults {
+    inner: HttpService,
+    policy: FaultPolicy,
+}
+
+impl Faults {
+    pub fn new(inner: HttpService, policy: FaultPolicy) -> Self {
+        Self { inner, policy }
+    }
+}
+
+fn hit(percent: f64) -> bool {
+    percent > 0.0 && rand::random::<f64>() * 100.0 < percent
+}
+
+impl Service<HttpRequest> for Faults {
+    type Response = HttpResponse;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        if let Some(abort) = self.policy.abort
+            && hit(abort.percent)
+        {
+            let status = StatusCode::from_u16(abort.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            let mut rsp = rejection::error_response(status, "ballast: fault injected by policy (abort)");
+            rsp.headers_mut().insert(HEADER_FAULT, HeaderValue::from_static("abort"));
+            return Box::pin(std::future::ready(Ok(rsp)));
+        }
+        let delay = self.policy.delay.filter(|d| hit(d.percent)).map(|d| d.duration.get());
+        let fut = stack::call(self.inner.clone(), req);
+        match delay {
+            None => fut,
+            Some(d) => Box::pin(async move {
+                tokio::time::sleep(d).await;
+                fut.await
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ballast_api::policy::{AbortFault, DelayFault};
+
+    use super::*;
+    use crate::resilience::tests_support::{ok_after, request};
+
+    #[tokio::test(start_paused = true)]
+    async fn always_and_never() {
+        let abort = FaultPolicy { abort: Some(AbortFault { percent: 100.0, status: 418 }), delay: None };
+        let rsp = Faults::new(ok_after(Duration::ZERO), abort).call(request()).await.unwrap();
+        assert_eq!(rsp.status(), 418);
+        assert_eq!(rsp.headers()[HEADER_FAULT], "abort");
+        let delay = FaultPolicy {
+            abort: Some(AbortFault { percent: 0.0, status: 500 }),
+            delay: Some(DelayFault { percent: 100.0, duration: ballast_api::Duration::from_millis(700) }),
+        };
+        let started = tokio::time::Instant::now();
+        let rsp = Faults::new(ok_after(Duration::ZERO), delay).call(request()).await.unwrap();
+        assert_eq!(rsp.status(), 200);
+        assert_eq!(started.elapsed(), Duration::from_millis(700));
+    }
+
+    #[test]
+    fn percent_is_a_share() {
+        let hits = (0..10_000).filter(|_| hit(30.0)).count();
+        assert!((2_600..3_400).contains(&hits), "{hits}");
+        assert!(!hit(0.0));
+    }
+}

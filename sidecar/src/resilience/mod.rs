@@ -1,0 +1,57 @@
+//! Resilience layers of the per-service stack (DESIGN §2, §4).
+//!
+//! Outermost first, as a request meets them:
+//!
+//! ```text
+//! RecordMetrics    (stack.rs)
+//! RateLimit        429 rate-limited          governor token bucket
+//! Bulkhead         503 bulkhead-full         maxConcurrent, maxPending, queueTimeout
+//! RequestTimeout   504 timeout               timeouts.request, until response headers
+//! Faults           injected delay / abort    chaos testing; inside the timeout so a
+//!                                            delay fault exercises it, outside retries
+//!                                            so injected aborts are not retried
+//! (retry, circuit breaker and outlier-aware balancing come next)
+//! UpstreamErrors → balancer → endpoint pools (stack.rs)
+//! ```
+//!
+//! Each layer wraps the type-erased [`HttpService`] below it rather than a generic `S`:
+//! the stack is assembled at run time from a policy, and rustc cannot prove `Send` for
+//! async blocks over generic tower futures carrying `Box<dyn Error>` (see
+//! [`stack::call`](crate::stack::call)). The price is one boxed future per layer that a
+//! policy turns on; layers a policy leaves off are not in the stack at all.
+
+pub mod bulkhead;
+pub mod faults;
+pub mod rate_limit;
+pub mod timeout;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::body::BoxError;
+use crate::stack::HttpResponse;
+
+pub(crate) type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<HttpResponse, BoxError>> + Send + 'static>>;
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use std::time::Duration;
+
+    use tower::util::BoxCloneSyncService;
+
+    use crate::body;
+    use crate::stack::{HttpRequest, HttpService};
+
+    /// A service answering 200 after `delay` (tokio time, so tests can pause it).
+    pub fn ok_after(delay: Duration) -> HttpService {
+        BoxCloneSyncService::new(tower::service_fn(move |_req: HttpRequest| async move {
+            tokio::time::sleep(delay).await;
+            Ok(http::Response::new(body::full("ok")))
+        }))
+    }
+
+    pub fn request() -> HttpRequest {
+        http::Request::new(body::empty())
+    }
+}

@@ -1,0 +1,92 @@
+//! `rateLimit` (and `inbound.rateLimit`): a token bucket (governor's GCRA) refilled at
+//! `requestsPerSecond`, holding at most `burst` tokens. A request that finds no token is
+//! answered at once with 429 `ballast-rejected: rate-limited` (gRPC: RESOURCE_EXHAUSTED).
+//!
+//! Without `burst`, the bucket holds a tenth of a second's worth (at least one), so a
+//! limit is a limit from the first second and not exceeded by a full second's burst.
+//! `scope: global` splits the limit among the target's live replicas once the control
+//! plane tells each its share; until then every sidecar enforces the whole limit.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tower::Service;
+
+use super::ResponseFuture;
+use crate::body::BoxError;
+use crate::rejection::{self, Reason};
+use crate::stack::{self, HttpRequest, HttpResponse, HttpService};
+
+#[derive(Clone)]
+pub struct RateLimit {
+    inner: HttpService,
+    limiter: Arc<DefaultDirectRateLimiter>,
+    rps: f64,
+}
+
+/// The governor quota for a policy's numbers.
+pub fn quota(requests_per_second: f64, burst: Option<u32>) -> Quota {
+    let rps = requests_per_second.max(1e-3);
+    let default_burst = (rps / 10.0).ceil().max(1.0) as u32;
+    let burst = NonZeroU32::new(burst.unwrap_or(default_burst)).unwrap_or(NonZeroU32::MIN);
+    let period = Duration::from_secs_f64(1.0 / rps).max(Duration::from_nanos(1));
+    // `with_period` only fails on a zero period, excluded above.
+    Quota::with_period(period).unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN)).allow_burst(burst)
+}
+
+impl RateLimit {
+    pub fn new(inner: HttpService, requests_per_second: f64, burst: Option<u32>) -> Self {
+        Self {
+            inner,
+            limiter: Arc::new(RateLimiter::direct(quota(requests_per_second, burst))),
+            rps: requests_per_second,
+        }
+    }
+}
+
+impl Service<HttpRequest> for RateLimit {
+    type Response = HttpResponse;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        if self.limiter.check().is_err() {
+            let rsp = rejection::response(
+                Reason::RateLimited,
+                rejection::is_grpc(&req),
+                &format!("over the limit of {} requests per second", self.rps),
+            );
+            return Box::pin(std::future::ready(Ok(rsp)));
+        }
+        stack::call(self.inner.clone(), req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resilience::tests_support::{ok_after, request};
+
+    #[tokio::test]
+    async fn burst_passes_then_429() {
+        let mut svc = RateLimit::new(ok_after(Duration::ZERO), 1.0, Some(3));
+        let mut codes = Vec::new();
+        for _ in 0..5 {
+            codes.push(svc.call(request()).await.unwrap().status().as_u16());
+        }
+        assert_eq!(codes, [200, 200, 200, 429, 429]);
+    }
+
+    #[test]
+    fn default_burst_is_a_tenth_of_a_second() {
+        assert_eq!(quota(500.0, None).burst_size().get(), 50);
+        assert_eq!(quota(2.0, None).burst_size().get(), 1);
+    }
+}

@@ -273,6 +273,8 @@ struct Seen {
     peer: SocketAddr,
     /// The request line, e.g. `GET /path HTTP/1.1`.
     request_line: String,
+    /// The whole request head (request line and headers), when the handler records it.
+    head: String,
 }
 
 /// An HTTP/1.1 server on a thread that entered a network namespace. Every request gets
@@ -388,7 +390,11 @@ fn serve_one(
     let request_line = head.lines().next().unwrap_or_default().to_owned();
     let path = request_line.split(' ').nth(1).unwrap_or("?");
     let body = format!("{name} {path}\n");
-    seen.lock().unwrap_or_else(|p| p.into_inner()).push(Seen { peer, request_line: request_line.clone() });
+    seen.lock().unwrap_or_else(|p| p.into_inner()).push(Seen {
+        peer,
+        request_line: request_line.clone(),
+        head: head.to_string(),
+    });
     write!(
         stream,
         "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -451,6 +457,12 @@ impl Sidecar {
 
     /// Like [`Sidecar::start`], with `config` (YAML) as its config file.
     fn start_with_config(ns: &Netns, bin: &Path, config: &str) -> Sidecar {
+        Sidecar::start_with_args(ns, bin, config, &[])
+    }
+
+    /// Like [`Sidecar::start_with_config`], with `extra` appended to its command line
+    /// (e.g. `--detect-timeout=2s`).
+    fn start_with_args(ns: &Netns, bin: &Path, config: &str, extra: &[&str]) -> Sidecar {
         // The proxy UID must be able to run the binary and read its config.
         let check = output(&mut ns.exec_as_proxy(bin, ["--version"]));
         assert!(
@@ -479,6 +491,7 @@ impl Sidecar {
                 "--app-addr=127.0.0.1:8080",
                 "--egress-dns=false",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("dup the log file"))
             .stderr(log_file);
@@ -861,7 +874,7 @@ fn echo_one(
         received.extend_from_slice(&buf[..n]);
     }
     let request_line = received.escape_ascii().to_string();
-    seen.lock().unwrap_or_else(|p| p.into_inner()).push(Seen { peer, request_line });
+    seen.lock().unwrap_or_else(|p| p.into_inner()).push(Seen { peer, request_line, head: String::new() });
     Ok(())
 }
 
@@ -1046,4 +1059,394 @@ fn opaque_tcp_to_a_service_virtual_ip_is_forwarded_to_its_endpoints() {
         other => panic!("with the sidecar stopped, a connection to {vip} should be refused, got {other:?}"),
     }
     assert_eq!(seen().len(), CONNECTIONS, "an endpoint was reached without the sidecar");
+}
+
+// ---------------------------------------------------------------------------------------
+// Regressions
+// ---------------------------------------------------------------------------------------
+
+/// The sidecar's outbound port (it listens on 127.0.0.1 only).
+const OUTBOUND_PORT: u16 = 4140;
+
+#[test]
+fn outbound_port_is_not_an_open_proxy_from_the_network() {
+    require_environment();
+    let (bin, _bin_dir) = sidecar_bin();
+    let net = Topology::new();
+    let server = TestServer::start(&net.srv, SocketAddr::from((SRV_IP, SERVER_PORT)), "server");
+    init(&net.app, &bin, &[]);
+    let _sidecar = Sidecar::start(&net.app, &bin);
+
+    // From the server namespace: the app's address at the outbound port, asking for the
+    // server itself. Were it an open proxy, the server would answer 200 through the pod.
+    let url = format!("http://{APP_IP}:{OUTBOUND_PORT}/open-proxy");
+    let mut args = curl_args(&url);
+    args.extend(["-H".to_owned(), format!("Host: {SRV_IP}:{SERVER_PORT}")]);
+    let r = curl(net.srv.exec("curl", &args));
+    assert!(r.exit != 0 || r.status != 200, "{APP_IP}:{OUTBOUND_PORT} proxied a request from outside: {r:?}");
+    assert_eq!(
+        r.exit, CURL_COULDNT_CONNECT,
+        "{APP_IP}:{OUTBOUND_PORT} should be refused from outside (nothing listens there): {r:?}"
+    );
+    assert!(server.seen().is_empty(), "the server was reached through the pod: {:?}", server.seen());
+
+    // Inbound connections to the outbound port are not redirected to the inbound listener
+    // (which would forward them to 127.0.0.1:4140, the outbound proxy), and the exclusion
+    // comes before the redirect.
+    let skip = format!("-A BALLAST_INBOUND -p tcp -m tcp --dport {OUTBOUND_PORT} -j RETURN");
+    let table = net.app.nat_table();
+    let lines: Vec<&str> = table.lines().collect();
+    let skip_at = lines.iter().position(|l| *l == skip);
+    let redirect_at =
+        lines.iter().position(|l| *l == "-A BALLAST_INBOUND -p tcp -j REDIRECT --to-ports 4143");
+    assert!(
+        matches!((skip_at, redirect_at), (Some(s), Some(r)) if s < r),
+        "`{skip}` should be installed before the inbound redirect:\n{table}"
+    );
+
+    // Second line of defence: without the exclusion (rules from an older init), the
+    // connection reaches the inbound listener, which refuses to forward to the sidecar's
+    // own outbound listener: 508 Loop Detected, and the server still sees nothing.
+    ok(&mut net.app.exec(
+        "iptables",
+        ["-t", "nat", "-D", "BALLAST_INBOUND", "-p", "tcp", "-m", "tcp", "--dport", "4140", "-j", "RETURN"],
+    ));
+    let table = net.app.nat_table();
+    assert!(!table.contains("--dport 4140 -j RETURN"), "the exclusion was not removed:\n{table}");
+    let r = curl(net.srv.exec("curl", &args));
+    assert!(r.exit != 0 || r.status != 200, "{APP_IP}:{OUTBOUND_PORT} proxied a request from outside: {r:?}");
+    assert_eq!(
+        (r.exit, r.status),
+        (0, 508),
+        "the inbound listener should refuse to forward to its own outbound listener: {r:?}"
+    );
+    assert!(server.seen().is_empty(), "the server was reached through the pod: {:?}", server.seen());
+
+    // The redirected connection was the inbound listener's; the outbound proxy saw nothing.
+    let inbound = [("direction", "inbound")];
+    let text = wait_metric(&net.app, "ballast_tcp_connections_total", &inbound, 1.0);
+    assert_eq!(metric(&text, "ballast_tcp_connections_total", &inbound), 1.0, "{text}");
+    assert_eq!(
+        metric(&text, "ballast_tcp_connections_total", &[("direction", "outbound")]),
+        0.0,
+        "a connection from outside reached the outbound proxy:\n{text}"
+    );
+    assert_eq!(
+        metric(&text, "ballast_requests_total", &[("direction", "outbound")]),
+        0.0,
+        "a request from outside went out through the outbound proxy:\n{text}"
+    );
+}
+
+/// The app's own forward proxy, in the server namespace (not a mesh service).
+const OWN_PROXY_PORT: u16 = 3128;
+
+/// A forward proxy that records each request head. A `CONNECT` gets `200 Connection
+/// established` and then an echo of the tunnelled bytes until the client half-closes; any
+/// other request gets `200 OK` with body `<name> <request target>\n`.
+fn own_proxy_one(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    name: &str,
+    seen: &Mutex<Vec<Seen>>,
+) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Bounded: each read waits at most 5 s, and at most 64 KiB are accepted.
+    let end = loop {
+        if let Some(i) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 || received.len() > 64 * 1024 {
+            return Ok(()); // closed (or not HTTP) before a full request head
+        }
+        received.extend_from_slice(&buf[..n]);
+    };
+    let tunnelled = received.split_off(end);
+    let head = String::from_utf8_lossy(&received).into_owned();
+    let request_line = head.lines().next().unwrap_or_default().to_owned();
+    seen.lock().unwrap_or_else(|p| p.into_inner()).push(Seen {
+        peer,
+        request_line: request_line.clone(),
+        head,
+    });
+    if request_line.starts_with("CONNECT ") {
+        stream.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?;
+        stream.write_all(&tunnelled)?;
+        let mut total = tunnelled.len();
+        while total <= 64 * 1024 {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            stream.write_all(&buf[..n])?;
+            total += n;
+        }
+        return Ok(());
+    }
+    let target = request_line.split(' ').nth(1).unwrap_or("?");
+    let body = format!("{name} {target}\n");
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+/// `user:pass`, as curl's `-U user:pass` sends it.
+const PROXY_CREDENTIALS: &str = "Basic dXNlcjpwYXNz";
+/// A raw `CONNECT` for the app's own proxy.
+const CONNECT_REQUEST: &[u8] =
+    b"CONNECT example.test:80 HTTP/1.1\r\nHost: example.test:80\r\nProxy-Authorization: Basic dXNlcjpwYXNz\r\n\r\n";
+/// Bytes sent through the app's own tunnel.
+const TUNNELLED: &[u8] = b"through the app's own tunnel\n";
+
+/// Whether a request head has a header `name: value` (name in any case).
+fn has_header(head: &str, name: &str, value: &str) -> bool {
+    head.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .any(|(n, v)| n.trim().eq_ignore_ascii_case(name) && v.trim() == value)
+}
+
+#[test]
+fn an_apps_own_http_proxy_is_passed_through_untouched() {
+    require_environment();
+    let (bin, _bin_dir) = sidecar_bin();
+    let net = Topology::new();
+    let proxy_addr = SocketAddr::from((SRV_IP, OWN_PROXY_PORT));
+    let proxy = TestServer::start_with(&net.srv, proxy_addr, "own-proxy", own_proxy_one);
+    init(&net.app, &bin, &[]);
+    let _sidecar = Sidecar::start(&net.app, &bin);
+
+    // (a) An absolute-form request with proxy credentials, from an unmodified curl told to
+    // use the proxy (`--noproxy ""` overrides any no_proxy in the environment). curl never
+    // resolves example.test: it sends the URL to the proxy.
+    let proxy_url = format!("http://{proxy_addr}");
+    let args = [
+        "-sS",
+        "-m",
+        "5",
+        "--noproxy",
+        "",
+        "-x",
+        &proxy_url,
+        "-U",
+        "user:pass",
+        "-w",
+        &format!("{STATUS_MARKER}%{{http_code}}"),
+        "http://example.test/path",
+    ];
+    let r = curl(net.app.exec("curl", args));
+    assert_eq!((r.exit, r.status), (0, 200), "curl through the app's own proxy failed: {r:?}");
+    let seen = proxy.seen();
+    assert_eq!(seen.len(), 1, "the proxy should have seen exactly one request: {seen:?}");
+    assert_eq!(
+        seen[0].request_line, "GET http://example.test/path HTTP/1.1",
+        "the proxy should get the absolute-form request line unchanged: {seen:?}"
+    );
+    assert!(
+        has_header(&seen[0].head, "Proxy-Authorization", PROXY_CREDENTIALS),
+        "the proxy should get Proxy-Authorization: {PROXY_CREDENTIALS}; it got:\n{}",
+        seen[0].head
+    );
+    assert_eq!(seen[0].peer.ip(), APP_IP, "the request should come from the app namespace");
+    assert_eq!(r.body, "own-proxy http://example.test/path\n", "{r:?}");
+
+    // (b) A CONNECT from a plain socket: the proxy gets it and tunnels, the sidecar does not
+    // tunnel it itself.
+    let (response, echoed, rest) = in_netns(&net.app, move || -> std::io::Result<_> {
+        let mut s = TcpStream::connect_timeout(&proxy_addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.set_write_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(CONNECT_REQUEST)?;
+        // The response head, a byte at a time so that nothing after it is consumed.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+            if s.read(&mut byte)? == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        if !head.starts_with("HTTP/1.1 200 ") {
+            return Ok((head, Vec::new(), Vec::new()));
+        }
+        s.write_all(TUNNELLED)?;
+        let mut echoed = vec![0u8; TUNNELLED.len()];
+        s.read_exact(&mut echoed)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)?;
+        Ok((head, echoed, rest))
+    })
+    .unwrap_or_else(|e| panic!("CONNECT through the app's own proxy failed: {e}"));
+    assert_eq!(
+        response, "HTTP/1.1 200 Connection established\r\n\r\n",
+        "the CONNECT should be answered by the app's own proxy"
+    );
+    assert_eq!(echoed, TUNNELLED, "the tunnelled bytes should come back through the proxy's tunnel");
+    assert!(rest.is_empty(), "unexpected bytes after the echo: {rest:?}");
+    let seen = proxy.seen();
+    assert_eq!(seen.len(), 2, "the proxy should have seen the CONNECT: {seen:?}");
+    assert_eq!(seen[1].request_line, "CONNECT example.test:80 HTTP/1.1", "{seen:?}");
+    assert!(
+        has_header(&seen[1].head, "Proxy-Authorization", PROXY_CREDENTIALS),
+        "the CONNECT should keep its Proxy-Authorization; the proxy got:\n{}",
+        seen[1].head
+    );
+    assert_eq!(seen[1].peer.ip(), APP_IP);
+
+    // Both went through the sidecar as outbound HTTP/1 connections, passed through as
+    // bytes: no HTTP request of the sidecar's own.
+    let http1 = [("direction", "outbound"), ("protocol", "http1")];
+    let text = wait_metric(&net.app, "ballast_tcp_connections_total", &http1, 2.0);
+    assert_eq!(
+        metric(&text, "ballast_tcp_connections_total", &http1),
+        2.0,
+        "the sidecar should have accepted both connections as outbound http1:\n{text}"
+    );
+    assert_eq!(metric(&text, "ballast_tcp_connections_total", &[("direction", "outbound")]), 2.0, "{text}");
+    let tunnelled = [("direction", "outbound")];
+    let text = wait_metric(&net.app, "ballast_tcp_write_bytes_total", &tunnelled, TUNNELLED.len() as f64);
+    assert!(
+        metric(&text, "ballast_tcp_read_bytes_total", &tunnelled)
+            >= (CONNECT_REQUEST.len() + TUNNELLED.len()) as f64,
+        "the connections should have been passed through as bytes:\n{text}"
+    );
+    assert_eq!(
+        metric(&text, "ballast_requests_total", &[("direction", "outbound")]),
+        0.0,
+        "the sidecar should not have handled the proxy's requests as its own:\n{text}"
+    );
+}
+
+/// A database-like service: a declared `tcp` port whose server speaks first.
+const DB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const DB_PORT: u16 = 3306;
+const BANNER: &[u8] = b"5.7.0-mysql-banner\n";
+/// The detect timeout the sidecar runs with in the test below, and the bound within which
+/// a declared-`tcp` banner must arrive (the old behaviour waited the full timeout).
+const DETECT_TIMEOUT: Duration = Duration::from_secs(2);
+const BANNER_BOUND: Duration = Duration::from_secs(1);
+
+/// A `Service` named `db` in namespace `default`: [`DB_VIP`]:[`DB_PORT`] declared `tcp`,
+/// with the server namespace's [`DB_PORT`] as its endpoint.
+fn db_service_yaml() -> String {
+    format!(
+        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: db, namespace: default}}\n\
+         spec:\n  ports: [{{port: {DB_PORT}, protocol: tcp}}]\n  addresses: [{DB_VIP}]\n  \
+         endpoints: [{{address: \"{SRV_IP}:{DB_PORT}\"}}]\n"
+    )
+}
+
+/// Sends [`BANNER`] as soon as it accepts, then reads until the client half-closes and
+/// closes. Records the bytes it received (escaped) as its "request line".
+fn banner_one(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    _name: &str,
+    seen: &Mutex<Vec<Seen>>,
+) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(BANNER)?;
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Bounded: each read waits at most 10 s, and at most 64 KiB are accepted.
+    while received.len() <= 64 * 1024 {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&buf[..n]);
+    }
+    let request_line = received.escape_ascii().to_string();
+    seen.lock().unwrap_or_else(|p| p.into_inner()).push(Seen { peer, request_line, head: String::new() });
+    Ok(())
+}
+
+/// From inside `ns`: connects to `dst` and, sending nothing, reads [`BANNER`]'s length of
+/// bytes; then half-closes and reads until the peer closes. Returns (time from connect to
+/// the banner, the banner, trailing bytes).
+fn read_banner(ns: &Netns, dst: SocketAddr) -> std::io::Result<(Duration, Vec<u8>, Vec<u8>)> {
+    in_netns(ns, move || {
+        let start = Instant::now();
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.set_write_timeout(Some(Duration::from_secs(5)))?;
+        let mut banner = vec![0u8; BANNER.len()];
+        s.read_exact(&mut banner)?;
+        let elapsed = start.elapsed();
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)?;
+        Ok((elapsed, banner, rest))
+    })
+}
+
+#[test]
+fn declared_tcp_ports_skip_protocol_detection() {
+    require_environment();
+    let (bin, _bin_dir) = sidecar_bin();
+    let net = Topology::new();
+    route_service_range(&net);
+    let server = TestServer::start_with(&net.srv, SocketAddr::from((SRV_IP, DB_PORT)), "db", banner_one);
+    init(&net.app, &bin, &[]);
+    let timeout = format!("--detect-timeout={}ms", DETECT_TIMEOUT.as_millis());
+    let _sidecar = Sidecar::start_with_args(&net.app, &bin, &db_service_yaml(), &[&timeout]);
+
+    // The client sends nothing and waits for the server's banner: on a port declared `tcp`
+    // the sidecar connects upstream at once instead of waiting for client bytes to detect.
+    const CONNECTIONS: usize = 3;
+    let vip = SocketAddr::from((DB_VIP, DB_PORT));
+    for i in 0..CONNECTIONS {
+        let (elapsed, banner, rest) =
+            read_banner(&net.app, vip).unwrap_or_else(|e| panic!("connection {i} to {vip} failed: {e}"));
+        assert_eq!(banner, BANNER, "connection {i}: the server's banner should come back unchanged");
+        assert!(rest.is_empty(), "connection {i}: unexpected bytes after the banner: {rest:?}");
+        assert!(
+            elapsed < BANNER_BOUND,
+            "connection {i}: the banner took {elapsed:?} (bound {BANNER_BOUND:?}, detect timeout \
+             {DETECT_TIMEOUT:?}): the sidecar waited to detect a protocol on a port declared tcp"
+        );
+    }
+    let seen = server.seen();
+    assert_eq!(seen.len(), CONNECTIONS, "the server should have seen every connection: {seen:?}");
+    assert!(seen.iter().all(|s| s.peer.ip() == APP_IP && s.request_line.is_empty()), "{seen:?}");
+
+    let outbound = [("direction", "outbound")];
+    let opaque = [("direction", "outbound"), ("protocol", "opaque")];
+    let n = CONNECTIONS as f64;
+    let text = wait_metric(&net.app, "ballast_tcp_connections_total", &opaque, n);
+    assert_eq!(metric(&text, "ballast_tcp_connections_total", &opaque), n, "{text}");
+    assert_eq!(
+        metric(&text, "ballast_protocol_detect_timeouts_total", &outbound),
+        0.0,
+        "a connection to a port declared tcp waited for protocol detection:\n{text}"
+    );
+
+    // The control: the same server addressed directly is no declared port, so the sidecar
+    // waits the detect timeout for client bytes first. This shows the timeout is in effect
+    // and that the bound above tells the two behaviours apart.
+    let direct = SocketAddr::from((SRV_IP, DB_PORT));
+    let (elapsed, banner, _) =
+        read_banner(&net.app, direct).unwrap_or_else(|e| panic!("connection to {direct} failed: {e}"));
+    assert_eq!(banner, BANNER);
+    assert!(
+        elapsed >= DETECT_TIMEOUT.mul_f64(0.75) && elapsed >= BANNER_BOUND,
+        "an undeclared server-speaks-first port should wait about the detect timeout \
+         ({DETECT_TIMEOUT:?}), took {elapsed:?}"
+    );
+    let text = wait_metric(&net.app, "ballast_protocol_detect_timeouts_total", &outbound, 1.0);
+    assert_eq!(metric(&text, "ballast_protocol_detect_timeouts_total", &outbound), 1.0, "{text}");
+    assert_eq!(metric(&text, "ballast_tcp_connections_total", &opaque), n + 1.0, "{text}");
+    assert_eq!(server.seen().len(), CONNECTIONS + 1);
 }

@@ -193,3 +193,53 @@ fn policy_change_applies_and_a_bad_policy_keeps_the_old_one() {
     assert_eq!(code(&sc), "418", "the running policy stays");
     assert!(sc.log().contains("spec.faults.abort.status"));
 }
+
+/// `inbound` limits act in the sidecar of the target's own pod, on traffic to its app:
+/// the rate limit and the concurrency limit are one per pod.
+#[test]
+fn inbound_rate_and_concurrency_limits_protect_the_app() {
+    let app = Upstream::start_with_delay("app", Duration::from_millis(600));
+    let policy = "apiVersion: ballast.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {name: web-inbound}\nspec:\n  targetRef: {service: web}\n  inbound:\n    rateLimit: {requestsPerSecond: 0.2, burst: 8}\n    maxConcurrent: 3\n";
+    let sc = Sidecar::start(policy, &["--service", "web", "--app-addr", &app.addr.to_string()]);
+    let inbound = format!("http://{}/name", sc.inbound);
+    // 6 at once: 3 slots, the other 3 rejected at once with bulkhead-full.
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..6)
+        .map(|_| {
+            let (url, results) = (inbound.clone(), results.clone());
+            std::thread::spawn(move || {
+                let out = run(curl().args(["-i", &url]));
+                results.lock().unwrap().push(stdout(&out));
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let r = results.lock().unwrap().clone();
+    assert_eq!(r.iter().filter(|t| t.starts_with("HTTP/1.1 200")).count(), 3, "{r:?}");
+    assert_eq!(r.iter().filter(|t| t.contains("ballast-rejected: bulkhead-full")).count(), 3, "{r:?}");
+    // The bucket (8, refilling every 5 s) had 6 tokens taken; after 2 more, 429s follow.
+    let codes: Vec<String> = (0..4)
+        .map(|_| stdout(&run(curl().args(["-o", "/dev/null", "-w", "%{http_code}", &inbound]))))
+        .collect();
+    assert_eq!(codes[..2], ["200", "200"], "{codes:?}");
+    assert!(codes[2..].iter().all(|c| c == "429"), "{codes:?}");
+    let m = sc.metrics();
+    assert_eq!(
+        metric_value(
+            &m,
+            r#"ballast_rejections_total{direction="inbound",reason="bulkhead-full",service="web"}"#
+        ),
+        3.0,
+        "{m}"
+    );
+    assert!(
+        metric_value(
+            &m,
+            r#"ballast_rejections_total{direction="inbound",reason="rate-limited",service="web"}"#
+        ) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(app.requests(), 5);
+}

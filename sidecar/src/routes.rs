@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use ballast_api::service::{EndpointAddr, Protocol};
 use ballast_api::{Config, ResiliencePolicy, Service};
 
+use crate::resilience::inbound::InboundLimits;
 use crate::stack::{HttpService, StackContext};
 
 /// One configured service, ready to take requests.
@@ -146,6 +147,9 @@ pub struct Snapshot {
     by_name: HashMap<(String, String), Arc<ServiceEntry>>,
     by_addr: HashMap<SocketAddr, Arc<ServiceEntry>>,
     by_ip: HashMap<IpAddr, Arc<ServiceEntry>>,
+    /// The `inbound` limits of the policy targeting this pod's own service, and the
+    /// inbound stacks built within them, per app address.
+    inbound: Option<(Arc<InboundLimits>, Mutex<HashMap<SocketAddr, HttpService>>)>,
 }
 
 impl Snapshot {
@@ -157,17 +161,52 @@ impl Snapshot {
             by_name: HashMap::new(),
             by_addr: HashMap::new(),
             by_ip: HashMap::new(),
+            inbound: None,
         }
     }
 
+    /// The inbound stack to the app at `addr` when a policy sets `inbound` limits for this
+    /// pod's service; `None` means no limits apply.
+    pub fn inbound_stack(
+        &self,
+        ctx: &StackContext,
+        label: &Arc<str>,
+        addr: SocketAddr,
+    ) -> Option<HttpService> {
+        let (limits, stacks) = self.inbound.as_ref()?;
+        let mut stacks = stacks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = stacks.get(&addr) {
+            return Some(s.clone());
+        }
+        let stack = ctx.inbound_stack(label, addr, limits);
+        if stacks.len() < MAX_PORT_STACKS {
+            stacks.insert(addr, stack.clone());
+        }
+        Some(stack)
+    }
+
     /// Builds the route table for `config`, reusing unchanged entries of `previous`.
+    /// `own_service` is this pod's service (`--service`), whose policy's `inbound` section
+    /// applies here.
     pub fn build(
         config: Config,
         ctx: &Arc<StackContext>,
         namespace: &str,
+        own_service: Option<&str>,
         previous: Option<&Snapshot>,
     ) -> Self {
         let mut snap = Snapshot { version: config.version, ..Snapshot::empty(namespace) };
+        let inbound_policy =
+            own_service.and_then(|s| config.policy_for(namespace, s)).and_then(|p| p.spec.inbound.as_ref());
+        snap.inbound = inbound_policy.map(|policy| {
+            // Unchanged limits keep their state (bucket, slots) across snapshots.
+            let limits = previous
+                .and_then(|p| p.inbound.as_ref())
+                .filter(|(l, _)| &l.policy == policy)
+                .map(|(l, _)| l.clone())
+                .unwrap_or_else(|| InboundLimits::new(policy));
+            (limits, Mutex::new(HashMap::new()))
+        });
         for svc in config.services.values() {
             let ns = svc.metadata.namespace_or_default().to_owned();
             let name = svc.metadata.name.clone();
@@ -264,15 +303,17 @@ pub struct ConfigStore {
     current: ArcSwap<Snapshot>,
     ready: AtomicBool,
     namespace: String,
+    own_service: Option<String>,
     ctx: Arc<StackContext>,
 }
 
 impl ConfigStore {
-    pub fn new(ctx: Arc<StackContext>, namespace: &str) -> Arc<Self> {
+    pub fn new(ctx: Arc<StackContext>, namespace: &str, own_service: Option<&str>) -> Arc<Self> {
         Arc::new(Self {
             current: ArcSwap::from_pointee(Snapshot::empty(namespace)),
             ready: AtomicBool::new(false),
             namespace: namespace.to_owned(),
+            own_service: own_service.map(str::to_owned),
             ctx,
         })
     }
@@ -297,7 +338,8 @@ impl ConfigStore {
     pub fn apply(&self, config: Config) {
         let prev = self.current.load_full();
         let version = config.version;
-        let snap = Snapshot::build(config, &self.ctx, &self.namespace, Some(&prev));
+        let snap =
+            Snapshot::build(config, &self.ctx, &self.namespace, self.own_service.as_deref(), Some(&prev));
         self.current.store(Arc::new(snap));
         self.ctx.metrics.config_version.set(version as i64);
         self.ready.store(true, Ordering::Release);
@@ -327,7 +369,7 @@ mod tests {
             crate::client::Clients::new(std::time::Duration::from_secs(1)),
             Default::default(),
         );
-        let snap = Snapshot::build(cfg.clone(), &ctx, "shop", None);
+        let snap = Snapshot::build(cfg.clone(), &ctx, "shop", None, None);
         for host in [
             "web",
             "web:80",
@@ -349,10 +391,10 @@ mod tests {
         assert_eq!(e.tcp_endpoint(8080), Some("127.0.0.1:8080".parse().unwrap()));
         assert_eq!(&*e.label, "web.shop");
         // An unchanged service keeps its entry (and so its stacks) across snapshots.
-        let again = Snapshot::build(cfg, &ctx, "shop", Some(&snap));
+        let again = Snapshot::build(cfg, &ctx, "shop", None, Some(&snap));
         assert!(Arc::ptr_eq(snap.by_authority("web").unwrap(), again.by_authority("web").unwrap()));
         // Another namespace's short name does not resolve.
-        let other_ns = Snapshot::build(again.config.as_ref().clone(), &ctx, "default", None);
+        let other_ns = Snapshot::build(again.config.as_ref().clone(), &ctx, "default", None, None);
         assert!(other_ns.by_authority("web").is_none());
     }
 }

@@ -59,7 +59,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     }
     let metrics = Metrics::new();
     let ctx = StackContext::new(Clients::new(opts.connect_timeout), metrics.clone());
-    let store = ConfigStore::new(ctx.clone(), &opts.namespace);
+    let store = ConfigStore::new(ctx.clone(), &opts.namespace, opts.service.as_deref());
     let source: Arc<str> = match &opts.config {
         Some(path) => {
             store.apply(Config::load(path)?);

@@ -145,6 +145,23 @@ impl StackContext {
     }
 }
 
+impl StackContext {
+    /// The inbound forward to the app at `addr` within the pod's `inbound` limits.
+    pub fn inbound_stack(
+        &self,
+        label: &Arc<str>,
+        addr: SocketAddr,
+        limits: &crate::resilience::inbound::InboundLimits,
+    ) -> HttpService {
+        let client = ServiceBuilder::new()
+            .map_response(|r: Response<hyper::body::Incoming>| r.map(body::boxed))
+            .map_err(BoxError::from)
+            .service(self.clients.get(addr));
+        let inner = limits.wrap(BoxCloneSyncService::new(UpstreamErrors::new(client)));
+        BoxCloneSyncService::new(RecordMetrics::new(&self.metrics, Direction::Inbound, label.clone(), inner))
+    }
+}
+
 /// Default `bulkhead.maxConcurrent` when the section omits it (Envoy's `max_requests`).
 pub const DEFAULT_MAX_CONCURRENT: u32 = 1024;
 

@@ -127,7 +127,9 @@ async fn inbound(
             ),
         ));
     }
-    let stack = shared.ctx.endpoint_stack(Direction::Inbound, &shared.settings.inbound_label, target);
+    let label = &shared.settings.inbound_label;
+    let limited = { shared.store.load().inbound_stack(&shared.ctx, label, target) };
+    let stack = limited.unwrap_or_else(|| shared.ctx.endpoint_stack(Direction::Inbound, label, target));
     let authority = request_authority(&req);
     forward(shared, conn.direction, stack, req, authority, target, None).await
 }

@@ -31,10 +31,22 @@ pub struct BulkheadConfig {
     pub queue_timeout: Duration,
 }
 
-struct State {
+/// The slots and queue of one bulkhead; shared by every stack it guards (the inbound
+/// side of a pod has one for all of its connections).
+pub struct State {
     slots: Arc<Semaphore>,
     pending: AtomicUsize,
     config: BulkheadConfig,
+}
+
+impl State {
+    pub fn new(config: BulkheadConfig) -> Arc<Self> {
+        Arc::new(State {
+            slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
+            pending: AtomicUsize::new(0),
+            config,
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -45,11 +57,11 @@ pub struct Bulkhead {
 
 impl Bulkhead {
     pub fn new(inner: HttpService, config: BulkheadConfig) -> Self {
-        let state = Arc::new(State {
-            slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
-            pending: AtomicUsize::new(0),
-            config,
-        });
+        Self { inner, state: State::new(config) }
+    }
+
+    /// A bulkhead over `inner` that shares `state` with others.
+    pub fn with_state(inner: HttpService, state: Arc<State>) -> Self {
         Self { inner, state }
     }
 }

@@ -22,6 +22,7 @@
 
 pub mod bulkhead;
 pub mod faults;
+pub mod inbound;
 pub mod rate_limit;
 pub mod timeout;
 

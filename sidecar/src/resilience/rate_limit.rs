@@ -38,6 +38,15 @@ pub fn quota(requests_per_second: f64, burst: Option<u32>) -> Quota {
 }
 
 impl RateLimit {
+    /// A limiter over `inner` that shares its bucket with others.
+    pub fn with_limiter(
+        inner: HttpService,
+        limiter: Arc<DefaultDirectRateLimiter>,
+        requests_per_second: f64,
+    ) -> Self {
+        Self { inner, limiter, rps: requests_per_second }
+    }
+
     pub fn new(inner: HttpService, requests_per_second: f64, burst: Option<u32>) -> Self {
         Self {
             inner,

@@ -139,6 +139,9 @@ impl ServiceEntry {
     }
 }
 
+/// Inbound stacks within a pod's limits, per app address.
+type InboundStacks = Mutex<HashMap<SocketAddr, HttpService>>;
+
 /// Everything a request needs to find its destination.
 pub struct Snapshot {
     pub version: u64,
@@ -149,7 +152,7 @@ pub struct Snapshot {
     by_ip: HashMap<IpAddr, Arc<ServiceEntry>>,
     /// The `inbound` limits of the policy targeting this pod's own service, and the
     /// inbound stacks built within them, per app address.
-    inbound: Option<(Arc<InboundLimits>, Mutex<HashMap<SocketAddr, HttpService>>)>,
+    inbound: Option<(Arc<InboundLimits>, InboundStacks)>,
 }
 
 impl Snapshot {

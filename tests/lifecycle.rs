@@ -100,21 +100,15 @@ fn config_reload_applies_good_files_and_keeps_the_old_one_on_bad_ones() {
     write(
         "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec:\n  endpoints: [{address: \"not an address\"}]\n",
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sc.metric(r#"ballast_config_rejected_total{source="file"}"#) < 1.0 {
-        assert!(Instant::now() < deadline, "bad config never noticed: {}", sc.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the bad config is rejected", || {
+        sc.metric(r#"ballast_config_rejected_total{source="file"}"#) >= 1.0
+    });
     assert_eq!(get(), "a");
     assert_eq!(sc.metric("ballast_config_version"), 1.0);
     assert!(sc.log().contains("spec.endpoints[0].address"), "the log names the field");
     // A good file is applied, without a restart.
     write(&svc("web", &b));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sc.metric("ballast_config_version") < 2.0 {
-        assert!(Instant::now() < deadline, "good config never applied: {}", sc.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the good config is applied", || sc.metric("ballast_config_version") >= 2.0);
     assert_eq!(get(), "b");
 }
 
@@ -141,11 +135,7 @@ fn sigterm_drains_in_flight_requests_without_failures() {
         }));
     }
     // Wait until all 20 requests reached the upstream, then ask the sidecar to stop.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while up.requests() < 20 {
-        assert!(Instant::now() < deadline, "requests never arrived");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("all 20 requests reach the upstream", || up.requests() >= 20);
     sc.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(200));
     let refused = std::net::TcpStream::connect(sc.outbound);
@@ -166,11 +156,7 @@ fn drain_deadline_bounds_the_wait() {
     let mut sc = Sidecar::start(&svc("web", &up), &["--drain-deadline", "300ms"]);
     let url = sc.proxy_url();
     let t = std::thread::spawn(move || run(curl().args(["-x", &url, "http://web/slow/5000"])));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while up.requests() < 1 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the request reaches the upstream", || up.requests() >= 1);
     let started = Instant::now();
     sc.signal(libc::SIGTERM);
     assert_eq!(sc.wait_exit(Duration::from_secs(10)), Some(0));

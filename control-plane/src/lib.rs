@@ -6,5 +6,3 @@
 //! until then the demo runs the sidecar on a static configuration.
 
 pub mod demo;
-
-pub use ballast_api::Config;

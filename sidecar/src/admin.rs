@@ -22,6 +22,7 @@ const MAX_ADMIN_CONNECTIONS: usize = 64;
 use crate::body::{self, Body};
 use crate::drain::Shutdown;
 use crate::metrics::Metrics;
+use crate::rejection::text_response;
 use crate::routes::ConfigStore;
 
 #[derive(Clone)]
@@ -85,31 +86,23 @@ pub fn spawn(listener: std::net::TcpListener, admin: Admin) -> std::io::Result<s
     })
 }
 
-fn text(status: StatusCode, s: impl Into<String>) -> Response<Body> {
-    let mut s = s.into();
-    s.push('\n');
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(body::full(s))
-        .unwrap_or_else(|_| Response::new(body::empty()))
-}
-
 impl Admin {
     fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => Response::builder()
                 .header(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)
                 .body(body::full(self.metrics.encode()))
-                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics")),
-            (&Method::GET, "/live") => text(StatusCode::OK, "live"),
+                .unwrap_or_else(|_| {
+                    text_response(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics")
+                }),
+            (&Method::GET, "/live") => text_response(StatusCode::OK, "live"),
             (&Method::GET, "/ready") => {
                 if self.shutdown.is_draining() {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "draining")
+                    text_response(StatusCode::SERVICE_UNAVAILABLE, "draining")
                 } else if self.store.is_ready() {
-                    text(StatusCode::OK, "ready")
+                    text_response(StatusCode::OK, "ready")
                 } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "no configuration applied yet")
+                    text_response(StatusCode::SERVICE_UNAVAILABLE, "no configuration applied yet")
                 }
             }
             (&Method::GET, "/config") => {
@@ -125,24 +118,29 @@ impl Admin {
                     Ok(json) => Response::builder()
                         .header(header::CONTENT_TYPE, "application/json")
                         .body(body::full(json))
-                        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode config")),
-                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode config: {e}")),
+                        .unwrap_or_else(|_| {
+                            text_response(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode config")
+                        }),
+                    Err(e) => {
+                        text_response(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode config: {e}"))
+                    }
                 }
             }
             (&Method::POST, "/shutdown") => {
                 if !peer.ip().is_loopback() {
-                    return text(StatusCode::FORBIDDEN, "shutdown is only accepted from loopback");
+                    return text_response(StatusCode::FORBIDDEN, "shutdown is only accepted from loopback");
                 }
                 tracing::info!("shutdown requested through the admin API");
                 self.shutdown.start();
-                text(StatusCode::OK, "draining")
+                text_response(StatusCode::OK, "draining")
             }
             (_, "/metrics" | "/live" | "/ready" | "/config" | "/shutdown") => {
-                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+                text_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
             }
-            _ => {
-                text(StatusCode::NOT_FOUND, "not found: try /metrics, /live, /ready, /config, POST /shutdown")
-            }
+            _ => text_response(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics, /live, /ready, /config, POST /shutdown",
+            ),
         }
     }
 }

@@ -70,7 +70,6 @@ impl tower::Service<http::Uri> for FixedConnector {
 /// the request's version says.
 #[derive(Clone)]
 pub struct EndpointClient {
-    addr: SocketAddr,
     h1: Client<FixedConnector, Body>,
     h2: Client<FixedConnector, Body>,
 }
@@ -90,11 +89,7 @@ impl EndpointClient {
             .timer(TokioTimer::new())
             .http2_keep_alive_interval(Duration::from_secs(30))
             .build(connector);
-        Self { addr, h1, h2 }
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+        Self { h1, h2 }
     }
 }
 

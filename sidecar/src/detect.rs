@@ -179,9 +179,6 @@ impl<T> PrefixedIo<T> {
     pub fn prefix(&self) -> &[u8] {
         &self.prefix
     }
-    pub fn get_ref(&self) -> &T {
-        &self.io
-    }
 }
 
 impl<T: AsyncRead> AsyncRead for PrefixedIo<T> {

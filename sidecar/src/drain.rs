@@ -4,95 +4,61 @@
 //! refused), HTTP/1 connections finish their current request and close, HTTP/2 ones send
 //! GOAWAY and finish their streams. Opaque TCP connections cannot be told to finish, so
 //! they run until they end or the deadline passes.
+//!
+//! Built on tokio-util: a `CancellationToken` is the signal, a `TaskTracker` counts the
+//! connections (and tunnels) still running.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Shutdown {
-    signal: watch::Sender<bool>,
-    active: Arc<Active>,
+    signal: CancellationToken,
+    active: TaskTracker,
 }
 
-struct Active {
-    count: AtomicUsize,
-    idle: Notify,
-}
-
-/// Held by each connection task; the drain waits for all of them.
-pub struct Tracked {
-    active: Arc<Active>,
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        if self.active.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.active.idle.notify_waiters();
-        }
-    }
-}
+/// Held by each connection task (and each tunnel that outlives its request); the drain
+/// waits for all of them.
+pub type Tracked = TaskTrackerToken;
 
 impl Shutdown {
     pub fn new() -> Self {
-        Self {
-            signal: watch::Sender::new(false),
-            active: Arc::new(Active { count: AtomicUsize::new(0), idle: Notify::new() }),
-        }
+        Self::default()
     }
 
     /// Starts the drain. Idempotent.
     pub fn start(&self) {
-        self.signal.send_replace(true);
+        self.signal.cancel();
     }
 
     pub fn is_draining(&self) -> bool {
-        *self.signal.borrow()
+        self.signal.is_cancelled()
     }
 
     /// Resolves once the drain has started.
     pub fn signaled(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.signal.subscribe();
-        async move {
-            // An error means the sender is gone, which only happens at exit.
-            let _ = rx.wait_for(|draining| *draining).await;
-        }
+        self.signal.clone().cancelled_owned()
     }
 
     pub fn track(&self) -> Tracked {
-        self.active.count.fetch_add(1, Ordering::AcqRel);
-        Tracked { active: self.active.clone() }
+        self.active.token()
     }
 
     pub fn active(&self) -> usize {
-        self.active.count.load(Ordering::Acquire)
+        self.active.len()
     }
 
     /// Waits until no tracked connection is left, or `deadline` passes. Returns how many
     /// were still open.
     pub async fn wait_idle(&self, deadline: Duration) -> usize {
-        let wait = async {
-            loop {
-                let notified = self.active.idle.notified();
-                if self.active() == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        let _ = tokio::time::timeout(deadline, wait).await;
+        self.active.close();
+        let _ = tokio::time::timeout(deadline, self.active.wait()).await;
         self.active()
     }
 }
-
-impl Default for Shutdown {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

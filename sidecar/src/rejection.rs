@@ -110,8 +110,8 @@ fn fallback() -> Response<Body> {
     r
 }
 
-/// A plain-text error response made by the proxy (bad gateway, bad request).
-pub fn error_response(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+/// A plain-text response made by the sidecar itself (errors, and the admin API).
+pub fn text_response(status: StatusCode, message: impl Into<String>) -> Response<Body> {
     let mut msg: String = message.into();
     msg.push('\n');
     Response::builder()

@@ -19,8 +19,6 @@ use crate::stack::{HttpService, StackContext};
 
 /// One configured service, ready to take requests.
 pub struct ServiceEntry {
-    pub namespace: String,
-    pub name: String,
     /// Metrics label: `name.namespace`.
     pub label: Arc<str>,
     service: Service,
@@ -39,8 +37,12 @@ struct PerPort {
     ctx: Arc<StackContext>,
     endpoints: Vec<(EndpointAddr, u32)>,
     why_empty: String,
-    policy: Option<ballast_api::policy::PolicySpec>,
     by_port: Mutex<HashMap<u16, HttpService>>,
+}
+
+/// The endpoints as (address, weight), bare IPs taking `port`.
+fn at_port(endpoints: &[(EndpointAddr, u32)], port: u16) -> Vec<(SocketAddr, u32)> {
+    endpoints.iter().map(|&(a, w)| (a.with_default_port(port), w)).collect()
 }
 
 /// Per-port stacks kept per service; requests to further ports get an uncached stack.
@@ -48,9 +50,8 @@ const MAX_PORT_STACKS: usize = 64;
 
 impl ServiceEntry {
     fn build(ctx: &Arc<StackContext>, service: &Service, policy: Option<&ResiliencePolicy>) -> Self {
-        let namespace = service.metadata.namespace_or_default().to_owned();
-        let name = service.metadata.name.clone();
-        let label: Arc<str> = format!("{name}.{namespace}").into();
+        let label: Arc<str> =
+            format!("{}.{}", service.metadata.name, service.metadata.namespace_or_default()).into();
         let endpoints: Vec<(EndpointAddr, u32)> = service
             .spec
             .endpoints
@@ -69,7 +70,8 @@ impl ServiceEntry {
             None => String::new(),
         };
         let stacks = if endpoints.iter().all(|(a, _)| matches!(a, EndpointAddr::Socket(_))) {
-            let resolved: Vec<_> = endpoints.iter().map(|&(a, w)| (a.with_default_port(0), w)).collect();
+            // Every endpoint names its port: the default is never used.
+            let resolved = at_port(&endpoints, 0);
             Stacks::Fixed(ctx.service_stack(label.clone(), &resolved, &why_empty, policy.map(|p| &p.spec)))
         } else {
             let by_port = service
@@ -77,8 +79,7 @@ impl ServiceEntry {
                 .ports
                 .iter()
                 .map(|p| {
-                    let resolved: Vec<_> =
-                        endpoints.iter().map(|&(a, w)| (a.with_default_port(p.port), w)).collect();
+                    let resolved = at_port(&endpoints, p.port);
                     (p.port, ctx.service_stack(label.clone(), &resolved, &why_empty, policy.map(|p| &p.spec)))
                 })
                 .collect();
@@ -86,11 +87,10 @@ impl ServiceEntry {
                 ctx: ctx.clone(),
                 endpoints,
                 why_empty,
-                policy: policy.map(|p| p.spec.clone()),
                 by_port: Mutex::new(by_port),
             }))
         };
-        Self { namespace, name, label, service: service.clone(), policy: policy.cloned(), stacks }
+        Self { label, service: service.clone(), policy: policy.cloned(), stacks }
     }
 
     /// The stack for a request to `port`.
@@ -98,14 +98,14 @@ impl ServiceEntry {
         match &self.stacks {
             Stacks::Fixed(s) => s.clone(),
             Stacks::PerPort(per_port) => {
-                let PerPort { ctx, endpoints, why_empty, policy, by_port } = &**per_port;
+                let PerPort { ctx, endpoints, why_empty, by_port } = &**per_port;
                 let mut map = by_port.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(s) = map.get(&port) {
                     return s.clone();
                 }
-                let resolved: Vec<_> =
-                    endpoints.iter().map(|&(a, w)| (a.with_default_port(port), w)).collect();
-                let stack = ctx.service_stack(self.label.clone(), &resolved, why_empty, policy.as_ref());
+                let policy = self.policy.as_ref().map(|p| &p.spec);
+                let stack =
+                    ctx.service_stack(self.label.clone(), &at_port(endpoints, port), why_empty, policy);
                 if map.len() < MAX_PORT_STACKS {
                     map.insert(port, stack.clone());
                 }

@@ -96,11 +96,8 @@ impl StackContext {
             let mut list = Vec::new();
             for &(addr, weight) in endpoints {
                 for _ in 0..weight.clamp(1, MAX_WEIGHT) {
-                    let ep = ServiceBuilder::new()
-                        .map_response(|r: Response<hyper::body::Incoming>| r.map(body::boxed))
-                        .service(self.clients.get(addr));
                     list.push(tower::load::PeakEwma::new(
-                        ep,
+                        self.endpoint_client(addr),
                         EWMA_DEFAULT_RTT,
                         EWMA_DECAY.as_nanos() as f64,
                         tower::load::CompleteOnResponse::default(),
@@ -130,15 +127,11 @@ impl StackContext {
         if cache.len() >= 4096 {
             cache.clear();
         }
-        let client = ServiceBuilder::new()
-            .map_response(|r: Response<hyper::body::Incoming>| r.map(body::boxed))
-            .map_err(BoxError::from)
-            .service(self.clients.get(addr));
         let stack = BoxCloneSyncService::new(RecordMetrics::new(
             &self.metrics,
             direction,
             label.clone(),
-            UpstreamErrors::new(client),
+            UpstreamErrors::new(self.endpoint_client(addr)),
         ));
         cache.insert((direction, label.clone(), addr), stack.clone());
         stack
@@ -146,6 +139,21 @@ impl StackContext {
 }
 
 impl StackContext {
+    /// The pooled client of the endpoint at `addr`, answering in the stack's body type.
+    fn endpoint_client(
+        &self,
+        addr: SocketAddr,
+    ) -> impl Service<HttpRequest, Response = HttpResponse, Error = BoxError, Future: Send + 'static>
+    + Clone
+    + Send
+    + Sync
+    + 'static {
+        ServiceBuilder::new()
+            .map_response(|r: Response<hyper::body::Incoming>| r.map(body::boxed))
+            .map_err(BoxError::from)
+            .service(self.clients.get(addr))
+    }
+
     /// The inbound forward to the app at `addr` within the pod's `inbound` limits.
     pub fn inbound_stack(
         &self,
@@ -153,11 +161,7 @@ impl StackContext {
         addr: SocketAddr,
         limits: &crate::resilience::inbound::InboundLimits,
     ) -> HttpService {
-        let client = ServiceBuilder::new()
-            .map_response(|r: Response<hyper::body::Incoming>| r.map(body::boxed))
-            .map_err(BoxError::from)
-            .service(self.clients.get(addr));
-        let inner = limits.wrap(BoxCloneSyncService::new(UpstreamErrors::new(client)));
+        let inner = limits.wrap(BoxCloneSyncService::new(UpstreamErrors::new(self.endpoint_client(addr))));
         BoxCloneSyncService::new(RecordMetrics::new(&self.metrics, Direction::Inbound, label.clone(), inner))
     }
 }
@@ -167,13 +171,13 @@ pub const DEFAULT_MAX_CONCURRENT: u32 = 1024;
 
 /// Wraps `inner` in the resilience layers `policy` turns on, innermost first.
 fn with_policy(inner: HttpService, policy: &PolicySpec) -> HttpService {
-    use crate::resilience::{bulkhead, faults, rate_limit, timeout};
+    use crate::resilience::{Guard, bulkhead, faults, rate_limit, timeout};
     let mut svc = inner;
     if let Some(f) = &policy.faults {
-        svc = BoxCloneSyncService::new(faults::Faults::new(svc, f.clone()));
+        svc = faults::Faults::new(f.clone()).layer(svc);
     }
     if let Some(t) = policy.timeouts.as_ref().and_then(|t| t.request) {
-        svc = BoxCloneSyncService::new(timeout::RequestTimeout::new(svc, t.get()));
+        svc = timeout::RequestTimeout::new(t.get()).layer(svc);
     }
     if let Some(b) = &policy.bulkhead {
         let config = bulkhead::BulkheadConfig {
@@ -182,10 +186,10 @@ fn with_policy(inner: HttpService, policy: &PolicySpec) -> HttpService {
             max_pending: b.max_pending.unwrap_or(0) as usize,
             queue_timeout: b.queue_timeout.map(|d| d.get()).unwrap_or_default(),
         };
-        svc = BoxCloneSyncService::new(bulkhead::Bulkhead::new(svc, config));
+        svc = bulkhead::Bulkhead::new(config).layer(svc);
     }
     if let Some(r) = &policy.rate_limit {
-        svc = BoxCloneSyncService::new(rate_limit::RateLimit::new(svc, r.requests_per_second, r.burst));
+        svc = rate_limit::RateLimit::new(r.requests_per_second, r.burst).layer(svc);
     }
     svc
 }
@@ -263,13 +267,13 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match std::task::ready!(self.project().inner.poll(cx)) {
             Ok(rsp) => Poll::Ready(Ok(rsp)),
-            Err(e) => Poll::Ready(Ok(upstream_error_response(&e.into()))),
+            Err(e) => Poll::Ready(Ok(upstream_text_response(&e.into()))),
         }
     }
 }
 
 /// What went wrong upstream, in operator terms.
-fn upstream_error_response(err: &BoxError) -> HttpResponse {
+fn upstream_text_response(err: &BoxError) -> HttpResponse {
     let mut connect = None;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
     while let Some(e) = source {
@@ -280,12 +284,11 @@ fn upstream_error_response(err: &BoxError) -> HttpResponse {
         source = e.source();
     }
     let mut rsp = match connect {
-        Some(c) => rejection::error_response(
-            StatusCode::BAD_GATEWAY,
-            format!("ballast: upstream connect error: {c}"),
-        ),
+        Some(c) => {
+            rejection::text_response(StatusCode::BAD_GATEWAY, format!("ballast: upstream connect error: {c}"))
+        }
         None => {
-            let mut r = rejection::error_response(
+            let mut r = rejection::text_response(
                 StatusCode::BAD_GATEWAY,
                 format!("ballast: upstream connection failed: {}", error_chain(err.as_ref())),
             );

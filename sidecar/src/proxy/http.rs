@@ -29,7 +29,7 @@ use hyper_util::rt::TokioIo;
 use super::{ConnInfo, Shared, tcp};
 use crate::body::{self, Body, BoxError};
 use crate::metrics::{OpenConnection, PASSTHROUGH};
-use crate::rejection::error_response;
+use crate::rejection::text_response;
 use crate::routes::{ServiceEntry, split_host_port};
 use crate::stack::{self, Direction, HttpRequest, HttpService, UpstreamReset};
 
@@ -76,7 +76,7 @@ async fn outbound(
                 (Some(svc), _) => Destination::Service(svc, authority_port.unwrap_or(80)),
                 (None, Some(a)) => Destination::Resolve(a.clone()),
                 (None, None) => {
-                    return Ok(error_response(
+                    return Ok(text_response(
                         StatusCode::BAD_REQUEST,
                         "ballast: the request names no destination: send a Host header or an absolute-form URI",
                     ));
@@ -93,7 +93,7 @@ async fn outbound(
         }
         Destination::Resolve(a) => match resolve(shared.settings.egress_dns, a.clone(), 80).await {
             Ok(addr) if shared.is_own_listener(addr, &conn) => {
-                return Ok(error_response(
+                return Ok(text_response(
                     StatusCode::LOOP_DETECTED,
                     format!("ballast: {a} is this sidecar itself; the request would loop"),
                 ));
@@ -101,7 +101,7 @@ async fn outbound(
             Ok(addr) => {
                 (shared.ctx.endpoint_stack(Direction::Outbound, &passthrough_label(), addr), None, addr)
             }
-            Err(msg) => return Ok(error_response(StatusCode::BAD_GATEWAY, msg)),
+            Err(msg) => return Ok(text_response(StatusCode::BAD_GATEWAY, msg)),
         },
     };
     forward(shared, conn.direction, stack, req, authority, fallback, declared).await
@@ -113,14 +113,14 @@ async fn inbound(
     req: HttpRequest,
 ) -> Result<Response<Body>, BoxError> {
     if req.method() == Method::CONNECT {
-        return Ok(error_response(
+        return Ok(text_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "ballast: CONNECT is not accepted on the inbound side",
         ));
     }
     let target = shared.app_target(&conn);
     if shared.is_own_listener(target, &conn) {
-        return Ok(error_response(
+        return Ok(text_response(
             StatusCode::LOOP_DETECTED,
             format!(
                 "ballast: {target} is this sidecar's own listener; inbound traffic is only forwarded to the app"
@@ -164,10 +164,10 @@ async fn forward(
 
     let authority = authority.unwrap_or_else(|| fallback.to_string());
     let Ok(parsed) = authority.parse::<Authority>() else {
-        return Ok(error_response(StatusCode::BAD_REQUEST, format!("ballast: invalid host {authority:?}")));
+        return Ok(text_response(StatusCode::BAD_REQUEST, format!("ballast: invalid host {authority:?}")));
     };
     if req.uri().scheme().is_some_and(|s| *s != Scheme::HTTP) {
-        return Ok(error_response(
+        return Ok(text_response(
             StatusCode::BAD_REQUEST,
             "ballast: only http:// URLs can be proxied as requests; use CONNECT for https",
         ));
@@ -195,7 +195,7 @@ async fn forward(
         Err(e) => {
             let msg = format!("ballast: the service stack failed: {}", stack::error_chain(e.as_ref()));
             tracing::warn!(error = %msg);
-            return Ok(error_response(StatusCode::BAD_GATEWAY, msg));
+            return Ok(text_response(StatusCode::BAD_GATEWAY, msg));
         }
     };
     if rsp.extensions().get::<UpstreamReset>().is_some() && downstream_version == Version::HTTP_2 {
@@ -232,7 +232,7 @@ async fn connect_tunnel(
     mut req: HttpRequest,
 ) -> Result<Response<Body>, BoxError> {
     let Some(authority) = req.uri().authority().map(|a| a.as_str().to_owned()) else {
-        return Ok(error_response(StatusCode::BAD_REQUEST, "ballast: CONNECT needs host:port"));
+        return Ok(text_response(StatusCode::BAD_REQUEST, "ballast: CONNECT needs host:port"));
     };
     let port = split_host_port(&authority).1.unwrap_or(443);
     let service_ep = { shared.store.load().by_authority(&authority).and_then(|s| s.tcp_endpoint(port)) };
@@ -240,11 +240,11 @@ async fn connect_tunnel(
         Some(t) => t,
         None => match resolve(shared.settings.egress_dns, authority.clone(), 443).await {
             Ok(t) => t,
-            Err(msg) => return Ok(error_response(StatusCode::BAD_GATEWAY, msg)),
+            Err(msg) => return Ok(text_response(StatusCode::BAD_GATEWAY, msg)),
         },
     };
     if shared.is_own_listener(target, &conn) {
-        return Ok(error_response(
+        return Ok(text_response(
             StatusCode::LOOP_DETECTED,
             "ballast: CONNECT to this sidecar itself would loop",
         ));
@@ -252,7 +252,7 @@ async fn connect_tunnel(
     let upstream = match tcp::connect(target, shared.settings.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
-            return Ok(error_response(
+            return Ok(text_response(
                 StatusCode::BAD_GATEWAY,
                 format!("ballast: cannot connect to {authority} ({target}): {e}"),
             ));

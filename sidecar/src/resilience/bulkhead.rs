@@ -15,14 +15,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http_body::{Frame, SizeHint};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower::Service;
-
-use super::ResponseFuture;
+use super::{Guard, ResponseFuture};
 use crate::body::{Body, BoxError};
 use crate::rejection::{self, Reason};
-use crate::stack::{self, HttpRequest, HttpResponse, HttpService};
+use crate::stack::{self, HttpRequest, HttpService};
+use http_body::{Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BulkheadConfig {
@@ -31,38 +29,23 @@ pub struct BulkheadConfig {
     pub queue_timeout: Duration,
 }
 
-/// The slots and queue of one bulkhead; shared by every stack it guards (the inbound
-/// side of a pod has one for all of its connections).
-pub struct State {
+/// A bulkhead: its slots and queue, shared by every clone (and so by every stack it
+/// fronts).
+#[derive(Clone)]
+pub struct Bulkhead {
+    state: Arc<State>,
+}
+
+struct State {
     slots: Arc<Semaphore>,
     pending: AtomicUsize,
     config: BulkheadConfig,
 }
 
-impl State {
-    pub fn new(config: BulkheadConfig) -> Arc<Self> {
-        Arc::new(State {
-            slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
-            pending: AtomicUsize::new(0),
-            config,
-        })
-    }
-}
-
-#[derive(Clone)]
-pub struct Bulkhead {
-    inner: HttpService,
-    state: Arc<State>,
-}
-
 impl Bulkhead {
-    pub fn new(inner: HttpService, config: BulkheadConfig) -> Self {
-        Self { inner, state: State::new(config) }
-    }
-
-    /// A bulkhead over `inner` that shares `state` with others.
-    pub fn with_state(inner: HttpService, state: Arc<State>) -> Self {
-        Self { inner, state }
+    pub fn new(config: BulkheadConfig) -> Self {
+        let slots = Arc::new(Semaphore::new(config.max_concurrent.max(1)));
+        Self { state: Arc::new(State { slots, pending: AtomicUsize::new(0), config }) }
     }
 }
 
@@ -95,17 +78,9 @@ impl State {
     }
 }
 
-impl Service<HttpRequest> for Bulkhead {
-    type Response = HttpResponse;
-    type Error = BoxError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
-        let (state, inner) = (self.state.clone(), self.inner.clone());
+impl Guard for Bulkhead {
+    fn handle(&self, inner: &HttpService, req: HttpRequest) -> ResponseFuture {
+        let (state, inner) = (self.state.clone(), inner.clone());
         Box::pin(async move {
             let Some(permit) = state.acquire().await else {
                 let c = state.config;
@@ -150,21 +125,25 @@ impl http_body::Body for HoldPermit {
 
 #[cfg(test)]
 mod tests {
+    use tower::ServiceExt;
+
     use super::*;
     use crate::resilience::tests_support::{ok_after, request};
 
-    fn bulkhead(max_concurrent: usize, max_pending: usize, queue_ms: u64) -> Bulkhead {
-        Bulkhead::new(
-            ok_after(Duration::from_secs(1)),
-            BulkheadConfig { max_concurrent, max_pending, queue_timeout: Duration::from_millis(queue_ms) },
-        )
+    fn bulkhead(max_concurrent: usize, max_pending: usize, queue_ms: u64) -> HttpService {
+        Bulkhead::new(BulkheadConfig {
+            max_concurrent,
+            max_pending,
+            queue_timeout: Duration::from_millis(queue_ms),
+        })
+        .layer(ok_after(Duration::from_secs(1)))
     }
 
-    async fn statuses(b: &Bulkhead, n: usize) -> Vec<u16> {
+    async fn statuses(b: &HttpService, n: usize) -> Vec<u16> {
         let calls = (0..n).map(|_| {
-            let mut b = b.clone();
+            let b = b.clone();
             async move {
-                let rsp = b.call(request()).await.unwrap();
+                let rsp = b.oneshot(request()).await.unwrap();
                 let status = rsp.status().as_u16();
                 // Reading the body to its end releases the slot.
                 let _ = http_body_util::BodyExt::collect(rsp.into_body()).await;

@@ -4,28 +4,23 @@
 //! inside the request timeout (a delay fault exercises it) and outside retries (an
 //! injected abort is not retried).
 
-use std::task::{Context, Poll};
-
 use ballast_api::policy::Faults as FaultPolicy;
 use http::{HeaderValue, StatusCode};
-use tower::Service;
 
-use super::ResponseFuture;
-use crate::body::BoxError;
+use super::{Guard, ResponseFuture};
 use crate::rejection;
-use crate::stack::{self, HttpRequest, HttpResponse, HttpService};
+use crate::stack::{self, HttpRequest, HttpService};
 
 pub const HEADER_FAULT: &str = "ballast-fault";
 
 #[derive(Clone)]
 pub struct Faults {
-    inner: HttpService,
     policy: FaultPolicy,
 }
 
 impl Faults {
-    pub fn new(inner: HttpService, policy: FaultPolicy) -> Self {
-        Self { inner, policy }
+    pub fn new(policy: FaultPolicy) -> Self {
+        Self { policy }
     }
 }
 
@@ -33,26 +28,18 @@ fn hit(percent: f64) -> bool {
     percent > 0.0 && rand::random::<f64>() * 100.0 < percent
 }
 
-impl Service<HttpRequest> for Faults {
-    type Response = HttpResponse;
-    type Error = BoxError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
+impl Guard for Faults {
+    fn handle(&self, inner: &HttpService, req: HttpRequest) -> ResponseFuture {
         if let Some(abort) = self.policy.abort
             && hit(abort.percent)
         {
             let status = StatusCode::from_u16(abort.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            let mut rsp = rejection::error_response(status, "ballast: fault injected by policy (abort)");
+            let mut rsp = rejection::text_response(status, "ballast: fault injected by policy (abort)");
             rsp.headers_mut().insert(HEADER_FAULT, HeaderValue::from_static("abort"));
             return Box::pin(std::future::ready(Ok(rsp)));
         }
         let delay = self.policy.delay.filter(|d| hit(d.percent)).map(|d| d.duration.get());
-        let fut = stack::call(self.inner.clone(), req);
+        let fut = stack::call(inner.clone(), req);
         match delay {
             None => fut,
             Some(d) => Box::pin(async move {
@@ -68,6 +55,7 @@ mod tests {
     use std::time::Duration;
 
     use ballast_api::policy::{AbortFault, DelayFault};
+    use tower::ServiceExt;
 
     use super::*;
     use crate::resilience::tests_support::{ok_after, request};
@@ -75,7 +63,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn always_and_never() {
         let abort = FaultPolicy { abort: Some(AbortFault { percent: 100.0, status: 418 }), delay: None };
-        let rsp = Faults::new(ok_after(Duration::ZERO), abort).call(request()).await.unwrap();
+        let rsp = Faults::new(abort).layer(ok_after(Duration::ZERO)).oneshot(request()).await.unwrap();
         assert_eq!(rsp.status(), 418);
         assert_eq!(rsp.headers()[HEADER_FAULT], "abort");
         let delay = FaultPolicy {
@@ -83,7 +71,7 @@ mod tests {
             delay: Some(DelayFault { percent: 100.0, duration: ballast_api::Duration::from_millis(700) }),
         };
         let started = tokio::time::Instant::now();
-        let rsp = Faults::new(ok_after(Duration::ZERO), delay).call(request()).await.unwrap();
+        let rsp = Faults::new(delay).layer(ok_after(Duration::ZERO)).oneshot(request()).await.unwrap();
         assert_eq!(rsp.status(), 200);
         assert_eq!(started.elapsed(), Duration::from_millis(700));
     }

@@ -11,31 +11,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_api::policy::Inbound;
-use governor::{DefaultDirectRateLimiter, RateLimiter};
-use tower::util::BoxCloneSyncService;
 
-use super::bulkhead::{self, BulkheadConfig};
-use super::rate_limit::{self, RateLimit};
+use super::Guard;
+use super::bulkhead::{Bulkhead, BulkheadConfig};
+use super::rate_limit::RateLimit;
 use crate::stack::HttpService;
 
 pub struct InboundLimits {
     pub policy: Inbound,
-    rate: Option<(Arc<DefaultDirectRateLimiter>, f64)>,
-    concurrency: Option<Arc<bulkhead::State>>,
+    rate: Option<RateLimit>,
+    concurrency: Option<Bulkhead>,
 }
 
 impl InboundLimits {
     pub fn new(policy: &Inbound) -> Arc<Self> {
         Arc::new(Self {
             policy: policy.clone(),
-            rate: policy.rate_limit.map(|r| {
-                (
-                    Arc::new(RateLimiter::direct(rate_limit::quota(r.requests_per_second, r.burst))),
-                    r.requests_per_second,
-                )
-            }),
+            rate: policy.rate_limit.map(|r| RateLimit::new(r.requests_per_second, r.burst)),
             concurrency: policy.max_concurrent.map(|m| {
-                bulkhead::State::new(BulkheadConfig {
+                Bulkhead::new(BulkheadConfig {
                     max_concurrent: m as usize,
                     max_pending: 0,
                     queue_timeout: Duration::ZERO,
@@ -47,11 +41,11 @@ impl InboundLimits {
     /// Wraps the forward to the app in the pod's limits.
     pub fn wrap(&self, inner: HttpService) -> HttpService {
         let mut svc = inner;
-        if let Some(state) = &self.concurrency {
-            svc = BoxCloneSyncService::new(bulkhead::Bulkhead::with_state(svc, state.clone()));
+        if let Some(bulkhead) = &self.concurrency {
+            svc = bulkhead.clone().layer(svc);
         }
-        if let Some((limiter, rps)) = &self.rate {
-            svc = BoxCloneSyncService::new(RateLimit::with_limiter(svc, limiter.clone(), *rps));
+        if let Some(rate) = &self.rate {
+            svc = rate.clone().layer(svc);
         }
         svc
     }

@@ -9,20 +9,17 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tower::Service;
 
-use super::ResponseFuture;
-use crate::body::BoxError;
+use super::{Guard, ResponseFuture};
 use crate::rejection::{self, Reason};
-use crate::stack::{self, HttpRequest, HttpResponse, HttpService};
+use crate::stack::{self, HttpRequest, HttpService};
 
+/// A token bucket, shared by every clone (and so by every stack it fronts).
 #[derive(Clone)]
 pub struct RateLimit {
-    inner: HttpService,
     limiter: Arc<DefaultDirectRateLimiter>,
     rps: f64,
 }
@@ -38,34 +35,16 @@ pub fn quota(requests_per_second: f64, burst: Option<u32>) -> Quota {
 }
 
 impl RateLimit {
-    /// A limiter over `inner` that shares its bucket with others.
-    pub fn with_limiter(
-        inner: HttpService,
-        limiter: Arc<DefaultDirectRateLimiter>,
-        requests_per_second: f64,
-    ) -> Self {
-        Self { inner, limiter, rps: requests_per_second }
-    }
-
-    pub fn new(inner: HttpService, requests_per_second: f64, burst: Option<u32>) -> Self {
+    pub fn new(requests_per_second: f64, burst: Option<u32>) -> Self {
         Self {
-            inner,
             limiter: Arc::new(RateLimiter::direct(quota(requests_per_second, burst))),
             rps: requests_per_second,
         }
     }
 }
 
-impl Service<HttpRequest> for RateLimit {
-    type Response = HttpResponse;
-    type Error = BoxError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
+impl Guard for RateLimit {
+    fn handle(&self, inner: &HttpService, req: HttpRequest) -> ResponseFuture {
         if self.limiter.check().is_err() {
             let rsp = rejection::response(
                 Reason::RateLimited,
@@ -74,21 +53,23 @@ impl Service<HttpRequest> for RateLimit {
             );
             return Box::pin(std::future::ready(Ok(rsp)));
         }
-        stack::call(self.inner.clone(), req)
+        stack::call(inner.clone(), req)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use tower::ServiceExt;
+
     use super::*;
     use crate::resilience::tests_support::{ok_after, request};
 
     #[tokio::test]
     async fn burst_passes_then_429() {
-        let mut svc = RateLimit::new(ok_after(Duration::ZERO), 1.0, Some(3));
+        let svc = RateLimit::new(1.0, Some(3)).layer(ok_after(Duration::ZERO));
         let mut codes = Vec::new();
         for _ in 0..5 {
-            codes.push(svc.call(request()).await.unwrap().status().as_u16());
+            codes.push(svc.clone().oneshot(request()).await.unwrap().status().as_u16());
         }
         assert_eq!(codes, [200, 200, 200, 429, 429]);
     }

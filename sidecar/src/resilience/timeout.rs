@@ -3,41 +3,28 @@
 //! timeout` (gRPC: DEADLINE_EXCEEDED). A body that is already streaming cannot be turned
 //! into a 504; the timeout bounds the wait for the response to start, as Linkerd's does.
 
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tower::Service;
-
-use super::ResponseFuture;
-use crate::body::BoxError;
+use super::{Guard, ResponseFuture};
 use crate::rejection::{self, Reason};
-use crate::stack::{self, HttpRequest, HttpResponse, HttpService};
+use crate::stack::{self, HttpRequest, HttpService};
 
 #[derive(Clone)]
 pub struct RequestTimeout {
-    inner: HttpService,
     timeout: Duration,
 }
 
 impl RequestTimeout {
-    pub fn new(inner: HttpService, timeout: Duration) -> Self {
-        Self { inner, timeout }
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout }
     }
 }
 
-impl Service<HttpRequest> for RequestTimeout {
-    type Response = HttpResponse;
-    type Error = BoxError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
+impl Guard for RequestTimeout {
+    fn handle(&self, inner: &HttpService, req: HttpRequest) -> ResponseFuture {
         let grpc = rejection::is_grpc(&req);
         let timeout = self.timeout;
-        let fut = stack::call(self.inner.clone(), req);
+        let fut = stack::call(inner.clone(), req);
         Box::pin(async move {
             match tokio::time::timeout(timeout, fut).await {
                 Ok(res) => res,
@@ -53,21 +40,20 @@ impl Service<HttpRequest> for RequestTimeout {
 
 #[cfg(test)]
 mod tests {
+    use tower::ServiceExt;
+
     use super::*;
     use crate::resilience::tests_support::{ok_after, request};
 
     #[tokio::test(start_paused = true)]
     async fn answers_504_when_the_upstream_is_late() {
-        let mut svc = RequestTimeout::new(ok_after(Duration::from_secs(3)), Duration::from_secs(2));
+        let svc = RequestTimeout::new(Duration::from_secs(2)).layer(ok_after(Duration::from_secs(3)));
         let started = tokio::time::Instant::now();
-        let rsp = svc.call(request()).await.unwrap();
+        let rsp = svc.oneshot(request()).await.unwrap();
         assert_eq!(rsp.status(), 504);
         assert_eq!(rsp.headers()[crate::HEADER_REJECTED], "timeout");
         assert_eq!(started.elapsed(), Duration::from_secs(2));
-        let rsp = RequestTimeout::new(ok_after(Duration::from_secs(1)), Duration::from_secs(2))
-            .call(request())
-            .await
-            .unwrap();
-        assert_eq!(rsp.status(), 200);
+        let svc = RequestTimeout::new(Duration::from_secs(2)).layer(ok_after(Duration::from_secs(1)));
+        assert_eq!(svc.oneshot(request()).await.unwrap().status(), 200);
     }
 }

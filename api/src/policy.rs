@@ -115,6 +115,11 @@ pub struct Retries {
     pub backoff: Option<Backoff>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<RetryBudget>,
+    /// Also retry requests whose method is not idempotent (POST, PATCH, ...). Off by
+    /// default: only GET, HEAD, OPTIONS, TRACE, PUT and DELETE are retried, and gRPC calls
+    /// when a `grpc:*` condition is listed. Set it on a route for the calls that are safe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub non_idempotent: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -75,16 +75,17 @@ pub struct EndpointClient {
 }
 
 impl EndpointClient {
-    fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
-        let connector = FixedConnector { addr, connect_timeout };
+    fn new(addr: SocketAddr, settings: ClientSettings) -> Self {
+        let connector = FixedConnector { addr, connect_timeout: settings.connect_timeout };
+        let idle = settings.idle_timeout.unwrap_or(POOL_IDLE_TIMEOUT);
         let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_idle_timeout(idle)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector.clone());
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_idle_timeout(idle)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_keep_alive_interval(Duration::from_secs(30))
@@ -107,13 +108,28 @@ impl tower::Service<Request<Body>> for EndpointClient {
     }
 }
 
-/// Cache of endpoint clients by address.
+/// How a service's policy shapes its upstream connections (`timeouts.connect`,
+/// `timeouts.idle`); `None` takes the sidecar's defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct PoolPolicy {
+    pub connect_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ClientSettings {
+    connect_timeout: Duration,
+    idle_timeout: Option<Duration>,
+}
+
+/// Cache of endpoint clients by address and connection settings: two services with
+/// different `timeouts.connect` to the same address keep separate pools.
 ///
 /// Bounded: passthrough traffic can name any address, so past [`Clients::MAX`] entries
 /// the cache is cleared (connections of dropped clients close when idle) rather than grown.
 pub struct Clients {
     connect_timeout: Duration,
-    cache: Mutex<HashMap<SocketAddr, EndpointClient>>,
+    cache: Mutex<HashMap<(SocketAddr, ClientSettings), EndpointClient>>,
 }
 
 impl Clients {
@@ -123,16 +139,25 @@ impl Clients {
         Arc::new(Self { connect_timeout, cache: Mutex::new(HashMap::new()) })
     }
 
+    /// The client of `addr` with the sidecar's default settings.
     pub fn get(&self, addr: SocketAddr) -> EndpointClient {
+        self.get_with(addr, PoolPolicy::default())
+    }
+
+    pub fn get_with(&self, addr: SocketAddr, policy: PoolPolicy) -> EndpointClient {
+        let settings = ClientSettings {
+            connect_timeout: policy.connect_timeout.unwrap_or(self.connect_timeout),
+            idle_timeout: policy.idle_timeout,
+        };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.get(&addr) {
+        if let Some(c) = cache.get(&(addr, settings)) {
             return c.clone();
         }
         if cache.len() >= Self::MAX {
             cache.clear();
         }
-        let c = EndpointClient::new(addr, self.connect_timeout);
-        cache.insert(addr, c.clone());
+        let c = EndpointClient::new(addr, settings);
+        cache.insert((addr, settings), c.clone());
         c
     }
 }

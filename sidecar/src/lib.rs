@@ -15,6 +15,7 @@
 //! * [`init`]: the iptables rules of the init container.
 
 pub mod admin;
+pub mod balance;
 pub mod body;
 pub mod client;
 pub mod detect;
@@ -22,6 +23,7 @@ pub mod drain;
 pub mod init;
 pub mod metrics;
 pub mod orig_dst;
+pub mod outcome;
 pub mod proxy;
 pub mod rejection;
 pub mod resilience;

@@ -36,6 +36,9 @@ pub struct Inner {
     pub config_reload_errors: IntCounterVec,
     pub control_plane_connected: IntGauge,
     pub endpoints: IntGaugeVec,
+    pub retries_total: IntCounterVec,
+    pub retry_budget_exhausted: IntCounterVec,
+    pub circuit_state: IntGaugeVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -135,6 +138,21 @@ impl Metrics {
                 "ballast_endpoints",
                 "Endpoints per service, by state.",
                 &["service", "state"],
+            ),
+            retries_total: counter(
+                "ballast_retries_total",
+                "Retries sent (tries after the first), by service.",
+                &["service"],
+            ),
+            retry_budget_exhausted: counter(
+                "ballast_retry_budget_exhausted_total",
+                "Retries not sent because the retry budget was spent; the upstream's response was returned.",
+                &["service"],
+            ),
+            circuit_state: gauge_vec(
+                "ballast_circuit_state",
+                "Circuit breaker state per service: 0 closed, 1 open, 2 half-open.",
+                &["service"],
             ),
             registry,
         };

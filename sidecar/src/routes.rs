@@ -133,10 +133,6 @@ impl ServiceEntry {
         let pick = &eps[rand::random_range(0..eps.len())];
         EndpointAddr::parse(&pick.address).map(|a| a.with_default_port(port))
     }
-
-    pub fn endpoint_count(&self) -> usize {
-        self.service.spec.endpoints.len()
-    }
 }
 
 /// Inbound stacks within a pod's limits, per app address.
@@ -219,10 +215,6 @@ impl Snapshot {
                 .filter(|e| &e.service == svc && e.policy.as_ref() == policy)
                 .cloned();
             let entry = reused.unwrap_or_else(|| Arc::new(ServiceEntry::build(ctx, svc, policy)));
-            ctx.metrics
-                .endpoints
-                .with_label_values(&[&entry.label, "ready"])
-                .set(entry.endpoint_count() as i64);
             for ip in &svc.spec.addresses {
                 if svc.spec.ports.is_empty() {
                     snap.by_ip.insert(*ip, entry.clone());
@@ -236,7 +228,10 @@ impl Snapshot {
         if let Some(prev) = previous {
             for (key, e) in &prev.by_name {
                 if !snap.by_name.contains_key(key) {
+                    // Gauges of a removed service would otherwise report it forever.
                     let _ = ctx.metrics.endpoints.remove_label_values(&[&e.label, "ready"]);
+                    let _ = ctx.metrics.endpoints.remove_label_values(&[&e.label, "ejected"]);
+                    let _ = ctx.metrics.circuit_state.remove_label_values(&[&e.label]);
                 }
             }
         }

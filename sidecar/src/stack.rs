@@ -4,11 +4,11 @@
 //!
 //! ```text
 //! RecordMetrics      ballast_requests_total, ballast_request_duration_seconds
-//!   (resilience layers of the next issue slot in here: rate limit, bulkhead,
-//!    timeout, retry, circuit breaker)
-//! UpstreamErrors     errors below become 502 responses (or an HTTP/2 stream reset)
-//! Buffer             makes the balancer shareable by every connection
-//! Balance            power of two choices over peak-EWMA latency (tower::balance::p2c)
+//! (policy layers)    rate limit, bulkhead, then per route: request timeout, faults,
+//!                    retry; then the circuit breaker (see crate::resilience)
+//! Balancer           picks an endpoint (peak-EWMA p2c by default), ejects outliers,
+//!                    enforces the per-try timeout, turns errors into 502/504 responses
+//!                    (see crate::balance)
 //! EndpointClient     pooled HTTP/1.1 or HTTP/2 connections to one endpoint
 //! ```
 //!
@@ -21,18 +21,20 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response};
 use prometheus::Histogram;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 use ballast_api::policy::PolicySpec;
 
+use crate::balance::{Balancer, OutlierConfig};
 use crate::body::{self, Body, BoxError};
-use crate::client::{Clients, ConnectError};
+use crate::client::{Clients, PoolPolicy};
 use crate::metrics::Metrics;
+use crate::outcome;
 use crate::rejection::{self, Reason};
 
 pub type HttpRequest = Request<Body>;
@@ -54,15 +56,6 @@ impl Direction {
         }
     }
 }
-
-/// Default RTT assumed for an endpoint that has no latency history yet, and how fast
-/// peak-EWMA forgets: Linkerd's values, which suit in-cluster calls.
-const EWMA_DEFAULT_RTT: Duration = Duration::from_millis(30);
-const EWMA_DECAY: Duration = Duration::from_secs(10);
-/// Requests waiting for the balancer; beyond this, callers wait for room.
-const BUFFER_CAPACITY: usize = 1024;
-/// Weights are approximated by listing an endpoint `weight` times, at most this many.
-const MAX_WEIGHT: u32 = 16;
 
 /// (direction, metrics label, address) of a cached endpoint stack.
 type EndpointKey = (Direction, Arc<str>, SocketAddr);
@@ -89,29 +82,28 @@ impl StackContext {
         policy: Option<&PolicySpec>,
     ) -> HttpService {
         let inner: HttpService = if endpoints.is_empty() {
+            self.metrics.endpoints.with_label_values(&[&label, "ready"]).set(0);
             BoxCloneSyncService::new(NoEndpoints {
                 detail: format!("service {label} has no endpoints{why_empty}").into(),
             })
         } else {
-            let mut list = Vec::new();
-            for &(addr, weight) in endpoints {
-                for _ in 0..weight.clamp(1, MAX_WEIGHT) {
-                    list.push(tower::load::PeakEwma::new(
-                        self.endpoint_client(addr),
-                        EWMA_DEFAULT_RTT,
-                        EWMA_DECAY.as_nanos() as f64,
-                        tower::load::CompleteOnResponse::default(),
-                    ));
-                }
-            }
-            let balance = tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(list));
-            BoxCloneSyncService::new(UpstreamErrors::new(tower::buffer::Buffer::new(
-                balance,
-                BUFFER_CAPACITY,
-            )))
+            let pool = PoolPolicy {
+                connect_timeout: policy
+                    .and_then(|p| p.timeouts.as_ref())
+                    .and_then(|t| t.connect)
+                    .map(|d| d.get()),
+                idle_timeout: policy.and_then(|p| p.timeouts.as_ref()).and_then(|t| t.idle).map(|d| d.get()),
+            };
+            let clients = endpoints
+                .iter()
+                .map(|&(addr, weight)| (addr, weight, self.clients.get_with(addr, pool)))
+                .collect();
+            let algorithm = policy.and_then(|p| p.load_balancer.clone()).unwrap_or_default();
+            let outlier = policy.and_then(|p| p.outlier_detection.as_ref()).map(OutlierConfig::from_policy);
+            BoxCloneSyncService::new(Balancer::new(&label, &self.metrics, clients, algorithm, outlier))
         };
         let inner = match policy {
-            Some(p) => with_policy(inner, p),
+            Some(p) => with_policy(inner, p, &label, &self.metrics),
             None => inner,
         };
         BoxCloneSyncService::new(RecordMetrics::new(&self.metrics, Direction::Outbound, label, inner))
@@ -169,16 +161,35 @@ impl StackContext {
 /// Default `bulkhead.maxConcurrent` when the section omits it (Envoy's `max_requests`).
 pub const DEFAULT_MAX_CONCURRENT: u32 = 1024;
 
-/// Wraps `inner` in the resilience layers `policy` turns on, innermost first.
-fn with_policy(inner: HttpService, policy: &PolicySpec) -> HttpService {
-    use crate::resilience::{Guard, bulkhead, faults, rate_limit, timeout};
-    let mut svc = inner;
-    if let Some(f) = &policy.faults {
-        svc = faults::Faults::new(f.clone()).layer(svc);
+/// Wraps the balancer in the resilience layers `policy` turns on, innermost first:
+/// circuit breaker, then per route (retry, faults, request timeout), then bulkhead and
+/// rate limit for the whole service.
+fn with_policy(
+    balancer: HttpService,
+    policy: &PolicySpec,
+    label: &Arc<str>,
+    metrics: &Metrics,
+) -> HttpService {
+    use crate::resilience::{Guard, bulkhead, circuit_breaker, rate_limit, retry, routes};
+    let mut lower = balancer;
+    if let Some(cb) = &policy.circuit_breaker {
+        let gauge = metrics.circuit_state.with_label_values(&[label]);
+        lower = circuit_breaker::CircuitBreaker::new(
+            circuit_breaker::BreakerConfig::from_policy(cb),
+            label.clone(),
+            gauge,
+        )
+        .layer(lower);
+    } else {
+        let _ = metrics.circuit_state.remove_label_values(&[label]);
     }
-    if let Some(t) = policy.timeouts.as_ref().and_then(|t| t.request) {
-        svc = timeout::RequestTimeout::new(t.get()).layer(svc);
-    }
+    // One budget for the service, whichever route a request takes.
+    let budget = retry::RetryShared::new(
+        policy.retries.as_ref(),
+        metrics.retries_total.with_label_values(&[label]),
+        metrics.retry_budget_exhausted.with_label_values(&[label]),
+    );
+    let mut svc = routes::routes(lower, policy, &budget);
     if let Some(b) = &policy.bulkhead {
         let config = bulkhead::BulkheadConfig {
             max_concurrent: b.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT) as usize,
@@ -215,11 +226,6 @@ impl Service<HttpRequest> for NoEndpoints {
         )))
     }
 }
-
-/// Marks a 502 made from an upstream reset, so that an HTTP/2 downstream gets a stream
-/// reset instead (what an HTTP/2 client expects when its peer resets).
-#[derive(Debug, Clone, Copy)]
-pub struct UpstreamReset;
 
 /// Turns errors from below into 502 responses that say what failed.
 #[derive(Clone)]
@@ -267,51 +273,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match std::task::ready!(self.project().inner.poll(cx)) {
             Ok(rsp) => Poll::Ready(Ok(rsp)),
-            Err(e) => Poll::Ready(Ok(upstream_text_response(&e.into()))),
+            Err(e) => Poll::Ready(Ok(outcome::upstream_error_response(&e.into()))),
         }
     }
-}
-
-/// What went wrong upstream, in operator terms.
-fn upstream_text_response(err: &BoxError) -> HttpResponse {
-    let mut connect = None;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
-    while let Some(e) = source {
-        if let Some(c) = e.downcast_ref::<ConnectError>() {
-            connect = Some(c.to_string());
-            break;
-        }
-        source = e.source();
-    }
-    let mut rsp = match connect {
-        Some(c) => {
-            rejection::text_response(StatusCode::BAD_GATEWAY, format!("ballast: upstream connect error: {c}"))
-        }
-        None => {
-            let mut r = rejection::text_response(
-                StatusCode::BAD_GATEWAY,
-                format!("ballast: upstream connection failed: {}", error_chain(err.as_ref())),
-            );
-            r.extensions_mut().insert(UpstreamReset);
-            r
-        }
-    };
-    rsp.headers_mut().insert("ballast-error", HeaderValue::from_static("upstream"));
-    rsp
-}
-
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = err.to_string();
-    let mut src = err.source();
-    while let Some(e) = src {
-        let m = e.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        src = e.source();
-    }
-    s
 }
 
 /// Records request count and latency (to response headers) per direction and service.

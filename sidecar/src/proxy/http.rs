@@ -29,9 +29,10 @@ use hyper_util::rt::TokioIo;
 use super::{ConnInfo, Shared, tcp};
 use crate::body::{self, Body, BoxError};
 use crate::metrics::{OpenConnection, PASSTHROUGH};
+use crate::outcome::UpstreamFailure;
 use crate::rejection::text_response;
 use crate::routes::{ServiceEntry, split_host_port};
-use crate::stack::{self, Direction, HttpRequest, HttpService, UpstreamReset};
+use crate::stack::{self, Direction, HttpRequest, HttpService};
 
 /// Handles one request received on a connection.
 pub async fn handle(
@@ -193,12 +194,15 @@ async fn forward(
         // The stack turns upstream failures into responses; what is left is the stack
         // itself failing (its balancer gone), which the client still hears about.
         Err(e) => {
-            let msg = format!("ballast: the service stack failed: {}", stack::error_chain(e.as_ref()));
+            let msg =
+                format!("ballast: the service stack failed: {}", crate::outcome::error_chain(e.as_ref()));
             tracing::warn!(error = %msg);
             return Ok(text_response(StatusCode::BAD_GATEWAY, msg));
         }
     };
-    if rsp.extensions().get::<UpstreamReset>().is_some() && downstream_version == Version::HTTP_2 {
+    if rsp.extensions().get::<UpstreamFailure>() == Some(&UpstreamFailure::Reset)
+        && downstream_version == Version::HTTP_2
+    {
         // Surface the reset as a reset: hyper resets the client's stream on an error.
         return Err("upstream reset the connection".into());
     }

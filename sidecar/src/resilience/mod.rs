@@ -24,9 +24,12 @@
 //! future per layer a policy turns on; layers it leaves off are not in the stack at all.
 
 pub mod bulkhead;
+pub mod circuit_breaker;
 pub mod faults;
 pub mod inbound;
 pub mod rate_limit;
+pub mod retry;
+pub mod routes;
 pub mod timeout;
 
 use std::future::Future;

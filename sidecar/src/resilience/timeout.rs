@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use super::{Guard, ResponseFuture};
+use crate::outcome::Deadline;
 use crate::rejection::{self, Reason};
 use crate::stack::{self, HttpRequest, HttpService};
 
@@ -21,9 +22,12 @@ impl RequestTimeout {
 }
 
 impl Guard for RequestTimeout {
-    fn handle(&self, inner: &HttpService, req: HttpRequest) -> ResponseFuture {
+    fn handle(&self, inner: &HttpService, mut req: HttpRequest) -> ResponseFuture {
         let grpc = rejection::is_grpc(&req);
         let timeout = self.timeout;
+        // Lower layers tell a try cut off by this timeout (a failure) from a caller that
+        // went away (nothing) by this deadline.
+        req.extensions_mut().insert(Deadline(tokio::time::Instant::now() + timeout));
         let fut = stack::call(inner.clone(), req);
         Box::pin(async move {
             match tokio::time::timeout(timeout, fut).await {

@@ -1,0 +1,424 @@
+//! The load balancer of a service's stack, with endpoint outlier detection (DESIGN §2:
+//! `load balancer → endpoint outlier detection → pool`).
+//!
+//! Our own service rather than `tower::balance::p2c::Balance`, because the policy asks of
+//! the balancer what tower's cannot give: a retry must go to a different endpoint when
+//! one exists ([`Avoid`]), ejected endpoints must leave and come back on a timer,
+//! endpoints have weights, and the policy chooses among five algorithms. tower's balancer
+//! also needs `&mut self` and so a `Buffer` (a task and a channel hop per request) to be
+//! shared; this one is shared state behind an `Arc` and picks under no lock but the
+//! endpoint's own. What tower does well is reused: each endpoint's latency is tracked by
+//! [`tower::load::PeakEwma`], the same estimator linkerd2-proxy uses.
+//!
+//! Algorithms (`loadBalancer`):
+//! * `peak-ewma` (default): power of two choices, the lower peak-EWMA cost wins;
+//! * `least-request`: power of two choices, fewer in-flight requests (per unit weight);
+//! * `round-robin`: weighted round robin over an interleaved schedule;
+//! * `random`: weighted random;
+//! * `consistent-hash:HEADER`: weighted rendezvous hashing of the header's value, so a
+//!   key sticks to its endpoint while the endpoint set is unchanged and only the keys of
+//!   a removed endpoint move; requests without the header are spread at random.
+//!
+//! Outlier detection (`outlierDetection`): an endpoint that fails `consecutiveFailures`
+//! tries in a row (5xx, reset, connect failure, per-try timeout) is ejected for
+//! `baseEjection` × the number of times it was ejected (capped at 10×, as Envoy caps it
+//! with `max_ejection_time`). At most `maxEjectedPercent` of the endpoints are out at
+//! once, rounded down, but one may always be ejected when there are two or more: a
+//! service of two replicas must be protected from its broken one too.
+
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ballast_api::policy::{LoadBalancer, OutlierDetection};
+use prometheus::IntGauge;
+use tokio::time::Instant;
+use tower::Service;
+use tower::load::{CompleteOnResponse, Load, PeakEwma};
+
+use crate::body::{self, BoxError};
+use crate::client::EndpointClient;
+use crate::metrics::Metrics;
+use crate::outcome::{self, Avoid, Deadline, PerTryTimeout, ServedBy};
+use crate::resilience::ResponseFuture;
+use crate::stack::{HttpRequest, HttpResponse};
+
+/// Default RTT assumed for an endpoint that has no latency history yet, and how fast
+/// peak-EWMA forgets: Linkerd's values, which suit in-cluster calls.
+const EWMA_DEFAULT_RTT: Duration = Duration::from_millis(30);
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// Weights above this are clamped: they only shape the schedule.
+pub const MAX_WEIGHT: u32 = 100;
+/// An ejection lasts at most this many times `baseEjection`.
+const MAX_EJECTION_MULTIPLIER: u32 = 10;
+
+/// `outlierDetection` with its defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierConfig {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejected_percent: u32,
+}
+
+impl OutlierConfig {
+    /// Defaults follow the DESIGN example (5 failures, 30 s, 50%).
+    pub fn from_policy(p: &OutlierDetection) -> Self {
+        Self {
+            consecutive_failures: p.consecutive_failures.unwrap_or(5),
+            base_ejection: p.base_ejection.map(|d| d.get()).unwrap_or(Duration::from_secs(30)),
+            max_ejected_percent: p.max_ejected_percent.unwrap_or(50),
+        }
+    }
+
+    /// How many of `n` endpoints may be ejected at once.
+    pub fn max_ejected(&self, n: usize) -> usize {
+        let by_percent = n * self.max_ejected_percent as usize / 100;
+        if n >= 2 { by_percent.max(1) } else { by_percent }
+    }
+}
+
+struct Endpoint {
+    addr: SocketAddr,
+    weight: u32,
+    /// `PeakEwma::call` takes `&mut self`; the lock is held only to start a call or read
+    /// the cost, never across an await.
+    client: Mutex<PeakEwma<EndpointClient, CompleteOnResponse>>,
+    in_flight: AtomicUsize,
+    consecutive_failures: AtomicU32,
+    ejection: Mutex<Ejection>,
+}
+
+#[derive(Default)]
+struct Ejection {
+    until: Option<Instant>,
+    times: u32,
+}
+
+impl Endpoint {
+    fn ejected(&self, now: Instant) -> bool {
+        let e = self.ejection.lock().unwrap_or_else(|p| p.into_inner());
+        e.until.is_some_and(|u| now < u)
+    }
+
+    fn ewma_cost(&self) -> tower::load::peak_ewma::Cost {
+        self.client.lock().unwrap_or_else(|p| p.into_inner()).load()
+    }
+}
+
+struct Shared {
+    endpoints: Vec<Endpoint>,
+    algorithm: LoadBalancer,
+    /// Endpoint indices interleaved by weight (round robin).
+    schedule: Vec<usize>,
+    next: AtomicUsize,
+    outlier: Option<OutlierConfig>,
+    /// Serialises ejection decisions so `maxEjectedPercent` holds under concurrency.
+    ejecting: Mutex<()>,
+    ready_gauge: IntGauge,
+    ejected_gauge: IntGauge,
+}
+
+/// A service's balancer: cheap to clone, every clone shares the endpoints' state.
+#[derive(Clone)]
+pub struct Balancer {
+    shared: Arc<Shared>,
+}
+
+impl Balancer {
+    pub fn new(
+        label: &str,
+        metrics: &Metrics,
+        endpoints: Vec<(SocketAddr, u32, EndpointClient)>,
+        algorithm: LoadBalancer,
+        outlier: Option<OutlierConfig>,
+    ) -> Self {
+        let endpoints: Vec<Endpoint> = endpoints
+            .into_iter()
+            .map(|(addr, weight, client)| Endpoint {
+                addr,
+                weight: weight.clamp(1, MAX_WEIGHT),
+                client: Mutex::new(PeakEwma::new(
+                    client,
+                    EWMA_DEFAULT_RTT,
+                    EWMA_DECAY.as_nanos() as f64,
+                    CompleteOnResponse::default(),
+                )),
+                in_flight: AtomicUsize::new(0),
+                consecutive_failures: AtomicU32::new(0),
+                ejection: Mutex::new(Ejection::default()),
+            })
+            .collect();
+        let schedule = interleave(&endpoints.iter().map(|e| e.weight).collect::<Vec<_>>());
+        let ready_gauge = metrics.endpoints.with_label_values(&[label, "ready"]);
+        let ejected_gauge = metrics.endpoints.with_label_values(&[label, "ejected"]);
+        ready_gauge.set(endpoints.len() as i64);
+        ejected_gauge.set(0);
+        Self {
+            shared: Arc::new(Shared {
+                endpoints,
+                algorithm,
+                schedule,
+                next: AtomicUsize::new(0),
+                outlier,
+                ejecting: Mutex::new(()),
+                ready_gauge,
+                ejected_gauge,
+            }),
+        }
+    }
+}
+
+/// A weighted round-robin schedule in which an endpoint's turns are spread out (weights
+/// 3 and 1 give `0 0 1 0`, not `0 0 0 1`): smooth weighted round robin, as nginx does it.
+fn interleave(weights: &[u32]) -> Vec<usize> {
+    let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        for (c, &w) in current.iter_mut().zip(weights) {
+            *c += i64::from(w);
+        }
+        let Some((best, _)) = current.iter().enumerate().max_by_key(|&(i, &c)| (c, std::cmp::Reverse(i)))
+        else {
+            break;
+        };
+        current[best] -= total;
+        out.push(best);
+    }
+    out
+}
+
+impl Shared {
+    /// The endpoints a request may go to: not ejected and, when any other is left, not
+    /// one a previous try of this request failed on.
+    fn candidates(&self, avoid: Option<&Avoid>, now: Instant) -> Vec<usize> {
+        let live: Vec<usize> = (0..self.endpoints.len())
+            .filter(|&i| self.outlier.is_none() || !self.endpoints[i].ejected(now))
+            .collect();
+        // Never leave a request with nowhere to go: if every endpoint is out, use them all.
+        let live = if live.is_empty() { (0..self.endpoints.len()).collect() } else { live };
+        match avoid {
+            Some(Avoid(addrs)) if !addrs.is_empty() => {
+                let fresh: Vec<usize> =
+                    live.iter().copied().filter(|&i| !addrs.contains(&self.endpoints[i].addr)).collect();
+                if fresh.is_empty() { live } else { fresh }
+            }
+            _ => live,
+        }
+    }
+
+    fn pick(&self, req: &HttpRequest, now: Instant) -> usize {
+        let candidates = self.candidates(req.extensions().get::<Avoid>(), now);
+        if candidates.len() == 1 {
+            return candidates[0];
+        }
+        match &self.algorithm {
+            // Weights shape which two are drawn; peak-EWMA's cost is opaque to scaling.
+            LoadBalancer::PeakEwma => self.p2c(&candidates, |a, b| b.ewma_cost() < a.ewma_cost()),
+            LoadBalancer::LeastRequest => self.p2c(&candidates, |a, b| {
+                let load = |e: &Endpoint| e.in_flight.load(Ordering::Relaxed) as f64 / f64::from(e.weight);
+                load(b) < load(a)
+            }),
+            LoadBalancer::RoundRobin => {
+                let n = self.schedule.len();
+                for _ in 0..n {
+                    let i = self.schedule[self.next.fetch_add(1, Ordering::Relaxed) % n];
+                    if candidates.contains(&i) {
+                        return i;
+                    }
+                }
+                candidates[0]
+            }
+            LoadBalancer::Random => self.weighted_random(&candidates),
+            LoadBalancer::ConsistentHash(header) => match req.headers().get(header.as_str()) {
+                Some(key) => self.rendezvous(&candidates, key.as_bytes()),
+                None => self.weighted_random(&candidates),
+            },
+        }
+    }
+
+    fn weighted_random(&self, candidates: &[usize]) -> usize {
+        let total: u32 = candidates.iter().map(|&i| self.endpoints[i].weight).sum();
+        let mut x = rand::random_range(0..total.max(1));
+        for &i in candidates {
+            let w = self.endpoints[i].weight;
+            if x < w {
+                return i;
+            }
+            x -= w;
+        }
+        candidates[candidates.len() - 1]
+    }
+
+    /// Power of two choices: two distinct candidates drawn by weight; the second wins
+    /// only when `better(first, second)`.
+    fn p2c(&self, candidates: &[usize], better: impl Fn(&Endpoint, &Endpoint) -> bool) -> usize {
+        let a = self.weighted_random(candidates);
+        let mut b = self.weighted_random(candidates);
+        for _ in 0..4 {
+            if b != a {
+                break;
+            }
+            b = self.weighted_random(candidates);
+        }
+        if b == a {
+            // Dominant weights: draw the second uniformly among the others.
+            let others: Vec<usize> = candidates.iter().copied().filter(|&i| i != a).collect();
+            b = others[rand::random_range(0..others.len())];
+        }
+        if better(&self.endpoints[a], &self.endpoints[b]) { b } else { a }
+    }
+
+    /// Weighted rendezvous hashing: the endpoint with the highest `-w / ln(u)` for
+    /// `u = hash(key, endpoint)` in (0, 1) wins.
+    fn rendezvous(&self, candidates: &[usize], key: &[u8]) -> usize {
+        let mut best = (f64::NEG_INFINITY, candidates[0]);
+        for &i in candidates {
+            let e = &self.endpoints[i];
+            let mut h = std::hash::DefaultHasher::new();
+            key.hash(&mut h);
+            e.addr.hash(&mut h);
+            let u = ((h.finish() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            let score = -f64::from(e.weight) / u.ln();
+            if score > best.0 {
+                best = (score, i);
+            }
+        }
+        best.1
+    }
+
+    /// Feeds one try's outcome to outlier detection.
+    fn record(&self, i: usize, failed: bool) {
+        let Some(cfg) = self.outlier else { return };
+        let e = &self.endpoints[i];
+        if !failed {
+            e.consecutive_failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        let n = e.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < cfg.consecutive_failures {
+            return;
+        }
+        let _serial = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let ejected_now = self.endpoints.iter().filter(|e| e.ejected(now)).count();
+        let mut ej = e.ejection.lock().unwrap_or_else(|p| p.into_inner());
+        if ej.until.is_some_and(|u| now < u) || ejected_now >= cfg.max_ejected(self.endpoints.len()) {
+            return;
+        }
+        ej.times = ej.times.saturating_add(1);
+        let period = cfg.base_ejection * ej.times.min(MAX_EJECTION_MULTIPLIER);
+        ej.until = Some(now + period);
+        e.consecutive_failures.store(0, Ordering::Relaxed);
+        drop(ej);
+        tracing::warn!(endpoint = %e.addr, failures = n, ejected_for = ?period, "endpoint ejected by outlier detection");
+        self.update_gauges(ejected_now + 1);
+    }
+
+    fn update_gauges(&self, ejected: usize) {
+        self.ejected_gauge.set(ejected as i64);
+        self.ready_gauge.set((self.endpoints.len() - ejected) as i64);
+    }
+
+    /// Refreshes the gauges when an ejection has run out.
+    fn refresh_gauges(&self, now: Instant) {
+        if self.outlier.is_none() || self.ejected_gauge.get() == 0 {
+            return;
+        }
+        let ejected = self.endpoints.iter().filter(|e| e.ejected(now)).count();
+        if ejected as i64 != self.ejected_gauge.get() {
+            self.update_gauges(ejected);
+        }
+    }
+}
+
+/// Counts a try in flight until its response headers, and reports a try abandoned
+/// before them (see [`outcome::dropped_is_failure`]).
+struct InFlight {
+    shared: Arc<Shared>,
+    index: usize,
+    deadline: Option<Deadline>,
+    done: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.shared.endpoints[self.index].in_flight.fetch_sub(1, Ordering::Relaxed);
+        if !self.done && outcome::dropped_is_failure(self.deadline) {
+            self.shared.record(self.index, true);
+        }
+    }
+}
+
+impl Service<HttpRequest> for Balancer {
+    type Response = HttpResponse;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    /// Always ready: the endpoint clients queue in their pools.
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        let shared = self.shared.clone();
+        let now = Instant::now();
+        shared.refresh_gauges(now);
+        let index = shared.pick(&req, now);
+        let per_try = req.extensions().get::<PerTryTimeout>().map(|t| t.0);
+        let deadline = req.extensions().get::<Deadline>().copied();
+        let endpoint = &shared.endpoints[index];
+        let addr = endpoint.addr;
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        let fut = endpoint.client.lock().unwrap_or_else(|p| p.into_inner()).call(req);
+        let mut guard = InFlight { shared, index, deadline, done: false };
+        Box::pin(async move {
+            let result = match per_try {
+                Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| t),
+                None => Ok(fut.await),
+            };
+            let mut rsp = match result {
+                Ok(Ok(rsp)) => rsp.map(body::boxed),
+                Ok(Err(e)) => outcome::upstream_error_response(&BoxError::from(e)),
+                Err(t) => outcome::per_try_timeout_response(t, addr),
+            };
+            guard.done = true;
+            guard.shared.record(index, outcome::is_failure(&rsp));
+            rsp.extensions_mut().insert(ServedBy(addr));
+            Ok(rsp)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smooth_weighted_schedule_spreads_turns() {
+        assert_eq!(interleave(&[3, 1]), vec![0, 0, 1, 0]);
+        assert_eq!(interleave(&[1, 1, 1]), vec![0, 1, 2]);
+        let s = interleave(&[5, 2]);
+        assert_eq!(s.iter().filter(|&&i| i == 0).count(), 5);
+        assert_eq!(s.iter().filter(|&&i| i == 1).count(), 2);
+    }
+
+    #[test]
+    fn at_least_one_of_two_may_be_ejected() {
+        let cfg = OutlierConfig {
+            consecutive_failures: 1,
+            base_ejection: Duration::from_secs(1),
+            max_ejected_percent: 10,
+        };
+        assert_eq!(cfg.max_ejected(1), 0);
+        assert_eq!(cfg.max_ejected(2), 1);
+        assert_eq!(cfg.max_ejected(30), 3);
+        let half = OutlierConfig { max_ejected_percent: 50, ..cfg };
+        assert_eq!(half.max_ejected(5), 2);
+        let none = OutlierConfig { max_ejected_percent: 0, ..cfg };
+        assert_eq!(none.max_ejected(4), 1);
+    }
+}

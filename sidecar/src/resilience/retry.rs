@@ -1,0 +1,478 @@
+//! `retries`: tries a failed request again, on another endpoint, within a budget.
+//!
+//! Built on `tower::retry`: [`RetryPolicy`] is a `tower::retry::Policy` that decides per
+//! response, and the budget is tower's [`TpsBudget`] (Finagle's: retries as a share of
+//! recent requests, over a 10 s window, plus a floor of `minPerSecond`). What this module
+//! adds is what HTTP needs around it:
+//!
+//! * **Replayable requests only** (DESIGN §2). The body is buffered before the first try,
+//!   up to 64 KiB; a longer body is streamed on as it arrives and the request is not
+//!   retried. The method must be idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE), or
+//!   the policy says otherwise: `nonIdempotent: true` for plain HTTP, or any `grpc:*`
+//!   condition for gRPC calls (every gRPC call is a POST, so listing a gRPC condition is
+//!   the operator saying its calls may be retried, as with Envoy's `retry_on`). Upgrades
+//!   are never retried.
+//! * **Conditions** read from the response headers only: a response that started
+//!   streaming to the client is never retried because the decision is made before
+//!   anything is sent. gRPC conditions read `grpc-status` from trailers-only responses.
+//! * **Backoff with full jitter**: retry n (from 1) sleeps uniform in
+//!   [0, min(max, base·2^(n-1))). A `Retry-After: SECONDS` header stretches the sleep to
+//!   that many seconds, capped at `backoff.max`.
+//! * **Another endpoint**: the endpoint that failed goes into the request's
+//!   [`Avoid`] list, which the balancer honours while another endpoint is available.
+//! * **Budget**: every original request deposits, every retry withdraws. A spent budget
+//!   returns the last upstream response as it is and counts
+//!   `ballast_retry_budget_exhausted_total`.
+//!
+//! The overall `timeouts.request` sits above this layer and covers every try and sleep;
+//! `timeouts.perTry` is enforced by the balancer around each endpoint call.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ballast_api::policy::{Retries, RetryOn};
+use bytes::{Bytes, BytesMut};
+use http::{Method, header};
+use http_body::{Body as _, Frame};
+use http_body_util::BodyExt;
+use prometheus::IntCounter;
+use tower::ServiceExt;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use super::{Guard, ResponseFuture};
+use crate::body::{self, Body, BoxError};
+use crate::outcome::{Avoid, ServedBy, UpstreamFailure};
+use crate::rejection::{self, Rejected};
+use crate::stack::{self, HttpRequest, HttpResponse, HttpService};
+
+/// Longest request body buffered for replay (DESIGN §2).
+pub const MAX_REPLAY_BODY: usize = 64 * 1024;
+/// The budget's window.
+const BUDGET_TTL: Duration = Duration::from_secs(10);
+
+/// `retries` with its defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    pub attempts: u32,
+    pub on: Vec<RetryOn>,
+    pub base: Duration,
+    pub max: Duration,
+    pub non_idempotent: bool,
+}
+
+/// The budget and counters of one service, shared by its routes.
+#[derive(Clone)]
+pub struct RetryShared {
+    pub budget: Arc<TpsBudget>,
+    pub retries: IntCounter,
+    pub exhausted: IntCounter,
+}
+
+impl RetryShared {
+    /// The budget of `policy` (default: 20% of requests, at least 10 retries a second,
+    /// Linkerd's defaults).
+    pub fn new(policy: Option<&Retries>, retries: IntCounter, exhausted: IntCounter) -> Self {
+        let (ratio, min) =
+            policy.and_then(|r| r.budget).map(|b| (b.ratio, b.min_per_second)).unwrap_or((0.2, 10));
+        Self { budget: Arc::new(TpsBudget::new(BUDGET_TTL, min, ratio as f32)), retries, exhausted }
+    }
+}
+
+impl RetryConfig {
+    /// Defaults: 2 retries on gateway errors, resets and connect failures, backoff 25 ms to
+    /// 250 ms (Envoy's base and cap).
+    pub fn from_policy(r: &Retries) -> Self {
+        let on = if r.on.is_empty() {
+            vec![RetryOn::GatewayError, RetryOn::Reset, RetryOn::ConnectFailure]
+        } else {
+            r.on.clone()
+        };
+        Self {
+            attempts: r.attempts.unwrap_or(2),
+            on,
+            base: r.backoff.map(|b| b.base.get()).unwrap_or(Duration::from_millis(25)),
+            max: r.backoff.map(|b| b.max.get()).unwrap_or(Duration::from_millis(250)),
+            non_idempotent: r.non_idempotent.unwrap_or(false),
+        }
+    }
+
+    /// Whether this request may be tried more than once, its body aside.
+    fn may_retry(&self, req: &HttpRequest) -> bool {
+        if self.attempts == 0 || req.headers().contains_key(header::UPGRADE) {
+            return false;
+        }
+        let idempotent = matches!(
+            *req.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        );
+        let grpc_allowed = rejection::is_grpc(req) && self.on.iter().any(|c| matches!(c, RetryOn::Grpc(_)));
+        idempotent || self.non_idempotent || grpc_allowed
+    }
+
+    /// Whether `rsp` meets one of the conditions.
+    pub fn retriable(&self, rsp: &HttpResponse) -> bool {
+        if rsp.extensions().get::<Rejected>().is_some() {
+            // The mesh's own verdicts (circuit open, no endpoints) are not transient.
+            return false;
+        }
+        let status = rsp.status().as_u16();
+        let failure = rsp.extensions().get::<UpstreamFailure>().copied();
+        let grpc =
+            rsp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok());
+        self.on.iter().any(|c| match c {
+            RetryOn::ServerError => (500..600).contains(&status),
+            RetryOn::GatewayError => matches!(status, 502..=504),
+            RetryOn::Reset => failure == Some(UpstreamFailure::Reset),
+            RetryOn::ConnectFailure => failure == Some(UpstreamFailure::Connect),
+            RetryOn::RetriableStatus(code) => status == *code,
+            RetryOn::Grpc(code) => grpc == Some(*code as u32),
+        })
+    }
+
+    /// The sleep before retry `n` (1-based): full jitter, stretched by `Retry-After`.
+    fn backoff(&self, n: u32, retry_after: Option<Duration>) -> Duration {
+        let ceiling = self.base.saturating_mul(1u32 << (n - 1).min(20)).min(self.max);
+        let jitter = if ceiling.is_zero() {
+            Duration::ZERO
+        } else {
+            Duration::from_nanos(rand::random_range(0..ceiling.as_nanos() as u64))
+        };
+        match retry_after {
+            Some(after) => jitter.max(after.min(self.max)),
+            None => jitter,
+        }
+    }
+}
+
+/// A retrying layer of one route.
+#[derive(Clone)]
+pub struct Retry {
+    config: Arc<RetryConfig>,
+    shared: RetryShared,
+}
+
+impl Retry {
+    pub fn new(config: RetryConfig, shared: RetryShared) -> Self {
+        Self { config: Arc::new(config), shared }
+    }
+}
+
+impl Guard for Retry {
+    fn handle(&self, inner: &HttpService, req: HttpRequest) -> ResponseFuture {
+        self.shared.budget.deposit();
+        if !self.config.may_retry(&req) {
+            return stack::call(inner.clone(), req);
+        }
+        let (config, shared, inner) = (self.config.clone(), self.shared.clone(), inner.clone());
+        Box::pin(async move {
+            let (req, body) = match buffer(req).await {
+                Buffered::Replayable(req, body) => (req, body),
+                Buffered::Streaming(req) => return stack::call(inner, req).await,
+            };
+            let policy = RetryPolicy { config, shared, body, tries: 1 };
+            retrying(policy, inner, req).await
+        })
+    }
+}
+
+/// The tower retry future, erased: see [`stack::call`] for why it cannot be awaited in
+/// an async block directly.
+fn retrying(policy: RetryPolicy, inner: HttpService, req: HttpRequest) -> ResponseFuture {
+    Box::pin(tower::retry::Retry::new(policy, inner).oneshot(req))
+}
+
+/// The `tower::retry::Policy` of one request.
+#[derive(Clone)]
+pub struct RetryPolicy {
+    config: Arc<RetryConfig>,
+    shared: RetryShared,
+    body: Bytes,
+    tries: u32,
+}
+
+impl tower::retry::Policy<HttpRequest, HttpResponse, BoxError> for RetryPolicy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        req: &mut HttpRequest,
+        result: &mut Result<HttpResponse, BoxError>,
+    ) -> Option<Self::Future> {
+        let rsp = result.as_ref().ok()?;
+        if self.tries > self.config.attempts || !self.config.retriable(rsp) {
+            return None;
+        }
+        if !self.shared.budget.withdraw() {
+            self.shared.exhausted.inc();
+            return None;
+        }
+        self.shared.retries.inc();
+        if let Some(ServedBy(addr)) = rsp.extensions().get::<ServedBy>() {
+            let avoid = req.extensions_mut().get_or_insert_default::<Avoid>();
+            avoid.0.push(*addr);
+        }
+        let retry_after = rsp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let delay = self.config.backoff(self.tries, retry_after);
+        self.tries += 1;
+        Some(tokio::time::sleep(delay))
+    }
+
+    fn clone_request(&mut self, req: &HttpRequest) -> Option<HttpRequest> {
+        let mut clone = http::Request::new(body::full(self.body.clone()));
+        *clone.method_mut() = req.method().clone();
+        *clone.uri_mut() = req.uri().clone();
+        *clone.version_mut() = req.version();
+        *clone.headers_mut() = req.headers().clone();
+        *clone.extensions_mut() = req.extensions().clone();
+        Some(clone)
+    }
+}
+
+enum Buffered {
+    /// The whole body, within the limit: the request carries it as a full body.
+    Replayable(HttpRequest, Bytes),
+    /// Too long, or with trailers: what was read is put back in front of the rest.
+    Streaming(HttpRequest),
+}
+
+/// Reads the request body into memory when it fits within [`MAX_REPLAY_BODY`].
+async fn buffer(req: HttpRequest) -> Buffered {
+    let (parts, mut body) = req.into_parts();
+    if body.is_end_stream() {
+        return Buffered::Replayable(HttpRequest::from_parts(parts, body::empty()), Bytes::new());
+    }
+    if body.size_hint().lower() > MAX_REPLAY_BODY as u64 {
+        return Buffered::Streaming(HttpRequest::from_parts(parts, body));
+    }
+    let mut data = BytesMut::new();
+    let mut read = Vec::new();
+    loop {
+        match body.frame().await {
+            None => {
+                let bytes = data.freeze();
+                return Buffered::Replayable(
+                    HttpRequest::from_parts(parts, body::full(bytes.clone())),
+                    bytes,
+                );
+            }
+            Some(Ok(frame)) => {
+                let is_data = frame.is_data();
+                if let Some(chunk) = frame.data_ref() {
+                    data.extend_from_slice(chunk);
+                }
+                read.push(frame);
+                if !is_data || data.len() > MAX_REPLAY_BODY {
+                    let rest = Prefixed { read: read.into(), rest: body };
+                    return Buffered::Streaming(HttpRequest::from_parts(parts, body::boxed(rest)));
+                }
+            }
+            Some(Err(e)) => {
+                // The client's body failed: hand the error on so the try fails as it would
+                // have without buffering.
+                let rest = Prefixed { read: read.into(), rest: failed(e) };
+                return Buffered::Streaming(HttpRequest::from_parts(parts, body::boxed(rest)));
+            }
+        }
+    }
+}
+
+fn failed(e: BoxError) -> Body {
+    let mut e = Some(e);
+    body::boxed(http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |_| {
+        Poll::Ready(e.take().map(Err::<Frame<Bytes>, BoxError>))
+    })))
+}
+
+/// The frames already read, then the rest of the body.
+struct Prefixed {
+    read: std::collections::VecDeque<Frame<Bytes>>,
+    rest: Body,
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(f) = self.read.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.read.is_empty() && self.rest.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tower::util::BoxCloneSyncService;
+
+    use super::*;
+
+    fn config(attempts: u32, on: &[&str]) -> RetryConfig {
+        RetryConfig {
+            attempts,
+            on: on.iter().map(|s| s.parse().expect("condition")).collect(),
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(100),
+            non_idempotent: false,
+        }
+    }
+
+    fn shared(ratio: f64, min: u32) -> RetryShared {
+        let budget = Some(Retries {
+            budget: Some(ballast_api::policy::RetryBudget { ratio, min_per_second: min }),
+            ..Default::default()
+        });
+        RetryShared::new(
+            budget.as_ref(),
+            IntCounter::new("r", "r").expect("counter"),
+            IntCounter::new("e", "e").expect("counter"),
+        )
+    }
+
+    /// A service answering each try with the next status of `statuses` (the last one
+    /// repeats), recording the bodies it saw.
+    fn scripted(statuses: &'static [u16], seen: Arc<std::sync::Mutex<Vec<Bytes>>>) -> HttpService {
+        let n = Arc::new(AtomicUsize::new(0));
+        BoxCloneSyncService::new(tower::service_fn(move |req: HttpRequest| {
+            let i = n.fetch_add(1, Ordering::SeqCst);
+            let seen = seen.clone();
+            async move {
+                let body = req.into_body().collect().await?.to_bytes();
+                seen.lock().unwrap_or_else(|p| p.into_inner()).push(body);
+                let status = statuses[i.min(statuses.len() - 1)];
+                let mut rsp = http::Response::new(body::empty());
+                *rsp.status_mut() = http::StatusCode::from_u16(status)?;
+                Ok::<_, BoxError>(rsp)
+            }
+        }))
+    }
+
+    fn request(method: Method, body: &'static str) -> HttpRequest {
+        let mut r = http::Request::new(body::full(body));
+        *r.method_mut() = method;
+        r
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_with_the_same_body_until_success() {
+        let seen = Arc::default();
+        let svc = Retry::new(config(3, &["5xx"]), shared(0.2, 10))
+            .layer(scripted(&[503, 500, 200], Arc::clone(&seen)));
+        let rsp = svc.oneshot(request(Method::PUT, "payload")).await.expect("response");
+        assert_eq!(rsp.status(), 200);
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(seen.len(), 3);
+        assert!(seen.iter().all(|b| b == "payload"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_after_attempts_with_the_last_response() {
+        let seen = Arc::default();
+        let svc = Retry::new(config(2, &["gateway-error"]), shared(0.2, 10))
+            .layer(scripted(&[503], Arc::clone(&seen)));
+        let rsp = svc.oneshot(request(Method::GET, "")).await.expect("response");
+        assert_eq!(rsp.status(), 503);
+        assert_eq!(seen.lock().unwrap_or_else(|p| p.into_inner()).len(), 3, "first try and 2 retries");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn does_not_retry_post_without_permission() {
+        let seen = Arc::default();
+        let svc =
+            Retry::new(config(2, &["5xx"]), shared(0.2, 10)).layer(scripted(&[503, 200], Arc::clone(&seen)));
+        let rsp = svc.oneshot(request(Method::POST, "x")).await.expect("response");
+        assert_eq!(rsp.status(), 503);
+        assert_eq!(seen.lock().unwrap_or_else(|p| p.into_inner()).len(), 1);
+        let seen = Arc::default();
+        let permitted = RetryConfig { non_idempotent: true, ..config(2, &["5xx"]) };
+        let svc = Retry::new(permitted, shared(0.2, 10)).layer(scripted(&[503, 200], Arc::clone(&seen)));
+        assert_eq!(svc.oneshot(request(Method::POST, "x")).await.expect("response").status(), 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn does_not_retry_if_body_is_too_long() {
+        let seen = Arc::default();
+        let big: &'static str = Box::leak("a".repeat(MAX_REPLAY_BODY + 1).into_boxed_str());
+        let svc =
+            Retry::new(config(2, &["5xx"]), shared(0.2, 10)).layer(scripted(&[503, 200], Arc::clone(&seen)));
+        let rsp = svc.oneshot(request(Method::PUT, big)).await.expect("response");
+        assert_eq!(rsp.status(), 503);
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].len(), MAX_REPLAY_BODY + 1, "the body streamed through whole");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_uses_budget() {
+        // No floor, 50%: each original request pays for half a retry.
+        let budget = shared(0.5, 0);
+        let seen = Arc::default();
+        let svc = Retry::new(config(5, &["5xx"]), budget.clone()).layer(scripted(&[503], Arc::clone(&seen)));
+        for _ in 0..10 {
+            let rsp = svc.clone().oneshot(request(Method::GET, "")).await.expect("response");
+            assert_eq!(rsp.status(), 503, "a spent budget returns the upstream's response");
+        }
+        let tries = seen.lock().unwrap_or_else(|p| p.into_inner()).len();
+        assert!((10..=15).contains(&tries), "10 requests, at most 5 retries, got {tries} tries");
+        assert!(budget.exhausted.get() >= 5);
+        assert_eq!(budget.retries.get() as usize, tries - 10);
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_and_honours_retry_after_up_to_max() {
+        let c = config(5, &["5xx"]);
+        for n in 1..=6 {
+            let ceiling = (Duration::from_millis(10) * (1 << (n - 1))).min(Duration::from_millis(100));
+            for _ in 0..50 {
+                assert!(c.backoff(n, None) < ceiling);
+            }
+        }
+        assert_eq!(c.backoff(1, Some(Duration::from_secs(30))), Duration::from_millis(100));
+        assert!(c.backoff(1, Some(Duration::from_millis(50))) >= Duration::from_millis(50));
+    }
+
+    #[test]
+    fn conditions_match_statuses_failures_and_grpc() {
+        let rsp = |status: u16, grpc: Option<&str>, failure: Option<UpstreamFailure>| {
+            let mut r = http::Response::new(body::empty());
+            *r.status_mut() = http::StatusCode::from_u16(status).expect("status");
+            if let Some(g) = grpc {
+                r.headers_mut().insert("grpc-status", http::HeaderValue::from_str(g).expect("value"));
+            }
+            if let Some(f) = failure {
+                r.extensions_mut().insert(f);
+            }
+            r
+        };
+        let c = config(1, &["gateway-error"]);
+        assert!(c.retriable(&rsp(503, None, None)));
+        assert!(!c.retriable(&rsp(500, None, None)));
+        let c = config(1, &["reset"]);
+        assert!(c.retriable(&rsp(502, None, Some(UpstreamFailure::Reset))));
+        assert!(!c.retriable(&rsp(502, None, Some(UpstreamFailure::Connect))));
+        let c = config(1, &["retriable-status:409"]);
+        assert!(c.retriable(&rsp(409, None, None)));
+        let c = config(1, &["grpc:unavailable"]);
+        assert!(c.retriable(&rsp(200, Some("14"), None)));
+        assert!(!c.retriable(&rsp(200, Some("13"), None)));
+        let mut rejected = rsp(503, None, None);
+        rejected.extensions_mut().insert(Rejected(rejection::Reason::CircuitOpen));
+        assert!(!config(1, &["5xx"]).retriable(&rejected));
+    }
+}

@@ -136,7 +136,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
 }
 
 /// Reapplies the config file when it changes (polled, so it also works on the symlink
-/// swaps of a Kubernetes ConfigMap) or on SIGHUP. A file that fails to parse or validate
+/// swaps of a Kubernetes ConfigMap) or on SIGHUP. Replace the file atomically (write a
+/// temporary file, then rename it over) so the sidecar never reads half of it. A file that fails to parse or validate
 /// is logged and counted, and the previous configuration stays applied.
 async fn watch_file(
     path: PathBuf,
@@ -160,6 +161,13 @@ async fn watch_file(
         };
         let now = stamp(&path);
         if !forced && now == last {
+            continue;
+        }
+        // A file rewritten in place (truncate, then write) is empty for a moment; applying
+        // that would drop every service until the next poll. Wait for the content; an
+        // intentionally empty configuration is applied on SIGHUP.
+        if !forced && now.is_some_and(|(_, len)| len == 0) {
+            tracing::debug!(path = %path.display(), "config file is empty; waiting for its content (SIGHUP applies it as is)");
             continue;
         }
         last = now;

@@ -8,6 +8,7 @@ print that line, 2 on bad arguments. Cases:
   unary           Echo/Unary with b"hello"
   stream          Echo/Stream with N=100
   fail            Echo/Fail (expect PERMISSION_DENIED with trailers)
+  flaky           Echo/Flaky with b"x" (UNAVAILABLE on odd-numbered server calls)
 --authority sets :authority via the channel option grpc.default_authority.
 """
 import argparse
@@ -17,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 TIMEOUT = 10.0
-CASES = ("health", "health-unknown", "unary", "stream", "fail")
+CASES = ("health", "health-unknown", "unary", "stream", "fail", "flaky")
 
 
 def md(metadata):
@@ -44,6 +45,9 @@ def run(channel, case):
         return {"code": call.code().name, "count": len(msgs),
                 "first": msgs[0] if msgs else None, "last": msgs[-1] if msgs else None,
                 "trailing_metadata": md(call.trailing_metadata())}
+    if case == "flaky":
+        resp, call = channel.unary_unary("/ballast.test.Echo/Flaky").with_call(b"x", timeout=TIMEOUT)
+        return {"code": call.code().name, "response": resp.decode("utf-8", "replace")}
     # fail: success would be unexpected, but report it all the same.
     resp, call = channel.unary_unary("/ballast.test.Echo/Fail").with_call(b"", timeout=TIMEOUT)
     return {"code": call.code().name, "response": resp.decode("utf-8", "replace")}

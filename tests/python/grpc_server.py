@@ -7,11 +7,14 @@ codegen-free echo service with raw-bytes methods:
                              yields b"msg-0".. b"msg-{N-1}", trailer x-trailer=stream
   /ballast.test.Echo/Fail    sends initial metadata x-initial=sent, then fails
                              PERMISSION_DENIED "denied by test", trailer x-reason=test
+  /ballast.test.Echo/Flaky   odd-numbered calls (1st, 3rd, ...) fail UNAVAILABLE before
+                             any header (trailers-only); even ones answer b"call:N"
 Prints "READY <port>" once serving (--port 0 picks a free port); exits on SIGTERM/SIGINT.
 """
 import argparse
 import signal
 import sys
+import threading
 from concurrent import futures
 
 import grpc
@@ -42,6 +45,19 @@ def fail(request, context):
     context.abort(grpc.StatusCode.PERMISSION_DENIED, "denied by test")
 
 
+FLAKY_CALLS = [0]
+FLAKY_LOCK = threading.Lock()
+
+
+def flaky(request, context):
+    with FLAKY_LOCK:
+        FLAKY_CALLS[0] += 1
+        n = FLAKY_CALLS[0]
+    if n % 2 == 1:
+        context.abort(grpc.StatusCode.UNAVAILABLE, "flaky by test")
+    return b"call:%d" % n
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
@@ -58,6 +74,7 @@ def main():
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        "Flaky": grpc.unary_unary_rpc_method_handler(flaky),
     }),))
     host = f"[{args.host}]" if ":" in args.host else args.host
     port = server.add_insecure_port(f"{host}:{args.port}")

@@ -241,6 +241,7 @@ pub struct Upstream {
     pub name: String,
     connections: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
+    fault: Arc<std::sync::Mutex<Fault>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -251,7 +252,23 @@ fn full(b: impl Into<Bytes>) -> TestBody {
     Full::new(b.into()).boxed()
 }
 
+/// Failures an [`Upstream`] injects before routing, changeable while it runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    None,
+    /// This share of requests (0..1) gets a 503 at random.
+    Rate503(f64),
+    /// Every request gets this status.
+    Always(u16),
+    /// Every request waits this long (on top of the start delay), then is routed.
+    Delay(Duration),
+}
+
 impl Upstream {
+    pub fn set_fault(&self, f: Fault) {
+        *self.fault.lock().unwrap() = f;
+    }
+
     pub fn start(name: &str) -> Upstream {
         Self::start_with_delay(name, Duration::ZERO)
     }
@@ -264,7 +281,8 @@ impl Upstream {
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
-        let (c, r, n) = (connections.clone(), requests.clone(), name.to_string());
+        let fault = Arc::new(std::sync::Mutex::new(Fault::None));
+        let (c, r, n, fl) = (connections.clone(), requests.clone(), name.to_string(), fault.clone());
         let thread = std::thread::spawn(move || {
             let rt =
                 tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -276,14 +294,33 @@ impl Upstream {
                         acc = listener.accept() => {
                             let Ok((stream, _)) = acc else { continue };
                             c.fetch_add(1, Ordering::SeqCst);
-                            let (r, n) = (r.clone(), n.clone());
+                            let (r, n, fl) = (r.clone(), n.clone(), fl.clone());
                             tokio::spawn(async move {
                                 let svc = hyper::service::service_fn(move |req| {
                                     r.fetch_add(1, Ordering::SeqCst);
                                     let n = n.clone();
+                                    let fault = *fl.lock().unwrap();
                                     async move {
                                         if !delay.is_zero() {
                                             tokio::time::sleep(delay).await;
+                                        }
+                                        let status = match fault {
+                                            Fault::None => None,
+                                            Fault::Rate503(p) => (rand::random::<f64>() < p).then_some(503),
+                                            Fault::Always(s) => Some(s),
+                                            Fault::Delay(d) => {
+                                                tokio::time::sleep(d).await;
+                                                None
+                                            }
+                                        };
+                                        if let Some(s) = status {
+                                            // Read the body first, as a well-behaved server
+                                            // does, so the client is not reset mid-upload.
+                                            let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                                            let mut rsp = Response::new(full(format!("fault {s}\n")));
+                                            *rsp.status_mut() = hyper::StatusCode::from_u16(s).unwrap();
+                                            rsp.headers_mut().insert("x-upstream", n.parse().unwrap());
+                                            return Ok(rsp);
                                         }
                                         upstream_route(n, req).await
                                     }
@@ -298,7 +335,15 @@ impl Upstream {
             });
             rt.shutdown_timeout(Duration::from_millis(100));
         });
-        Upstream { addr, name: name.into(), connections, requests, stop: Some(tx), thread: Some(thread) }
+        Upstream {
+            addr,
+            name: name.into(),
+            connections,
+            requests,
+            fault,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
     }
 
     pub fn connections(&self) -> usize {

@@ -555,3 +555,20 @@ fn policy_swap_under_load_fails_no_request() {
     assert!(swaps >= 9, "{swaps} swaps");
     assert!(sc.metric("ballast_config_version") >= 8.0, "the swaps were applied");
 }
+
+/// The server-side sidecar bounds its app's answer by the policy's `timeouts.request`
+/// too, so a caller from outside the mesh gets the same 504 `timeout`.
+#[test]
+fn inbound_applies_the_request_timeout() {
+    let app = Upstream::start("app");
+    let policy = "apiVersion: ballast.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {name: web}\nspec:\n  targetRef: {service: web}\n  timeouts: {request: 300ms}\n";
+    let sc = Sidecar::start(policy, &["--service", "web", "--app-addr", &app.addr.to_string()]);
+    let started = Instant::now();
+    let out = run(curl().args(["-i", &format!("http://{}/slow/3000", sc.inbound)]));
+    let text = stdout(&out);
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    assert!(text.contains("ballast-rejected: timeout"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let out = run(curl().args(["-i", &format!("http://{}/slow/10", sc.inbound)]));
+    assert!(stdout(&out).starts_with("HTTP/1.1 200"));
+}

@@ -63,7 +63,7 @@ struct RunArgs {
     /// (server-speaks-first protocols send nothing).
     #[arg(long, env = "BALLAST_DETECT_TIMEOUT", default_value = "500ms", value_parser = duration)]
     detect_timeout: std::time::Duration,
-    /// Upstream connect timeout (a policy's timeouts.connect will override it per service).
+    /// Upstream connect timeout; a policy's timeouts.connect overrides it per service.
     #[arg(long, env = "BALLAST_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration)]
     connect_timeout: std::time::Duration,
     /// Resolve hosts that are not mesh services with DNS (proxy requests and CONNECT).

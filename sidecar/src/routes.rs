@@ -195,15 +195,21 @@ impl Snapshot {
         previous: Option<&Snapshot>,
     ) -> Self {
         let mut snap = Snapshot { version: config.version, ..Snapshot::empty(namespace) };
-        let inbound_policy =
-            own_service.and_then(|s| config.policy_for(namespace, s)).and_then(|p| p.spec.inbound.as_ref());
+        let own_policy = own_service.and_then(|s| config.policy_for(namespace, s)).map(|p| &p.spec);
+        let request_timeout =
+            own_policy.and_then(|p| p.timeouts.as_ref()).and_then(|t| t.request).map(|d| d.get());
+        let inbound_policy = match own_policy.and_then(|p| p.inbound.clone()) {
+            Some(i) => Some(i),
+            None => request_timeout.map(|_| Default::default()),
+        };
         snap.inbound = inbound_policy.map(|policy| {
             // Unchanged limits keep their state (bucket, slots) across snapshots.
+            let key = (policy, request_timeout);
             let limits = previous
                 .and_then(|p| p.inbound.as_ref())
-                .filter(|(l, _)| &l.policy == policy)
+                .filter(|(l, _)| l.policy == key)
                 .map(|(l, _)| l.clone())
-                .unwrap_or_else(|| InboundLimits::new(policy));
+                .unwrap_or_else(|| InboundLimits::new(&key.0, key.1));
             (limits, Mutex::new(HashMap::new()))
         });
         for svc in config.services.values() {

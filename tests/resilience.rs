@@ -466,6 +466,19 @@ fn grpc_unavailable_is_retried() {
         assert_eq!(v["response"], expected, "{v}");
     }
     assert_eq!(sc.metric(r#"ballast_retries_total{service="greeter.default"}"#), 2.0);
+    // A retryable call's body streams to the upstream as it arrives: a bidi stream whose
+    // client waits for each answer before sending on does not hang.
+    let out = run(Command::new(python()).arg(repo_root().join("tests/python/grpc_client.py")).args([
+        "--target",
+        &sc.outbound.to_string(),
+        "--case",
+        "chat",
+        "--authority",
+        "greeter",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["code"], "OK", "{v}");
+    assert_eq!(v["replies"], serde_json::json!(["re:m0", "re:m1", "re:m2"]), "{v}");
 }
 
 /// Outlier detection ejects the endpoint that keeps failing; the other takes the traffic.

@@ -7,9 +7,10 @@
 //! the sidecar. Every few seconds it prints success rate and latency for both, side by
 //! side, and at the end what the sidecar's own metrics counted.
 //!
-//! Until the control plane exists the sidecar reads a static file; the resilience policy
-//! (retries, circuit breaking) that turns the flaky service's failures into successes
-//! lands with the resilience issue, and the demo will show it then.
+//! Until the control plane exists the sidecar reads a static file. It carries a
+//! resilience policy for `payments`: a per-try timeout cuts the slow answers short and
+//! retries (within a budget) turn the 503s into successes, which the table shows as the
+//! difference between the direct and the mesh rows.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -56,6 +57,16 @@ pub enum DemoError {
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }
+
+/// The policy the demo applies to `payments`.
+const PAYMENTS_POLICY: &str = "apiVersion: ballast.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: payments, namespace: demo}
+spec:
+  targetRef: {service: payments}
+  timeouts: {request: 1s, perTry: 100ms}
+  retries: {attempts: 3, on: [5xx], backoff: {base: 5ms, max: 50ms}, budget: {ratio: 0.5, minPerSecond: 10}}
+";
 
 /// How a sample service behaves.
 #[derive(Clone, Copy)]
@@ -178,7 +189,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     std::fs::write(
         &config,
         format!(
-            "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: catalog, namespace: demo}}\nspec:\n  ports: [{{port: 80, protocol: http}}]\n  endpoints: [{{address: \"{}\"}}, {{address: \"{}\"}}]\n---\napiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: payments, namespace: demo}}\nspec:\n  ports: [{{port: 80, protocol: http}}]\n  endpoints: [{{address: \"{}\"}}]\n",
+            "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: catalog, namespace: demo}}\nspec:\n  ports: [{{port: 80, protocol: http}}]\n  endpoints: [{{address: \"{}\"}}, {{address: \"{}\"}}]\n---\napiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: payments, namespace: demo}}\nspec:\n  ports: [{{port: 80, protocol: http}}]\n  endpoints: [{{address: \"{}\"}}]\n---\n{PAYMENTS_POLICY}",
             catalog[0], catalog[1], payments
         ),
     )?;
@@ -216,9 +227,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
         "Each service gets {} req/s straight to its replicas ('direct') and the same through the sidecar ('mesh').",
         args.rate
     );
-    println!(
-        "Resilience policies (retries, circuit breaking) arrive with the next release; today the mesh adds balancing and metrics."
-    );
+    println!("The mesh applies this policy to payments:\n{PAYMENTS_POLICY}");
 
     let direct: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mesh: Client<_, Empty<Bytes>> =

@@ -9,16 +9,18 @@ print that line, 2 on bad arguments. Cases:
   stream          Echo/Stream with N=100
   fail            Echo/Fail (expect PERMISSION_DENIED with trailers)
   flaky           Echo/Flaky with b"x" (UNAVAILABLE on odd-numbered server calls)
+  chat            Echo/Chat: sends m0, m1, m2, each only after the previous answer
 --authority sets :authority via the channel option grpc.default_authority.
 """
 import argparse
 import json
+import queue
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 TIMEOUT = 10.0
-CASES = ("health", "health-unknown", "unary", "stream", "fail", "flaky")
+CASES = ("health", "health-unknown", "unary", "stream", "fail", "flaky", "chat")
 
 
 def md(metadata):
@@ -45,6 +47,24 @@ def run(channel, case):
         return {"code": call.code().name, "count": len(msgs),
                 "first": msgs[0] if msgs else None, "last": msgs[-1] if msgs else None,
                 "trailing_metadata": md(call.trailing_metadata())}
+    if case == "chat":
+        outbox = queue.Queue()
+
+        def messages():
+            while True:
+                item = outbox.get()
+                if item is None:
+                    return
+                yield item
+
+        call = channel.stream_stream("/ballast.test.Echo/Chat")(messages(), timeout=TIMEOUT)
+        replies = []
+        for i in range(3):
+            outbox.put(b"m%d" % i)
+            replies.append(next(call).decode("utf-8", "replace"))
+        outbox.put(None)
+        list(call)
+        return {"code": call.code().name, "replies": replies}
     if case == "flaky":
         resp, call = channel.unary_unary("/ballast.test.Echo/Flaky").with_call(b"x", timeout=TIMEOUT)
         return {"code": call.code().name, "response": resp.decode("utf-8", "replace")}

@@ -9,6 +9,8 @@ codegen-free echo service with raw-bytes methods:
                              PERMISSION_DENIED "denied by test", trailer x-reason=test
   /ballast.test.Echo/Flaky   odd-numbered calls (1st, 3rd, ...) fail UNAVAILABLE before
                              any header (trailers-only); even ones answer b"call:N"
+  /ballast.test.Echo/Chat    stream-stream: answers each message b"re:" + message as it
+                             arrives (the client waits for each answer before sending on)
 Prints "READY <port>" once serving (--port 0 picks a free port); exits on SIGTERM/SIGINT.
 """
 import argparse
@@ -45,6 +47,11 @@ def fail(request, context):
     context.abort(grpc.StatusCode.PERMISSION_DENIED, "denied by test")
 
 
+def chat(request_iterator, context):
+    for message in request_iterator:
+        yield b"re:" + message
+
+
 FLAKY_CALLS = [0]
 FLAKY_LOCK = threading.Lock()
 
@@ -75,6 +82,7 @@ def main():
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
         "Flaky": grpc.unary_unary_rpc_method_handler(flaky),
+        "Chat": grpc.stream_stream_rpc_method_handler(chat),
     }),))
     host = f"[{args.host}]" if ":" in args.host else args.host
     port = server.add_insecure_port(f"{host}:{args.port}")

@@ -28,6 +28,7 @@ pub mod circuit_breaker;
 pub mod faults;
 pub mod inbound;
 pub mod rate_limit;
+pub mod replay;
 pub mod retry;
 pub mod routes;
 pub mod timeout;

@@ -5,9 +5,9 @@
 //! recent requests, over a 10 s window, plus a floor of `minPerSecond`). What this module
 //! adds is what HTTP needs around it:
 //!
-//! * **Replayable requests only** (DESIGN §2). The body is buffered before the first try,
-//!   up to 64 KiB; a longer body is streamed on as it arrives and the request is not
-//!   retried. The method must be idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE), or
+//! * **Replayable requests only** (DESIGN §2). The body streams to the first try as it
+//!   arrives while up to 64 KiB of it is kept ([`Replay`](super::replay)); a longer body
+//!   is not retried, nor one that the failed try still holds half-sent. The method must be idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE), or
 //!   the policy says otherwise: `nonIdempotent: true` for plain HTTP, or any `grpc:*`
 //!   condition for gRPC calls (every gRPC call is a POST, so listing a gRPC condition is
 //!   the operator saying its calls may be retried, as with Envoy's `retry_on`). Upgrades
@@ -27,22 +27,19 @@
 //! The overall `timeouts.request` sits above this layer and covers every try and sleep;
 //! `timeouts.perTry` is enforced by the balancer around each endpoint call.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ballast_api::policy::{Retries, RetryOn};
-use bytes::{Bytes, BytesMut};
 use http::{Method, header};
-use http_body::{Body as _, Frame};
-use http_body_util::BodyExt;
+use http_body::Body as _;
 use prometheus::IntCounter;
 use tower::ServiceExt;
 use tower::retry::budget::{Budget, TpsBudget};
 
+use super::replay::Replay;
 use super::{Guard, ResponseFuture};
-use crate::body::{self, Body, BoxError};
+use crate::body::{self, BoxError};
 use crate::outcome::{Avoid, ServedBy, UpstreamFailure};
 use crate::rejection::{self, Rejected};
 use crate::stack::{self, HttpRequest, HttpResponse, HttpService};
@@ -165,15 +162,16 @@ impl Guard for Retry {
         if !self.config.may_retry(&req) {
             return stack::call(inner.clone(), req);
         }
-        let (config, shared, inner) = (self.config.clone(), self.shared.clone(), inner.clone());
-        Box::pin(async move {
-            let (req, body) = match buffer(req).await {
-                Buffered::Replayable(req, body) => (req, body),
-                Buffered::Streaming(req) => return stack::call(inner, req).await,
-            };
-            let policy = RetryPolicy { config, shared, body, tries: 1 };
-            retrying(policy, inner, req).await
-        })
+        let (parts, body) = req.into_parts();
+        if body.size_hint().lower() > MAX_REPLAY_BODY as u64 {
+            // Known to be too long to replay: sent once, untouched.
+            return stack::call(inner.clone(), HttpRequest::from_parts(parts, body));
+        }
+        let replay = Replay::new(body, MAX_REPLAY_BODY);
+        let req = HttpRequest::from_parts(parts, body::boxed(replay.body()));
+        let policy =
+            RetryPolicy { config: self.config.clone(), shared: self.shared.clone(), replay, tries: 1 };
+        retrying(policy, inner.clone(), req)
     }
 }
 
@@ -188,7 +186,7 @@ fn retrying(policy: RetryPolicy, inner: HttpService, req: HttpRequest) -> Respon
 pub struct RetryPolicy {
     config: Arc<RetryConfig>,
     shared: RetryShared,
-    body: Bytes,
+    replay: Replay,
     tries: u32,
 }
 
@@ -202,6 +200,10 @@ impl tower::retry::Policy<HttpRequest, HttpResponse, BoxError> for RetryPolicy {
     ) -> Option<Self::Future> {
         let rsp = result.as_ref().ok()?;
         if self.tries > self.config.attempts || !self.config.retriable(rsp) {
+            return None;
+        }
+        if !self.replay.can_replay() {
+            // Over the buffer limit, or the failed try still holds the body.
             return None;
         }
         if !self.shared.budget.withdraw() {
@@ -225,7 +227,7 @@ impl tower::retry::Policy<HttpRequest, HttpResponse, BoxError> for RetryPolicy {
     }
 
     fn clone_request(&mut self, req: &HttpRequest) -> Option<HttpRequest> {
-        let mut clone = http::Request::new(body::full(self.body.clone()));
+        let mut clone = http::Request::new(body::boxed(self.replay.body()));
         *clone.method_mut() = req.method().clone();
         *clone.uri_mut() = req.uri().clone();
         *clone.version_mut() = req.version();
@@ -235,90 +237,12 @@ impl tower::retry::Policy<HttpRequest, HttpResponse, BoxError> for RetryPolicy {
     }
 }
 
-enum Buffered {
-    /// The whole body, within the limit: the request carries it as a full body.
-    Replayable(HttpRequest, Bytes),
-    /// Too long, or with trailers: what was read is put back in front of the rest.
-    Streaming(HttpRequest),
-}
-
-/// Reads the request body into memory when it fits within [`MAX_REPLAY_BODY`].
-async fn buffer(req: HttpRequest) -> Buffered {
-    let (parts, mut body) = req.into_parts();
-    if body.is_end_stream() {
-        return Buffered::Replayable(HttpRequest::from_parts(parts, body::empty()), Bytes::new());
-    }
-    if body.size_hint().lower() > MAX_REPLAY_BODY as u64 {
-        return Buffered::Streaming(HttpRequest::from_parts(parts, body));
-    }
-    let mut data = BytesMut::new();
-    let mut read = Vec::new();
-    loop {
-        match body.frame().await {
-            None => {
-                let bytes = data.freeze();
-                return Buffered::Replayable(
-                    HttpRequest::from_parts(parts, body::full(bytes.clone())),
-                    bytes,
-                );
-            }
-            Some(Ok(frame)) => {
-                let is_data = frame.is_data();
-                if let Some(chunk) = frame.data_ref() {
-                    data.extend_from_slice(chunk);
-                }
-                read.push(frame);
-                if !is_data || data.len() > MAX_REPLAY_BODY {
-                    let rest = Prefixed { read: read.into(), rest: body };
-                    return Buffered::Streaming(HttpRequest::from_parts(parts, body::boxed(rest)));
-                }
-            }
-            Some(Err(e)) => {
-                // The client's body failed: hand the error on so the try fails as it would
-                // have without buffering.
-                let rest = Prefixed { read: read.into(), rest: failed(e) };
-                return Buffered::Streaming(HttpRequest::from_parts(parts, body::boxed(rest)));
-            }
-        }
-    }
-}
-
-fn failed(e: BoxError) -> Body {
-    let mut e = Some(e);
-    body::boxed(http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |_| {
-        Poll::Ready(e.take().map(Err::<Frame<Bytes>, BoxError>))
-    })))
-}
-
-/// The frames already read, then the rest of the body.
-struct Prefixed {
-    read: std::collections::VecDeque<Frame<Bytes>>,
-    rest: Body,
-}
-
-impl http_body::Body for Prefixed {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(f) = self.read.pop_front() {
-            return Poll::Ready(Some(Ok(f)));
-        }
-        Pin::new(&mut self.rest).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.read.is_empty() && self.rest.is_end_stream()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
     use tower::util::BoxCloneSyncService;
 
     use super::*;

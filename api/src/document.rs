@@ -358,6 +358,9 @@ spec:
         let err = Config::from_yaml(&text, "p.yaml").unwrap_err().to_string();
         assert!(err.contains("spec.retries.budget.ratio"), "{err}");
         assert!(err.starts_with("p.yaml:1:"), "{err}");
+        let text = CONTRACT_POLICY.replace("minPerSecond: 10", "minPerSecond: 3000000000");
+        let err = Config::from_yaml(&text, "p.yaml").unwrap_err().to_string();
+        assert!(err.contains("spec.retries.budget.minPerSecond"), "{err}");
         let text = CONTRACT_POLICY.replace("base: 25ms", "base: 25");
         let err = Config::from_yaml(&text, "p.yaml").unwrap_err().to_string();
         assert!(err.contains("ambiguous"), "{err}");

@@ -562,10 +562,16 @@ fn validate_retries(at: &str, r: &Retries, e: &mut impl FnMut(&str, String)) {
             e(&format!("{at}.backoff.max"), format!("must be at least base ({}), got {}", b.base, b.max));
         }
     }
-    if let Some(b) = &r.budget
-        && !(0.0..=1.0).contains(&b.ratio)
-    {
-        e(&format!("{at}.budget.ratio"), format!("must be in [0, 1], got {}", b.ratio));
+    if let Some(b) = &r.budget {
+        if !(0.0..=1.0).contains(&b.ratio) {
+            e(&format!("{at}.budget.ratio"), format!("must be in [0, 1], got {}", b.ratio));
+        }
+        if b.min_per_second > 1_000_000 {
+            e(
+                &format!("{at}.budget.minPerSecond"),
+                format!("must be at most 1000000, got {}", b.min_per_second),
+            );
+        }
     }
 }
 

@@ -20,7 +20,8 @@
 //!   a removed endpoint move; requests without the header are spread at random.
 //!
 //! Outlier detection (`outlierDetection`): an endpoint that fails `consecutiveFailures`
-//! tries in a row (5xx, reset, connect failure, per-try timeout) is ejected for
+//! tries in a row (see [`outcome::is_failure`]: 5xx, reset, connect failure, per-try
+//! timeout, gRPC statuses of a server in trouble) is ejected for
 //! `baseEjection` × the number of times it was ejected (capped at 10×, as Envoy caps it
 //! with `max_ejection_time`). At most `maxEjectedPercent` of the endpoints are out at
 //! once, rounded down, but one may always be ejected when there are two or more: a
@@ -117,6 +118,8 @@ struct Shared {
     outlier: Option<OutlierConfig>,
     /// Serialises ejection decisions so `maxEjectedPercent` holds under concurrency.
     ejecting: Mutex<()>,
+    /// Endpoints ejected as last counted (under `ejecting`).
+    ejected: AtomicUsize,
     ready_gauge: IntGauge,
     ejected_gauge: IntGauge,
 }
@@ -164,6 +167,7 @@ impl Balancer {
                 next: AtomicUsize::new(0),
                 outlier,
                 ejecting: Mutex::new(()),
+                ejected: AtomicUsize::new(0),
                 ready_gauge,
                 ejected_gauge,
             }),
@@ -319,17 +323,20 @@ impl Shared {
     }
 
     fn update_gauges(&self, ejected: usize) {
+        self.ejected.store(ejected, Ordering::Relaxed);
         self.ejected_gauge.set(ejected as i64);
         self.ready_gauge.set((self.endpoints.len() - ejected) as i64);
     }
 
-    /// Refreshes the gauges when an ejection has run out.
+    /// Refreshes the count (and gauges) when an ejection may have run out; free while
+    /// nothing is ejected.
     fn refresh_gauges(&self, now: Instant) {
-        if self.outlier.is_none() || self.ejected_gauge.get() == 0 {
+        if self.ejected.load(Ordering::Relaxed) == 0 {
             return;
         }
+        let _serial = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
         let ejected = self.endpoints.iter().filter(|e| e.ejected(now)).count();
-        if ejected as i64 != self.ejected_gauge.get() {
+        if ejected != self.ejected.load(Ordering::Relaxed) {
             self.update_gauges(ejected);
         }
     }

@@ -55,10 +55,19 @@ pub enum UpstreamFailure {
 }
 
 /// Whether a response counts as a failure for the circuit breaker and outlier detection:
-/// a 5xx from upstream, a reset, a connect failure or a timeout. The mesh's own
-/// rejections below the breaker (no endpoints) are not the upstream's failures.
+/// a 5xx from upstream, a reset, a connect failure or a timeout, and for gRPC (always
+/// HTTP 200) a trailers-only UNKNOWN, DEADLINE_EXCEEDED, INTERNAL or UNAVAILABLE: the
+/// statuses of a server in trouble rather than of a bad call. The mesh's own rejections
+/// below the breaker (no endpoints) are not the upstream's failures.
 pub fn is_failure(rsp: &HttpResponse) -> bool {
-    rsp.status().is_server_error() && rsp.extensions().get::<Rejected>().is_none()
+    if rsp.extensions().get::<Rejected>().is_some() {
+        return false;
+    }
+    rsp.status().is_server_error()
+        || rsp
+            .headers()
+            .get("grpc-status")
+            .is_some_and(|v| matches!(v.as_bytes(), b"2" | b"4" | b"13" | b"14"))
 }
 
 /// Whether a try that was dropped before its response (the caller went away, or the

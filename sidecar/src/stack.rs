@@ -104,7 +104,10 @@ impl StackContext {
         };
         let inner = match policy {
             Some(p) => with_policy(inner, p, &label, &self.metrics),
-            None => inner,
+            None => {
+                let _ = self.metrics.circuit_state.remove_label_values(&[&label]);
+                inner
+            }
         };
         BoxCloneSyncService::new(RecordMetrics::new(&self.metrics, Direction::Outbound, label, inner))
     }

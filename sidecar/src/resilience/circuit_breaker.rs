@@ -20,7 +20,9 @@
 //!
 //! It sits below the retries (DESIGN §2), so each try is judged: failures are 5xx
 //! responses, resets, connect failures and timeouts (per-try, or a try cut off by the
-//! request timeout); a caller that goes away counts as nothing. Outcomes of requests
+//! request timeout), and gRPC statuses of a server in trouble ([`outcome::is_failure`]);
+//! a caller that goes away counts as nothing. Open turns half-open on the first request
+//! after `openFor`, so `ballast_circuit_state` of an idle service stays 1 until then. Outcomes of requests
 //! admitted before the last state change are ignored, so a burst of stale failures can
 //! not re-open a circuit that a probe just closed.
 

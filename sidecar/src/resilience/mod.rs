@@ -23,6 +23,7 @@
 //! `Box<dyn Error>` (see [`stack::call`](crate::stack::call)). The price is one boxed
 //! future per layer a policy turns on; layers it leaves off are not in the stack at all.
 
+pub mod budget;
 pub mod bulkhead;
 pub mod circuit_breaker;
 pub mod faults;

@@ -1,8 +1,8 @@
 //! `retries`: tries a failed request again, on another endpoint, within a budget.
 //!
 //! Built on `tower::retry`: [`RetryPolicy`] is a `tower::retry::Policy` that decides per
-//! response, and the budget is tower's [`TpsBudget`] (Finagle's: retries as a share of
-//! recent requests, over a 10 s window, plus a floor of `minPerSecond`). What this module
+//! response, and the budget is a `tower::retry::budget::Budget` ([`RatioBudget`]:
+//! retries as a share of the requests of the last 10 s, plus a floor of `minPerSecond`). What this module
 //! adds is what HTTP needs around it:
 //!
 //! * **Replayable requests only** (DESIGN §2). The body streams to the first try as it
@@ -35,8 +35,9 @@ use http::{Method, header};
 use http_body::Body as _;
 use prometheus::IntCounter;
 use tower::ServiceExt;
-use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::budget::Budget;
 
+use super::budget::RatioBudget;
 use super::replay::Replay;
 use super::{Guard, ResponseFuture};
 use crate::body::{self, BoxError};
@@ -46,8 +47,6 @@ use crate::stack::{self, HttpRequest, HttpResponse, HttpService};
 
 /// Longest request body buffered for replay (DESIGN §2).
 pub const MAX_REPLAY_BODY: usize = 64 * 1024;
-/// The budget's window.
-const BUDGET_TTL: Duration = Duration::from_secs(10);
 
 /// `retries` with its defaults filled in.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,7 +61,7 @@ pub struct RetryConfig {
 /// The budget and counters of one service, shared by its routes.
 #[derive(Clone)]
 pub struct RetryShared {
-    pub budget: Arc<TpsBudget>,
+    pub budget: Arc<RatioBudget>,
     pub retries: IntCounter,
     pub exhausted: IntCounter,
 }
@@ -73,7 +72,7 @@ impl RetryShared {
     pub fn new(policy: Option<&Retries>, retries: IntCounter, exhausted: IntCounter) -> Self {
         let (ratio, min) =
             policy.and_then(|r| r.budget).map(|b| (b.ratio, b.min_per_second)).unwrap_or((0.2, 10));
-        Self { budget: Arc::new(TpsBudget::new(BUDGET_TTL, min, ratio as f32)), retries, exhausted }
+        Self { budget: Arc::new(RatioBudget::new(ratio, min)), retries, exhausted }
     }
 }
 
@@ -121,7 +120,9 @@ impl RetryConfig {
         self.on.iter().any(|c| match c {
             RetryOn::ServerError => (500..600).contains(&status),
             RetryOn::GatewayError => matches!(status, 502..=504),
-            RetryOn::Reset => failure == Some(UpstreamFailure::Reset),
+            // As Envoy's `reset`: the upstream did not answer at all (disconnect, reset,
+            // or no response within the per-try timeout).
+            RetryOn::Reset => matches!(failure, Some(UpstreamFailure::Reset | UpstreamFailure::Timeout)),
             RetryOn::ConnectFailure => failure == Some(UpstreamFailure::Connect),
             RetryOn::RetriableStatus(code) => status == *code,
             RetryOn::Grpc(code) => grpc == Some(*code as u32),
@@ -344,7 +345,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retry_uses_budget() {
-        // No floor, 50%: each original request pays for half a retry.
+        // No floor, 50%: each original request pays for half a retry. (Paused time: the
+        // window does not move.)
         let budget = shared(0.5, 0);
         let seen = Arc::default();
         let svc = Retry::new(config(5, &["5xx"]), budget.clone()).layer(scripted(&[503], Arc::clone(&seen)));
@@ -389,6 +391,7 @@ mod tests {
         assert!(!c.retriable(&rsp(500, None, None)));
         let c = config(1, &["reset"]);
         assert!(c.retriable(&rsp(502, None, Some(UpstreamFailure::Reset))));
+        assert!(c.retriable(&rsp(504, None, Some(UpstreamFailure::Timeout))));
         assert!(!c.retriable(&rsp(502, None, Some(UpstreamFailure::Connect))));
         let c = config(1, &["retriable-status:409"]);
         assert!(c.retriable(&rsp(409, None, None)));

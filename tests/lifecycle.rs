@@ -168,7 +168,9 @@ fn drain_deadline_bounds_the_wait() {
 #[test]
 fn metrics_pass_promtool() {
     let up = Upstream::start("up");
-    let sc = Sidecar::start(&svc("web", &up), &[]);
+    // A policy with every mechanism on, so its metrics are present too.
+    let policy = "---\napiVersion: ballast.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {name: web}\nspec:\n  targetRef: {service: web}\n  retries: {attempts: 1, on: [5xx], backoff: {base: 1ms, max: 2ms}, budget: {ratio: 0, minPerSecond: 0}}\n  circuitBreaker: {consecutiveFailures: 100}\n  outlierDetection: {consecutiveFailures: 100}\n  bulkhead: {maxConcurrent: 10}\n  rateLimit: {requestsPerSecond: 1000}\n";
+    let sc = Sidecar::start(&format!("{}{policy}", svc("web", &up)), &[]);
     for path in ["/status/200", "/status/503", "/status/404"] {
         run(curl().args(["-x", &sc.proxy_url(), &format!("http://web{path}")]));
     }
@@ -182,6 +184,9 @@ fn metrics_pass_promtool() {
         "ballast_config_version",
         "ballast_control_plane_connected",
         "ballast_endpoints",
+        "ballast_retries_total",
+        "ballast_retry_budget_exhausted_total",
+        "ballast_circuit_state",
     ] {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }

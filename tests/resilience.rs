@@ -585,3 +585,45 @@ fn inbound_applies_the_request_timeout() {
     let out = run(curl().args(["-i", &format!("http://{}/slow/10", sc.inbound)]));
     assert!(stdout(&out).starts_with("HTTP/1.1 200"));
 }
+
+/// A listener whose accept queue is full: SYNs to it are dropped, so connecting hangs
+/// (a blackhole on loopback). Returns it with the connections that fill it.
+fn blackhole() -> (socket2::Socket, Vec<std::net::TcpStream>, std::net::SocketAddr) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    // Never accepted: these fill the queue.
+    let fill: Vec<_> = (0..4)
+        .filter_map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
+        .collect();
+    (s, fill, addr)
+}
+
+/// `timeouts.connect` bounds connecting per service, and `connect-failure` retries on
+/// another endpoint.
+#[test]
+fn connect_timeout_is_per_service_and_retried_elsewhere() {
+    let (_hole, _fill, hole) = blackhole();
+    let yaml = format!(
+        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: dark}}\nspec:\n  endpoints: [{{address: \"{hole}\"}}]\n---\napiVersion: ballast.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{name: dark}}\nspec:\n  targetRef: {{service: dark}}\n  timeouts: {{connect: 200ms}}\n"
+    );
+    let sc = Sidecar::start(&yaml, &["--connect-timeout", "5s"]);
+    let started = Instant::now();
+    let (status, text) = fetch(&sc, &["http://dark/name"]);
+    assert_eq!(status, 502, "{text}");
+    assert!(text.contains("timed out after 200ms"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(2), "the policy's 200ms, not the sidecar's 5s");
+    drop(sc);
+    let good = Upstream::start("good");
+    let yaml = format!(
+        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: mixed}}\nspec:\n  endpoints: [{{address: \"{hole}\"}}, {{address: \"{}\"}}]\n---\napiVersion: ballast.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{name: mixed}}\nspec:\n  targetRef: {{service: mixed}}\n  loadBalancer: round-robin\n  timeouts: {{connect: 200ms}}\n  retries: {{attempts: 1, on: [connect-failure], backoff: {{base: 1ms, max: 2ms}}}}\n",
+        good.addr
+    );
+    let sc = Sidecar::start(&yaml, &["--connect-timeout", "5s"]);
+    for _ in 0..4 {
+        let (status, text) = fetch(&sc, &["http://mixed/name"]);
+        assert_eq!(status, 200, "{text}");
+    }
+    assert_eq!(good.requests(), 4);
+}

@@ -627,3 +627,30 @@ fn connect_timeout_is_per_service_and_retried_elsewhere() {
     }
     assert_eq!(good.requests(), 4);
 }
+
+/// A change of endpoints alone updates the balancer in place: the policy's state (here an
+/// open circuit) carries on, and the new endpoint is counted.
+#[test]
+fn endpoint_changes_keep_the_policy_state() {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    a.set_fault(Fault::Always(500));
+    let spec = "  circuitBreaker: {consecutiveFailures: 3, openFor: 30s}\n";
+    let sc = Sidecar::start(&weighted_service("grow", &[(&a, 1)], spec), &[]);
+    for _ in 0..3 {
+        assert_eq!(fetch(&sc, &["http://grow/name"]).0, 500);
+    }
+    assert_eq!(sc.metric(r#"ballast_circuit_state{service="grow.default"}"#), 1.0);
+    std::fs::write(sc.config.path(), weighted_service("grow", &[(&a, 1), (&b, 1)], spec)).unwrap();
+    wait_until("the new endpoint is applied", || {
+        sc.metric(r#"ballast_endpoints{service="grow.default",state="ready"}"#) == 2.0
+    });
+    let (status, text) = fetch(&sc, &["http://grow/name"]);
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("ballast-rejected: circuit-open"), "still open: {text}");
+    assert_eq!(b.requests(), 0);
+    // A policy change is a new breaker.
+    let spec = "  circuitBreaker: {consecutiveFailures: 4, openFor: 30s}\n";
+    std::fs::write(sc.config.path(), weighted_service("grow", &[(&b, 1)], spec)).unwrap();
+    wait_until("the new policy is applied", || sc.metric("ballast_config_version") >= 3.0);
+    assert_eq!(fetch(&sc, &["http://grow/name"]).0, 200);
+}

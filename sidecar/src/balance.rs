@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use ballast_api::policy::{LoadBalancer, OutlierDetection};
 use prometheus::IntGauge;
 use tokio::time::Instant;
@@ -41,9 +42,10 @@ use tower::Service;
 use tower::load::{CompleteOnResponse, Load, PeakEwma};
 
 use crate::body::{self, BoxError};
-use crate::client::EndpointClient;
+use crate::client::{Clients, EndpointClient, PoolPolicy};
 use crate::metrics::Metrics;
 use crate::outcome::{self, Avoid, Deadline, PerTryTimeout, ServedBy};
+use crate::rejection::{self, Reason};
 use crate::resilience::ResponseFuture;
 use crate::stack::{HttpRequest, HttpResponse};
 
@@ -109,11 +111,24 @@ impl Endpoint {
     }
 }
 
-struct Shared {
-    endpoints: Vec<Endpoint>,
-    algorithm: LoadBalancer,
+/// The endpoints of one moment. Replaced whole when they change; endpoints present before
+/// and after keep their state (latency estimate, in-flight count, ejection).
+struct EndpointSet {
+    endpoints: Vec<Arc<Endpoint>>,
     /// Endpoint indices interleaved by weight (round robin).
     schedule: Vec<usize>,
+}
+
+impl EndpointSet {
+    fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
+        let schedule = interleave(&endpoints.iter().map(|e| e.weight).collect::<Vec<_>>());
+        Self { endpoints, schedule }
+    }
+}
+
+struct Shared {
+    set: ArcSwap<EndpointSet>,
+    algorithm: LoadBalancer,
     next: AtomicUsize,
     outlier: Option<OutlierConfig>,
     /// Serialises ejection decisions so `maxEjectedPercent` holds under concurrency.
@@ -122,6 +137,11 @@ struct Shared {
     ejected: AtomicUsize,
     ready_gauge: IntGauge,
     ejected_gauge: IntGauge,
+    /// Where new endpoints' clients come from, and with which connection settings.
+    clients: Arc<Clients>,
+    pool: PoolPolicy,
+    /// The answer while there are no endpoints.
+    no_endpoints: Arc<str>,
 }
 
 /// A service's balancer: cheap to clone, every clone shares the endpoints' state.
@@ -130,47 +150,78 @@ pub struct Balancer {
     shared: Arc<Shared>,
 }
 
+/// What a balancer is built from, besides its endpoints.
+pub struct BalancerConfig {
+    pub label: Arc<str>,
+    pub clients: Arc<Clients>,
+    pub pool: PoolPolicy,
+    pub algorithm: LoadBalancer,
+    pub outlier: Option<OutlierConfig>,
+    /// Why the service may have no endpoints, for the `no-endpoints` answer.
+    pub why_empty: String,
+}
+
 impl Balancer {
-    pub fn new(
-        label: &str,
-        metrics: &Metrics,
-        endpoints: Vec<(SocketAddr, u32, EndpointClient)>,
-        algorithm: LoadBalancer,
-        outlier: Option<OutlierConfig>,
-    ) -> Self {
-        let endpoints: Vec<Endpoint> = endpoints
-            .into_iter()
-            .map(|(addr, weight, client)| Endpoint {
-                addr,
-                weight: weight.clamp(1, MAX_WEIGHT),
-                client: Mutex::new(PeakEwma::new(
-                    client,
-                    EWMA_DEFAULT_RTT,
-                    EWMA_DECAY.as_nanos() as f64,
-                    CompleteOnResponse::default(),
-                )),
-                in_flight: AtomicUsize::new(0),
-                consecutive_failures: AtomicU32::new(0),
-                ejection: Mutex::new(Ejection::default()),
-            })
-            .collect();
-        let schedule = interleave(&endpoints.iter().map(|e| e.weight).collect::<Vec<_>>());
+    pub fn new(config: BalancerConfig, metrics: &Metrics, endpoints: &[(SocketAddr, u32)]) -> Self {
+        let label = &config.label;
         let ready_gauge = metrics.endpoints.with_label_values(&[label, "ready"]);
         let ejected_gauge = metrics.endpoints.with_label_values(&[label, "ejected"]);
-        ready_gauge.set(endpoints.len() as i64);
         ejected_gauge.set(0);
-        Self {
+        let balancer = Self {
             shared: Arc::new(Shared {
-                endpoints,
-                algorithm,
-                schedule,
+                set: ArcSwap::from_pointee(EndpointSet::new(Vec::new())),
+                algorithm: config.algorithm,
                 next: AtomicUsize::new(0),
-                outlier,
+                outlier: config.outlier,
                 ejecting: Mutex::new(()),
                 ejected: AtomicUsize::new(0),
                 ready_gauge,
                 ejected_gauge,
+                clients: config.clients,
+                pool: config.pool,
+                no_endpoints: format!("service {label} has no endpoints{}", config.why_empty).into(),
             }),
+        };
+        balancer.update(endpoints);
+        balancer
+    }
+
+    /// Replaces the endpoint set (address, weight). Endpoints in both keep their state,
+    /// so a replica coming or going does not reset the others' latency or ejections.
+    pub fn update(&self, endpoints: &[(SocketAddr, u32)]) {
+        let shared = &self.shared;
+        let _serial = shared.ejecting.lock().unwrap_or_else(|p| p.into_inner());
+        let old = shared.set.load();
+        let next: Vec<Arc<Endpoint>> = endpoints
+            .iter()
+            .map(|&(addr, weight)| {
+                let weight = weight.clamp(1, MAX_WEIGHT);
+                old.endpoints.iter().find(|e| e.addr == addr && e.weight == weight).cloned().unwrap_or_else(
+                    || Arc::new(Endpoint::new(addr, weight, shared.clients.get_with(addr, shared.pool))),
+                )
+            })
+            .collect();
+        let now = Instant::now();
+        let ejected = next.iter().filter(|e| e.ejected(now)).count();
+        shared.set.store(Arc::new(EndpointSet::new(next)));
+        shared.update_gauges(ejected);
+    }
+}
+
+impl Endpoint {
+    fn new(addr: SocketAddr, weight: u32, client: EndpointClient) -> Self {
+        Endpoint {
+            addr,
+            weight,
+            client: Mutex::new(PeakEwma::new(
+                client,
+                EWMA_DEFAULT_RTT,
+                EWMA_DECAY.as_nanos() as f64,
+                CompleteOnResponse::default(),
+            )),
+            in_flight: AtomicUsize::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejection: Mutex::new(Ejection::default()),
         }
     }
 }
@@ -198,106 +249,55 @@ fn interleave(weights: &[u32]) -> Vec<usize> {
 impl Shared {
     /// The endpoints a request may go to: not ejected and, when any other is left, not
     /// one a previous try of this request failed on.
-    fn candidates(&self, avoid: Option<&Avoid>, now: Instant) -> Vec<usize> {
-        let live: Vec<usize> = (0..self.endpoints.len())
-            .filter(|&i| self.outlier.is_none() || !self.endpoints[i].ejected(now))
+    fn candidates(&self, set: &EndpointSet, avoid: Option<&Avoid>, now: Instant) -> Vec<usize> {
+        let live: Vec<usize> = (0..set.endpoints.len())
+            .filter(|&i| self.outlier.is_none() || !set.endpoints[i].ejected(now))
             .collect();
         // Never leave a request with nowhere to go: if every endpoint is out, use them all.
-        let live = if live.is_empty() { (0..self.endpoints.len()).collect() } else { live };
+        let live = if live.is_empty() { (0..set.endpoints.len()).collect() } else { live };
         match avoid {
             Some(Avoid(addrs)) if !addrs.is_empty() => {
                 let fresh: Vec<usize> =
-                    live.iter().copied().filter(|&i| !addrs.contains(&self.endpoints[i].addr)).collect();
+                    live.iter().copied().filter(|&i| !addrs.contains(&set.endpoints[i].addr)).collect();
                 if fresh.is_empty() { live } else { fresh }
             }
             _ => live,
         }
     }
 
-    fn pick(&self, req: &HttpRequest, now: Instant) -> usize {
-        let candidates = self.candidates(req.extensions().get::<Avoid>(), now);
+    fn pick(&self, set: &EndpointSet, req: &HttpRequest, now: Instant) -> usize {
+        let candidates = self.candidates(set, req.extensions().get::<Avoid>(), now);
         if candidates.len() == 1 {
             return candidates[0];
         }
         match &self.algorithm {
             // Weights shape which two are drawn; peak-EWMA's cost is opaque to scaling.
-            LoadBalancer::PeakEwma => self.p2c(&candidates, |a, b| b.ewma_cost() < a.ewma_cost()),
-            LoadBalancer::LeastRequest => self.p2c(&candidates, |a, b| {
+            LoadBalancer::PeakEwma => p2c(set, &candidates, |a, b| b.ewma_cost() < a.ewma_cost()),
+            LoadBalancer::LeastRequest => p2c(set, &candidates, |a, b| {
                 let load = |e: &Endpoint| e.in_flight.load(Ordering::Relaxed) as f64 / f64::from(e.weight);
                 load(b) < load(a)
             }),
             LoadBalancer::RoundRobin => {
-                let n = self.schedule.len();
+                let n = set.schedule.len();
                 for _ in 0..n {
-                    let i = self.schedule[self.next.fetch_add(1, Ordering::Relaxed) % n];
+                    let i = set.schedule[self.next.fetch_add(1, Ordering::Relaxed) % n];
                     if candidates.contains(&i) {
                         return i;
                     }
                 }
                 candidates[0]
             }
-            LoadBalancer::Random => self.weighted_random(&candidates),
+            LoadBalancer::Random => weighted_random(set, &candidates),
             LoadBalancer::ConsistentHash(header) => match req.headers().get(header.as_str()) {
-                Some(key) => self.rendezvous(&candidates, key.as_bytes()),
-                None => self.weighted_random(&candidates),
+                Some(key) => rendezvous(set, &candidates, key.as_bytes()),
+                None => weighted_random(set, &candidates),
             },
         }
     }
 
-    fn weighted_random(&self, candidates: &[usize]) -> usize {
-        let total: u32 = candidates.iter().map(|&i| self.endpoints[i].weight).sum();
-        let mut x = rand::random_range(0..total.max(1));
-        for &i in candidates {
-            let w = self.endpoints[i].weight;
-            if x < w {
-                return i;
-            }
-            x -= w;
-        }
-        candidates[candidates.len() - 1]
-    }
-
-    /// Power of two choices: two distinct candidates drawn by weight; the second wins
-    /// only when `better(first, second)`.
-    fn p2c(&self, candidates: &[usize], better: impl Fn(&Endpoint, &Endpoint) -> bool) -> usize {
-        let a = self.weighted_random(candidates);
-        let mut b = self.weighted_random(candidates);
-        for _ in 0..4 {
-            if b != a {
-                break;
-            }
-            b = self.weighted_random(candidates);
-        }
-        if b == a {
-            // Dominant weights: draw the second uniformly among the others.
-            let others: Vec<usize> = candidates.iter().copied().filter(|&i| i != a).collect();
-            b = others[rand::random_range(0..others.len())];
-        }
-        if better(&self.endpoints[a], &self.endpoints[b]) { b } else { a }
-    }
-
-    /// Weighted rendezvous hashing: the endpoint with the highest `-w / ln(u)` for
-    /// `u = hash(key, endpoint)` in (0, 1) wins.
-    fn rendezvous(&self, candidates: &[usize], key: &[u8]) -> usize {
-        let mut best = (f64::NEG_INFINITY, candidates[0]);
-        for &i in candidates {
-            let e = &self.endpoints[i];
-            let mut h = std::hash::DefaultHasher::new();
-            key.hash(&mut h);
-            e.addr.hash(&mut h);
-            let u = ((h.finish() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-            let score = -f64::from(e.weight) / u.ln();
-            if score > best.0 {
-                best = (score, i);
-            }
-        }
-        best.1
-    }
-
     /// Feeds one try's outcome to outlier detection.
-    fn record(&self, i: usize, failed: bool) {
+    fn record(&self, e: &Endpoint, failed: bool) {
         let Some(cfg) = self.outlier else { return };
-        let e = &self.endpoints[i];
         if !failed {
             e.consecutive_failures.store(0, Ordering::Relaxed);
             return;
@@ -308,9 +308,14 @@ impl Shared {
         }
         let _serial = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let ejected_now = self.endpoints.iter().filter(|e| e.ejected(now)).count();
+        let set = self.set.load();
+        if !set.endpoints.iter().any(|x| std::ptr::eq(&**x, e)) {
+            // Removed from the service meanwhile.
+            return;
+        }
+        let ejected_now = set.endpoints.iter().filter(|e| e.ejected(now)).count();
         let mut ej = e.ejection.lock().unwrap_or_else(|p| p.into_inner());
-        if ej.until.is_some_and(|u| now < u) || ejected_now >= cfg.max_ejected(self.endpoints.len()) {
+        if ej.until.is_some_and(|u| now < u) || ejected_now >= cfg.max_ejected(set.endpoints.len()) {
             return;
         }
         ej.times = ej.times.saturating_add(1);
@@ -323,9 +328,10 @@ impl Shared {
     }
 
     fn update_gauges(&self, ejected: usize) {
+        let total = self.set.load().endpoints.len();
         self.ejected.store(ejected, Ordering::Relaxed);
         self.ejected_gauge.set(ejected as i64);
-        self.ready_gauge.set((self.endpoints.len() - ejected) as i64);
+        self.ready_gauge.set(total.saturating_sub(ejected) as i64);
     }
 
     /// Refreshes the count (and gauges) when an ejection may have run out; free while
@@ -335,27 +341,77 @@ impl Shared {
             return;
         }
         let _serial = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
-        let ejected = self.endpoints.iter().filter(|e| e.ejected(now)).count();
+        let ejected = self.set.load().endpoints.iter().filter(|e| e.ejected(now)).count();
         if ejected != self.ejected.load(Ordering::Relaxed) {
             self.update_gauges(ejected);
         }
     }
 }
 
+fn weighted_random(set: &EndpointSet, candidates: &[usize]) -> usize {
+    let total: u32 = candidates.iter().map(|&i| set.endpoints[i].weight).sum();
+    let mut x = rand::random_range(0..total.max(1));
+    for &i in candidates {
+        let w = set.endpoints[i].weight;
+        if x < w {
+            return i;
+        }
+        x -= w;
+    }
+    candidates[candidates.len() - 1]
+}
+
+/// Power of two choices: two distinct candidates drawn by weight; the second wins
+/// only when `better(first, second)`.
+fn p2c(set: &EndpointSet, candidates: &[usize], better: impl Fn(&Endpoint, &Endpoint) -> bool) -> usize {
+    let a = weighted_random(set, candidates);
+    let mut b = weighted_random(set, candidates);
+    for _ in 0..4 {
+        if b != a {
+            break;
+        }
+        b = weighted_random(set, candidates);
+    }
+    if b == a {
+        // Dominant weights: draw the second uniformly among the others.
+        let others: Vec<usize> = candidates.iter().copied().filter(|&i| i != a).collect();
+        b = others[rand::random_range(0..others.len())];
+    }
+    if better(&set.endpoints[a], &set.endpoints[b]) { b } else { a }
+}
+
+/// Weighted rendezvous hashing: the endpoint with the highest `-w / ln(u)` for
+/// `u = hash(key, endpoint)` in (0, 1) wins.
+fn rendezvous(set: &EndpointSet, candidates: &[usize], key: &[u8]) -> usize {
+    let mut best = (f64::NEG_INFINITY, candidates[0]);
+    for &i in candidates {
+        let e = &set.endpoints[i];
+        let mut h = std::hash::DefaultHasher::new();
+        key.hash(&mut h);
+        e.addr.hash(&mut h);
+        let u = ((h.finish() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let score = -f64::from(e.weight) / u.ln();
+        if score > best.0 {
+            best = (score, i);
+        }
+    }
+    best.1
+}
+
 /// Counts a try in flight until its response headers, and reports a try abandoned
 /// before them (see [`outcome::dropped_is_failure`]).
 struct InFlight {
     shared: Arc<Shared>,
-    index: usize,
+    endpoint: Arc<Endpoint>,
     deadline: Option<Deadline>,
     done: bool,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.shared.endpoints[self.index].in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
         if !self.done && outcome::dropped_is_failure(self.deadline) {
-            self.shared.record(self.index, true);
+            self.shared.record(&self.endpoint, true);
         }
     }
 }
@@ -372,16 +428,21 @@ impl Service<HttpRequest> for Balancer {
 
     fn call(&mut self, req: HttpRequest) -> Self::Future {
         let shared = self.shared.clone();
+        let set = shared.set.load_full();
+        if set.endpoints.is_empty() {
+            let rsp =
+                rejection::response(Reason::NoEndpoints, rejection::is_grpc(&req), &shared.no_endpoints);
+            return Box::pin(std::future::ready(Ok(rsp)));
+        }
         let now = Instant::now();
         shared.refresh_gauges(now);
-        let index = shared.pick(&req, now);
+        let endpoint = set.endpoints[shared.pick(&set, &req, now)].clone();
         let per_try = req.extensions().get::<PerTryTimeout>().map(|t| t.0);
         let deadline = req.extensions().get::<Deadline>().copied();
-        let endpoint = &shared.endpoints[index];
         let addr = endpoint.addr;
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         let fut = endpoint.client.lock().unwrap_or_else(|p| p.into_inner()).call(req);
-        let mut guard = InFlight { shared, index, deadline, done: false };
+        let mut guard = InFlight { shared, endpoint, deadline, done: false };
         Box::pin(async move {
             let result = match per_try {
                 Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| t),
@@ -393,7 +454,7 @@ impl Service<HttpRequest> for Balancer {
                 Err(t) => outcome::per_try_timeout_response(t, addr),
             };
             guard.done = true;
-            guard.shared.record(index, outcome::is_failure(&rsp));
+            guard.shared.record(&guard.endpoint, outcome::is_failure(&rsp));
             rsp.extensions_mut().insert(ServedBy(addr));
             Ok(rsp)
         })
@@ -411,6 +472,37 @@ mod tests {
         let s = interleave(&[5, 2]);
         assert_eq!(s.iter().filter(|&&i| i == 0).count(), 5);
         assert_eq!(s.iter().filter(|&&i| i == 1).count(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_update_keeps_the_state_of_endpoints_that_stay() {
+        let metrics = Metrics::new();
+        let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let outlier = OutlierConfig {
+            consecutive_failures: 1,
+            base_ejection: Duration::from_secs(60),
+            max_ejected_percent: 50,
+        };
+        let config = BalancerConfig {
+            label: "svc.default".into(),
+            clients: Clients::new(Duration::from_secs(1)),
+            pool: PoolPolicy::default(),
+            algorithm: LoadBalancer::RoundRobin,
+            outlier: Some(outlier),
+            why_empty: String::new(),
+        };
+        let b = Balancer::new(config, &metrics, &[(addr(1), 1), (addr(2), 1)]);
+        let first = b.shared.set.load().endpoints[0].clone();
+        b.shared.record(&first, true);
+        assert!(first.ejected(Instant::now()));
+        b.update(&[(addr(1), 1), (addr(2), 1), (addr(3), 1)]);
+        let set = b.shared.set.load();
+        assert!(Arc::ptr_eq(&set.endpoints[0], &first), "same endpoint, same state");
+        assert!(set.endpoints[0].ejected(Instant::now()));
+        let gauge = |state: &str| metrics.endpoints.with_label_values(&["svc.default", state]).get();
+        assert_eq!((gauge("ready"), gauge("ejected")), (2, 1));
+        b.update(&[]);
+        assert_eq!(gauge("ready"), 0);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use ballast_api::service::{EndpointAddr, Protocol};
 use ballast_api::{Config, ResiliencePolicy, Service};
 
+use crate::balance::Balancer;
 use crate::resilience::inbound::InboundLimits;
 use crate::stack::{HttpService, StackContext};
 
@@ -27,17 +28,19 @@ pub struct ServiceEntry {
 }
 
 /// A service's stacks: one when every endpoint names its port; else one per requested
-/// port, since a bare-IP endpoint listens on the port the caller asked for.
+/// port, since a bare-IP endpoint listens on the port the caller asked for. Each comes
+/// with its balancer, so a change of endpoints alone updates them in place.
+#[derive(Clone)]
 enum Stacks {
-    Fixed(HttpService),
-    PerPort(Box<PerPort>),
+    Fixed(HttpService, Balancer),
+    PerPort(Arc<PerPort>),
 }
 
 struct PerPort {
     ctx: Arc<StackContext>,
-    endpoints: Vec<(EndpointAddr, u32)>,
+    endpoints: Mutex<Vec<(EndpointAddr, u32)>>,
     why_empty: String,
-    by_port: Mutex<HashMap<u16, HttpService>>,
+    by_port: Mutex<HashMap<u16, (HttpService, Balancer)>>,
 }
 
 /// The endpoints as (address, weight), bare IPs taking `port`.
@@ -48,16 +51,24 @@ fn at_port(endpoints: &[(EndpointAddr, u32)], port: u16) -> Vec<(SocketAddr, u32
 /// Per-port stacks kept per service; requests to further ports get an uncached stack.
 const MAX_PORT_STACKS: usize = 64;
 
+fn parse_endpoints(service: &Service) -> Vec<(EndpointAddr, u32)> {
+    service
+        .spec
+        .endpoints
+        .iter()
+        .filter_map(|e| EndpointAddr::parse(&e.address).map(|a| (a, e.weight)))
+        .collect()
+}
+
+fn all_fixed(endpoints: &[(EndpointAddr, u32)]) -> bool {
+    endpoints.iter().all(|(a, _)| matches!(a, EndpointAddr::Socket(_)))
+}
+
 impl ServiceEntry {
     fn build(ctx: &Arc<StackContext>, service: &Service, policy: Option<&ResiliencePolicy>) -> Self {
         let label: Arc<str> =
             format!("{}.{}", service.metadata.name, service.metadata.namespace_or_default()).into();
-        let endpoints: Vec<(EndpointAddr, u32)> = service
-            .spec
-            .endpoints
-            .iter()
-            .filter_map(|e| EndpointAddr::parse(&e.address).map(|a| (a, e.weight)))
-            .collect();
+        let endpoints = parse_endpoints(service);
         // DNS discovery (DESIGN §2, hickory-resolver refreshed by TTL) is not built yet:
         // say so where the operator looks rather than fail silently.
         let why_empty = match &service.spec.dns {
@@ -69,23 +80,24 @@ impl ServiceEntry {
             }
             None => String::new(),
         };
-        let stacks = if endpoints.iter().all(|(a, _)| matches!(a, EndpointAddr::Socket(_))) {
+        let spec = policy.map(|p| &p.spec);
+        let stacks = if all_fixed(&endpoints) {
             // Every endpoint names its port: the default is never used.
-            let resolved = at_port(&endpoints, 0);
-            Stacks::Fixed(ctx.service_stack(label.clone(), &resolved, &why_empty, policy.map(|p| &p.spec)))
+            let (stack, balancer) =
+                ctx.service_stack(label.clone(), &at_port(&endpoints, 0), &why_empty, spec);
+            Stacks::Fixed(stack, balancer)
         } else {
             let by_port = service
                 .spec
                 .ports
                 .iter()
                 .map(|p| {
-                    let resolved = at_port(&endpoints, p.port);
-                    (p.port, ctx.service_stack(label.clone(), &resolved, &why_empty, policy.map(|p| &p.spec)))
+                    (p.port, ctx.service_stack(label.clone(), &at_port(&endpoints, p.port), &why_empty, spec))
                 })
                 .collect();
-            Stacks::PerPort(Box::new(PerPort {
+            Stacks::PerPort(Arc::new(PerPort {
                 ctx: ctx.clone(),
-                endpoints,
+                endpoints: Mutex::new(endpoints),
                 why_empty,
                 by_port: Mutex::new(by_port),
             }))
@@ -93,21 +105,50 @@ impl ServiceEntry {
         Self { label, service: service.clone(), policy: policy.cloned(), stacks }
     }
 
+    /// This entry for `service` when only its endpoints changed: the same stacks (policy
+    /// state such as an open circuit, bulkhead slots and the retry budget carries on) with
+    /// the balancers updated in place. `None` when anything else changed.
+    fn with_endpoints(&self, service: &Service) -> Option<Self> {
+        let mut same = service.clone();
+        same.spec.endpoints = self.service.spec.endpoints.clone();
+        if same != self.service {
+            return None;
+        }
+        let endpoints = parse_endpoints(service);
+        match &self.stacks {
+            Stacks::Fixed(_, balancer) if all_fixed(&endpoints) => balancer.update(&at_port(&endpoints, 0)),
+            Stacks::Fixed(..) => return None,
+            Stacks::PerPort(per_port) => {
+                let by_port = per_port.by_port.lock().unwrap_or_else(|p| p.into_inner());
+                for (port, (_, balancer)) in by_port.iter() {
+                    balancer.update(&at_port(&endpoints, *port));
+                }
+                *per_port.endpoints.lock().unwrap_or_else(|p| p.into_inner()) = endpoints;
+            }
+        }
+        Some(Self {
+            label: self.label.clone(),
+            service: service.clone(),
+            policy: self.policy.clone(),
+            stacks: self.stacks.clone(),
+        })
+    }
+
     /// The stack for a request to `port`.
     pub fn stack(&self, port: u16) -> HttpService {
         match &self.stacks {
-            Stacks::Fixed(s) => s.clone(),
+            Stacks::Fixed(s, _) => s.clone(),
             Stacks::PerPort(per_port) => {
                 let PerPort { ctx, endpoints, why_empty, by_port } = &**per_port;
                 let mut map = by_port.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(s) = map.get(&port) {
+                if let Some((s, _)) = map.get(&port) {
                     return s.clone();
                 }
                 let policy = self.policy.as_ref().map(|p| &p.spec);
-                let stack =
-                    ctx.service_stack(self.label.clone(), &at_port(endpoints, port), why_empty, policy);
+                let endpoints = at_port(&endpoints.lock().unwrap_or_else(|p| p.into_inner()), port);
+                let (stack, balancer) = ctx.service_stack(self.label.clone(), &endpoints, why_empty, policy);
                 if map.len() < MAX_PORT_STACKS {
-                    map.insert(port, stack.clone());
+                    map.insert(port, (stack.clone(), balancer));
                 }
                 stack
             }
@@ -216,11 +257,15 @@ impl Snapshot {
             let ns = svc.metadata.namespace_or_default().to_owned();
             let name = svc.metadata.name.clone();
             let policy = config.policy_for(&ns, &name);
-            let reused = previous
-                .and_then(|p| p.by_name.get(&(ns.clone(), name.clone())))
-                .filter(|e| &e.service == svc && e.policy.as_ref() == policy)
-                .cloned();
-            let entry = reused.unwrap_or_else(|| Arc::new(ServiceEntry::build(ctx, svc, policy)));
+            let prev = previous.and_then(|p| p.by_name.get(&(ns.clone(), name.clone())));
+            let entry = match prev.filter(|e| e.policy.as_ref() == policy) {
+                Some(e) if &e.service == svc => e.clone(),
+                Some(e) => match e.with_endpoints(svc) {
+                    Some(updated) => Arc::new(updated),
+                    None => Arc::new(ServiceEntry::build(ctx, svc, policy)),
+                },
+                None => Arc::new(ServiceEntry::build(ctx, svc, policy)),
+            };
             for ip in &svc.spec.addresses {
                 if svc.spec.ports.is_empty() {
                     snap.by_ip.insert(*ip, entry.clone());

@@ -12,8 +12,10 @@
 //! EndpointClient     pooled HTTP/1.1 or HTTP/2 connections to one endpoint
 //! ```
 //!
-//! A stack is built when a snapshot is applied and only rebuilt when its service or
-//! policy changes; requests in flight keep the stack they started with.
+//! A stack is built when a snapshot is applied and only rebuilt when its policy (or
+//! anything of its service but the endpoints) changes; a change of endpoints alone
+//! updates the balancer in place, so an open circuit, held bulkhead slots and the retry
+//! budget carry on. Requests in flight keep the stack they started with.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,12 +32,12 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 
 use ballast_api::policy::PolicySpec;
 
-use crate::balance::{Balancer, OutlierConfig};
+use crate::balance::{Balancer, BalancerConfig, OutlierConfig};
 use crate::body::{self, Body, BoxError};
 use crate::client::{Clients, PoolPolicy};
 use crate::metrics::Metrics;
 use crate::outcome;
-use crate::rejection::{self, Reason};
+use crate::rejection;
 
 pub type HttpRequest = Request<Body>;
 pub type HttpResponse = Response<Body>;
@@ -73,35 +75,29 @@ impl StackContext {
     }
 
     /// The stack for a configured service with these endpoints (address, weight), with the
-    /// layers `policy` turns on (see [`crate::resilience`] for their order).
+    /// layers `policy` turns on (see [`crate::resilience`] for their order), and its
+    /// balancer, through which the endpoints can change without rebuilding the stack.
     pub fn service_stack(
         &self,
         label: Arc<str>,
         endpoints: &[(SocketAddr, u32)],
         why_empty: &str,
         policy: Option<&PolicySpec>,
-    ) -> HttpService {
-        let inner: HttpService = if endpoints.is_empty() {
-            self.metrics.endpoints.with_label_values(&[&label, "ready"]).set(0);
-            BoxCloneSyncService::new(NoEndpoints {
-                detail: format!("service {label} has no endpoints{why_empty}").into(),
-            })
-        } else {
-            let pool = PoolPolicy {
-                connect_timeout: policy
-                    .and_then(|p| p.timeouts.as_ref())
-                    .and_then(|t| t.connect)
-                    .map(|d| d.get()),
-                idle_timeout: policy.and_then(|p| p.timeouts.as_ref()).and_then(|t| t.idle).map(|d| d.get()),
-            };
-            let clients = endpoints
-                .iter()
-                .map(|&(addr, weight)| (addr, weight, self.clients.get_with(addr, pool)))
-                .collect();
-            let algorithm = policy.and_then(|p| p.load_balancer.clone()).unwrap_or_default();
-            let outlier = policy.and_then(|p| p.outlier_detection.as_ref()).map(OutlierConfig::from_policy);
-            BoxCloneSyncService::new(Balancer::new(&label, &self.metrics, clients, algorithm, outlier))
+    ) -> (HttpService, Balancer) {
+        let timeouts = policy.and_then(|p| p.timeouts.as_ref());
+        let config = BalancerConfig {
+            label: label.clone(),
+            clients: self.clients.clone(),
+            pool: PoolPolicy {
+                connect_timeout: timeouts.and_then(|t| t.connect).map(|d| d.get()),
+                idle_timeout: timeouts.and_then(|t| t.idle).map(|d| d.get()),
+            },
+            algorithm: policy.and_then(|p| p.load_balancer.clone()).unwrap_or_default(),
+            outlier: policy.and_then(|p| p.outlier_detection.as_ref()).map(OutlierConfig::from_policy),
+            why_empty: why_empty.to_owned(),
         };
+        let balancer = Balancer::new(config, &self.metrics, endpoints);
+        let inner = BoxCloneSyncService::new(balancer.clone());
         let inner = match policy {
             Some(p) => with_policy(inner, p, &label, &self.metrics),
             None => {
@@ -109,7 +105,10 @@ impl StackContext {
                 inner
             }
         };
-        BoxCloneSyncService::new(RecordMetrics::new(&self.metrics, Direction::Outbound, label, inner))
+        (
+            BoxCloneSyncService::new(RecordMetrics::new(&self.metrics, Direction::Outbound, label, inner)),
+            balancer,
+        )
     }
 
     /// The stack for one address with no service around it: passthrough traffic and the
@@ -206,28 +205,6 @@ fn with_policy(
         svc = rate_limit::RateLimit::new(r.requests_per_second, r.burst).layer(svc);
     }
     svc
-}
-
-/// Answers every request with the `no-endpoints` rejection.
-#[derive(Clone)]
-struct NoEndpoints {
-    detail: Arc<str>,
-}
-
-impl Service<HttpRequest> for NoEndpoints {
-    type Response = HttpResponse;
-    type Error = BoxError;
-    type Future = std::future::Ready<Result<HttpResponse, BoxError>>;
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
-        std::future::ready(Ok(rejection::response(
-            Reason::NoEndpoints,
-            rejection::is_grpc(&req),
-            &self.detail,
-        )))
-    }
 }
 
 /// Turns errors from below into 502 responses that say what failed.

@@ -92,10 +92,24 @@ pub struct Sidecar {
 impl Sidecar {
     /// Starts a sidecar on `config_yaml` with fresh loopback ports and waits until ready.
     /// In `extra`, `{outbound}`, `{inbound}` and `{admin}` stand for its own addresses.
+    ///
+    /// A free port can be taken by another test between `free_port` and the sidecar's
+    /// bind (tests run in parallel and open many connections); that one case is retried
+    /// with fresh ports, any other start-up failure fails the test.
     pub fn start(config_yaml: &str, extra: &[&str]) -> Sidecar {
-        let s = Self::spawn(config_yaml, extra);
-        s.wait_ready();
-        s
+        for _ in 0..3 {
+            let mut s = Self::spawn(config_yaml, extra);
+            if s.ready_within(Duration::from_secs(15)) {
+                return s;
+            }
+            let log = s.log();
+            if !log.contains("Address already in use") {
+                panic!("sidecar not ready within 15s; log:\n{log}");
+            }
+            s.signal(libc::SIGKILL);
+            let _ = s.wait_exit(Duration::from_secs(5));
+        }
+        panic!("sidecar could not find free ports in 3 attempts");
     }
 
     pub fn spawn(config_yaml: &str, extra: &[&str]) -> Sidecar {
@@ -129,15 +143,24 @@ impl Sidecar {
         Sidecar { child: Some(child), outbound, inbound, admin, config, stderr_path, _dir: dir }
     }
 
-    pub fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
+    fn ready_within(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok((200, _)) = http_get(self.admin, "/ready") {
-                return;
+                return true;
+            }
+            if self.log().contains("Address already in use") {
+                return false;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("sidecar not ready within 15s; log:\n{}", self.log());
+        false
+    }
+
+    pub fn wait_ready(&self) {
+        if !self.ready_within(Duration::from_secs(15)) {
+            panic!("sidecar not ready within 15s; log:\n{}", self.log());
+        }
     }
 
     pub fn log(&self) -> String {

@@ -19,10 +19,6 @@ fn service_yaml(name: &str, endpoints: &[&Upstream]) -> String {
     )
 }
 
-fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
 #[test]
 fn routes_by_host_in_every_form() {
     let a = Upstream::start("a");

@@ -10,10 +10,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
 fn service(name: &str, addr: &str, protocol: Option<&str>) -> String {
     let port = match protocol {
         Some(p) => format!("  ports: [{{port: 80, protocol: {p}}}]\n"),
@@ -91,38 +87,25 @@ fn http2_upstream_connections_are_multiplexed() {
     assert!(up.connections() <= 2, "HTTP/2 upstream used {} connections for 400 requests", up.connections());
 }
 
-fn grpc_case(target: &std::net::SocketAddr, case: &str) -> serde_json::Value {
-    let out = run(Command::new(python()).arg(repo_root().join("tests/python/grpc_client.py")).args([
-        "--target",
-        &target.to_string(),
-        "--case",
-        case,
-        "--authority",
-        "greeter",
-    ]));
-    assert!(out.status.success(), "grpc client {case}: {out:?}");
-    serde_json::from_str(stdout(&out).trim()).unwrap_or_else(|e| panic!("{case}: {e}: {out:?}"))
-}
-
 #[test]
 fn grpc_unary_streaming_health_and_error_status_with_trailers() {
     let port = free_port();
     let _server = spawn_python_server("grpc_server.py", port);
     let sc = Sidecar::start(&service("greeter", &format!("127.0.0.1:{port}"), Some("grpc")), &[]);
-    let unary = grpc_case(&sc.outbound, "unary");
+    let unary = grpc_case(&sc.outbound, "greeter", "unary");
     assert_eq!(unary["code"], "OK", "{unary}");
     assert_eq!(unary["response"], "echo:hello");
     assert_eq!(unary["trailing_metadata"]["x-trailer"], "unary", "trailers cross the proxy");
-    let stream = grpc_case(&sc.outbound, "stream");
+    let stream = grpc_case(&sc.outbound, "greeter", "stream");
     assert_eq!((stream["code"].as_str(), stream["count"].as_u64()), (Some("OK"), Some(100)), "{stream}");
     assert_eq!(stream["last"], "msg-99");
     assert_eq!(stream["trailing_metadata"]["x-trailer"], "stream");
-    let health = grpc_case(&sc.outbound, "health");
+    let health = grpc_case(&sc.outbound, "greeter", "health");
     assert_eq!(health["status"], "SERVING", "{health}");
-    let unknown = grpc_case(&sc.outbound, "health-unknown");
+    let unknown = grpc_case(&sc.outbound, "greeter", "health-unknown");
     assert_eq!(unknown["code"], "NOT_FOUND", "{unknown}");
     // The error status travels in trailers after headers; it reaches the client intact.
-    let fail = grpc_case(&sc.outbound, "fail");
+    let fail = grpc_case(&sc.outbound, "greeter", "fail");
     assert_eq!(fail["code"], "PERMISSION_DENIED", "{fail}");
     assert_eq!(fail["details"], "denied by test");
     assert_eq!(fail["initial_metadata"]["x-initial"], "sent");
@@ -147,7 +130,7 @@ fn grpc_to_a_service_without_endpoints_is_a_trailers_only_unavailable() {
         "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {name: greeter}\nspec:\n  ports: [{port: 80, protocol: grpc}]\n",
         &[],
     );
-    let v = grpc_case(&sc.outbound, "unary");
+    let v = grpc_case(&sc.outbound, "greeter", "unary");
     assert_eq!(v["code"], "UNAVAILABLE", "{v}");
     assert!(v["details"].as_str().unwrap_or("").contains("no-endpoints"), "{v}");
 }

@@ -10,21 +10,31 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn service_with_policy(name: &str, up: &Upstream, spec: &str) -> String {
+/// A `Service` over these endpoints (address, weight) and a policy with `spec` for it.
+fn mesh(name: &str, endpoints: &[(String, u32)], spec: &str) -> String {
+    let eps: Vec<String> =
+        endpoints.iter().map(|(a, w)| format!("{{address: \"{a}\", weight: {w}}}")).collect();
+    let service = format!(
+        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  endpoints: [{}]\n",
+        eps.join(", ")
+    );
+    format!("{service}---\n{}", policy(name, spec))
+}
+
+/// A `ResiliencePolicy` for service `name` with `spec` (lines indented by two spaces).
+fn policy(name: &str, spec: &str) -> String {
     format!(
-        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  endpoints: [{{address: \"{}\"}}]\n---\napiVersion: ballast.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{name: {name}-policy}}\nspec:\n  targetRef: {{service: {name}}}\n{spec}",
-        up.addr
+        "apiVersion: ballast.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{name: {name}-policy}}\nspec:\n  targetRef: {{service: {name}}}\n{spec}"
     )
 }
 
-/// A service over several upstreams (address, weight) with a policy.
+fn service_with_policy(name: &str, up: &Upstream, spec: &str) -> String {
+    mesh(name, &[(up.addr.to_string(), 1)], spec)
+}
+
+/// A service over several upstreams (upstream, weight) with a policy.
 fn weighted_service(name: &str, endpoints: &[(&Upstream, u32)], spec: &str) -> String {
-    let eps: Vec<String> =
-        endpoints.iter().map(|(u, w)| format!("{{address: \"{}\", weight: {w}}}", u.addr)).collect();
-    format!(
-        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  endpoints: [{}]\n---\napiVersion: ballast.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{name: {name}-policy}}\nspec:\n  targetRef: {{service: {name}}}\n{spec}",
-        eps.join(", ")
-    )
+    mesh(name, &endpoints.iter().map(|(u, w)| (u.addr.to_string(), *w)).collect::<Vec<_>>(), spec)
 }
 
 /// What h2load reported.
@@ -66,10 +76,6 @@ fn h2load(sc: &Sidecar, authority: &str, path: &str, args: &[&str]) -> Load {
         .args(["-H", &format!(":authority: {authority}")])
         .arg(format!("http://{}{path}", sc.outbound)));
     Load { output: format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr)) }
-}
-
-fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
 }
 
 /// 50 concurrent requests to an upstream that takes 1 s, `maxConcurrent: 10`,
@@ -219,8 +225,11 @@ fn policy_change_applies_and_a_bad_policy_keeps_the_old_one() {
 #[test]
 fn inbound_rate_and_concurrency_limits_protect_the_app() {
     let app = Upstream::start_with_delay("app", Duration::from_millis(600));
-    let policy = "apiVersion: ballast.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {name: web-inbound}\nspec:\n  targetRef: {service: web}\n  inbound:\n    rateLimit: {requestsPerSecond: 0.2, burst: 8}\n    maxConcurrent: 3\n";
-    let sc = Sidecar::start(policy, &["--service", "web", "--app-addr", &app.addr.to_string()]);
+    let policy = policy(
+        "web",
+        "  inbound:\n    rateLimit: {requestsPerSecond: 0.2, burst: 8}\n    maxConcurrent: 3\n",
+    );
+    let sc = Sidecar::start(&policy, &["--service", "web", "--app-addr", &app.addr.to_string()]);
     let inbound = format!("http://{}/name", sc.inbound);
     // 6 at once: 3 slots, the other 3 rejected at once with bulkhead-full.
     let results = Arc::new(Mutex::new(Vec::new()));
@@ -448,35 +457,21 @@ fn body_over_the_buffer_limit_is_streamed_and_not_retried() {
 fn grpc_unavailable_is_retried() {
     let port = free_port();
     let _server = spawn_python_server("grpc_server.py", port);
-    let yaml = format!(
-        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: greeter}}\nspec:\n  ports: [{{port: {port}, protocol: grpc}}]\n  endpoints: [{{address: \"127.0.0.1:{port}\"}}]\n---\napiVersion: ballast.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{name: greeter}}\nspec:\n  targetRef: {{service: greeter}}\n  retries: {{attempts: 2, on: [grpc:unavailable], backoff: {{base: 1ms, max: 5ms}}}}\n"
+    let service = format!(
+        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: greeter}}\nspec:\n  ports: [{{port: {port}, protocol: grpc}}]\n  endpoints: [{{address: \"127.0.0.1:{port}\"}}]\n"
     );
+    let spec = "  retries: {attempts: 2, on: [grpc:unavailable], backoff: {base: 1ms, max: 5ms}}\n";
+    let yaml = format!("{service}---\n{}", policy("greeter", spec));
     let sc = Sidecar::start(&yaml, &[]);
     for expected in ["call:2", "call:4"] {
-        let out = run(Command::new(python()).arg(repo_root().join("tests/python/grpc_client.py")).args([
-            "--target",
-            &sc.outbound.to_string(),
-            "--case",
-            "flaky",
-            "--authority",
-            "greeter",
-        ]));
-        let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        let v = grpc_case(&sc.outbound, "greeter", "flaky");
         assert_eq!(v["code"], "OK", "{v}");
         assert_eq!(v["response"], expected, "{v}");
     }
     assert_eq!(sc.metric(r#"ballast_retries_total{service="greeter.default"}"#), 2.0);
     // A retryable call's body streams to the upstream as it arrives: a bidi stream whose
     // client waits for each answer before sending on does not hang.
-    let out = run(Command::new(python()).arg(repo_root().join("tests/python/grpc_client.py")).args([
-        "--target",
-        &sc.outbound.to_string(),
-        "--case",
-        "chat",
-        "--authority",
-        "greeter",
-    ]));
-    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let v = grpc_case(&sc.outbound, "greeter", "chat");
     assert_eq!(v["code"], "OK", "{v}");
     assert_eq!(v["replies"], serde_json::json!(["re:m0", "re:m1", "re:m2"]), "{v}");
 }
@@ -574,8 +569,8 @@ fn policy_swap_under_load_fails_no_request() {
 #[test]
 fn inbound_applies_the_request_timeout() {
     let app = Upstream::start("app");
-    let policy = "apiVersion: ballast.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {name: web}\nspec:\n  targetRef: {service: web}\n  timeouts: {request: 300ms}\n";
-    let sc = Sidecar::start(policy, &["--service", "web", "--app-addr", &app.addr.to_string()]);
+    let policy = policy("web", "  timeouts: {request: 300ms}\n");
+    let sc = Sidecar::start(&policy, &["--service", "web", "--app-addr", &app.addr.to_string()]);
     let started = Instant::now();
     let out = run(curl().args(["-i", &format!("http://{}/slow/3000", sc.inbound)]));
     let text = stdout(&out);
@@ -605,9 +600,7 @@ fn blackhole() -> (socket2::Socket, Vec<std::net::TcpStream>, std::net::SocketAd
 #[test]
 fn connect_timeout_is_per_service_and_retried_elsewhere() {
     let (_hole, _fill, hole) = blackhole();
-    let yaml = format!(
-        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: dark}}\nspec:\n  endpoints: [{{address: \"{hole}\"}}]\n---\napiVersion: ballast.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{name: dark}}\nspec:\n  targetRef: {{service: dark}}\n  timeouts: {{connect: 200ms}}\n"
-    );
+    let yaml = mesh("dark", &[(hole.to_string(), 1)], "  timeouts: {connect: 200ms}\n");
     let sc = Sidecar::start(&yaml, &["--connect-timeout", "5s"]);
     let started = Instant::now();
     let (status, text) = fetch(&sc, &["http://dark/name"]);
@@ -616,9 +609,10 @@ fn connect_timeout_is_per_service_and_retried_elsewhere() {
     assert!(started.elapsed() < Duration::from_secs(2), "the policy's 200ms, not the sidecar's 5s");
     drop(sc);
     let good = Upstream::start("good");
-    let yaml = format!(
-        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: mixed}}\nspec:\n  endpoints: [{{address: \"{hole}\"}}, {{address: \"{}\"}}]\n---\napiVersion: ballast.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{name: mixed}}\nspec:\n  targetRef: {{service: mixed}}\n  loadBalancer: round-robin\n  timeouts: {{connect: 200ms}}\n  retries: {{attempts: 1, on: [connect-failure], backoff: {{base: 1ms, max: 2ms}}}}\n",
-        good.addr
+    let yaml = mesh(
+        "mixed",
+        &[(hole.to_string(), 1), (good.addr.to_string(), 1)],
+        "  loadBalancer: round-robin\n  timeouts: {connect: 200ms}\n  retries: {attempts: 1, on: [connect-failure], backoff: {base: 1ms, max: 2ms}}\n",
     );
     let sc = Sidecar::start(&yaml, &["--connect-timeout", "5s"]);
     for _ in 0..4 {

@@ -129,6 +129,9 @@ pub struct Backoff {
     pub max: Duration,
 }
 
+/// Largest `retries.budget.minPerSecond` a policy may ask for.
+pub const MAX_RETRY_MIN_PER_SECOND: u32 = 1_000_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryBudget {
@@ -566,10 +569,10 @@ fn validate_retries(at: &str, r: &Retries, e: &mut impl FnMut(&str, String)) {
         if !(0.0..=1.0).contains(&b.ratio) {
             e(&format!("{at}.budget.ratio"), format!("must be in [0, 1], got {}", b.ratio));
         }
-        if b.min_per_second > 1_000_000 {
+        if b.min_per_second > MAX_RETRY_MIN_PER_SECOND {
             e(
                 &format!("{at}.budget.minPerSecond"),
-                format!("must be at most 1000000, got {}", b.min_per_second),
+                format!("must be at most {MAX_RETRY_MIN_PER_SECOND}, got {}", b.min_per_second),
             );
         }
     }

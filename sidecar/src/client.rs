@@ -25,7 +25,8 @@ use crate::body::Body;
 /// How long an idle upstream connection stays pooled. Shorter than common server
 /// keep-alive timeouts would be ideal but varies (Node.js closes after 5 s); 30 s bounds
 /// the window in which a request can meet a connection the server just closed, which the
-/// retry policy of the resilience issue then covers (`reset`).
+/// policy's `reset` retry condition then covers. A policy's `timeouts.idle` overrides it
+/// per service.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Dials one fixed address, whatever the URI says.

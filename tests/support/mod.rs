@@ -72,6 +72,26 @@ pub fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
+/// A finished command's standard output, as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Runs one case of tests/python/grpc_client.py against `target` with `:authority`
+/// `authority`; the JSON line it printed.
+pub fn grpc_case(target: &SocketAddr, authority: &str, case: &str) -> serde_json::Value {
+    let out = run(Command::new(python()).arg(repo_root().join("tests/python/grpc_client.py")).args([
+        "--target",
+        &target.to_string(),
+        "--case",
+        case,
+        "--authority",
+        authority,
+    ]));
+    assert!(out.status.success(), "grpc client {case}: {out:?}");
+    serde_json::from_str(stdout(&out).trim()).unwrap_or_else(|e| panic!("{case}: {e}: {out:?}"))
+}
+
 pub fn curl() -> Command {
     let mut c = Command::new(require_tool("curl"));
     c.args(["-sS", "--max-time", "20"]);

@@ -10,14 +10,12 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use ballast_api::policy::MAX_RETRY_MIN_PER_SECOND;
 use tokio::time::Instant;
 use tower::retry::budget::Budget;
 
 const WINDOW: Duration = Duration::from_secs(10);
 const BUCKETS: u32 = 10;
-
-/// Largest `minPerSecond` honoured (validation refuses more).
-pub const MAX_MIN_PER_SECOND: u32 = 1_000_000;
 
 pub struct RatioBudget {
     ratio: f64,
@@ -30,7 +28,7 @@ impl RatioBudget {
     pub fn new(ratio: f64, min_per_second: u32) -> Self {
         Self {
             ratio: ratio.clamp(0.0, 1.0),
-            floor: f64::from(min_per_second.min(MAX_MIN_PER_SECOND)) * WINDOW.as_secs_f64(),
+            floor: f64::from(min_per_second.min(MAX_RETRY_MIN_PER_SECOND)) * WINDOW.as_secs_f64(),
             buckets: Mutex::new(VecDeque::new()),
         }
     }

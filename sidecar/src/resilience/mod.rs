@@ -6,12 +6,16 @@
 //! RecordMetrics    (stack.rs)
 //! RateLimit        429 rate-limited          governor token bucket
 //! Bulkhead         503 bulkhead-full         maxConcurrent, maxPending, queueTimeout
+//! Router           per-route overrides       routes.rs: the first matching route's
+//!                                            stack of the three layers below
 //! RequestTimeout   504 timeout               timeouts.request, until response headers
 //! Faults           injected delay / abort    chaos testing; inside the timeout so a
 //!                                            delay fault exercises it, outside retries
 //!                                            so injected aborts are not retried
-//! (retry, circuit breaker and outlier-aware balancing come next)
-//! UpstreamErrors → balancer → endpoint pools (stack.rs)
+//! Retry            (last upstream response)  tower::retry, budget.rs, replay.rs
+//! CircuitBreaker   503 circuit-open          service level, one per policy
+//! Balancer         503 no-endpoints          balance.rs: endpoint choice, outlier
+//!                                            ejection, per-try timeout → pools
 //! ```
 //!
 //! Each mechanism is a [`Guard`]: its shared state (a bucket, the bulkhead's slots),

@@ -1,7 +1,7 @@
 //! `routes`: per-route overrides of `timeouts` and `retries`.
 //!
 //! Each route gets its own small stack — request timeout, faults, retry, per-try timeout
-//! — over the service's shared circuit breaker and balancer, and [`Router`] sends each
+//! — over the service's shared circuit breaker and balancer, and a router sends each
 //! request down the first route whose `match` it meets, else the policy's default. A
 //! route's `timeouts` and `retries` override the policy's field by field: a route that
 //! says `retries: {attempts: 0}` keeps the policy's conditions and backoff but never
@@ -12,17 +12,14 @@
 //! methods; an empty match takes every request.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use ballast_api::policy::{PolicySpec, Retries, RouteMatch, Timeouts};
-use tower::Service;
 use tower::util::BoxCloneSyncService;
 
 use super::retry::{Retry, RetryConfig, RetryShared};
-use super::{Guard, ResponseFuture, faults, timeout};
-use crate::body::BoxError;
+use super::{Guard, faults, timeout};
 use crate::outcome::PerTryTimeout;
-use crate::stack::{self, HttpRequest, HttpResponse, HttpService};
+use crate::stack::{self, HttpRequest, HttpService};
 
 /// The policy's route stacks over `lower` (the breaker and balancer).
 pub fn routes(lower: HttpService, policy: &PolicySpec, budget: &RetryShared) -> HttpService {
@@ -43,7 +40,12 @@ pub fn routes(lower: HttpService, policy: &PolicySpec, budget: &RetryShared) -> 
             )
         })
         .collect();
-    BoxCloneSyncService::new(Router { routes: Arc::new(routes), default })
+    // Sends each request down the first matching route.
+    let routes: Arc<Vec<(RouteMatch, HttpService)>> = Arc::new(routes);
+    BoxCloneSyncService::new(tower::service_fn(move |req: HttpRequest| {
+        let svc = routes.iter().find(|(m, _)| matches(m, &req)).map(|(_, s)| s).unwrap_or(&default);
+        stack::call(svc.clone(), req)
+    }))
 }
 
 fn route_stack(
@@ -106,28 +108,6 @@ fn merge_retries(base: Option<&Retries>, over: Option<&Retries>) -> Option<Retri
 fn matches(m: &RouteMatch, req: &HttpRequest) -> bool {
     m.path_prefix.as_deref().is_none_or(|p| req.uri().path().starts_with(p))
         && (m.methods.is_empty() || m.methods.iter().any(|x| x == req.method().as_str()))
-}
-
-/// Sends each request down the first matching route.
-#[derive(Clone)]
-struct Router {
-    routes: Arc<Vec<(RouteMatch, HttpService)>>,
-    default: HttpService,
-}
-
-impl Service<HttpRequest> for Router {
-    type Response = HttpResponse;
-    type Error = BoxError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
-        let svc = self.routes.iter().find(|(m, _)| matches(m, &req)).map(|(_, s)| s).unwrap_or(&self.default);
-        stack::call(svc.clone(), req)
-    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
@@ -70,15 +71,27 @@ pub fn spawn(listener: std::net::TcpListener, admin: Admin) -> std::io::Result<s
                 };
                 let admin = admin.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
+                    // Set by `POST /shutdown`. The drain starts only once hyper has
+                    // written that answer and closed the connection: with nothing in
+                    // flight the process exits at once, and an earlier start would cut
+                    // the caller off without its 200.
+                    let shutdown_asked = Arc::new(AtomicBool::new(false));
+                    let svc = service_fn({
                         let admin = admin.clone();
-                        async move { Ok::<_, Infallible>(admin.route(req, peer)) }
+                        let shutdown_asked = shutdown_asked.clone();
+                        move |req| {
+                            let resp = admin.route(req, peer, &shutdown_asked);
+                            async move { Ok::<_, Infallible>(resp) }
+                        }
                     });
                     let _ = http1::Builder::new()
                         .timer(TokioTimer::new())
                         .header_read_timeout(Duration::from_secs(10))
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
+                    if shutdown_asked.load(Ordering::Acquire) {
+                        admin.shutdown.start();
+                    }
                     drop(permit);
                 });
             }
@@ -87,7 +100,7 @@ pub fn spawn(listener: std::net::TcpListener, admin: Admin) -> std::io::Result<s
 }
 
 impl Admin {
-    fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    fn route(&self, req: Request<Incoming>, peer: SocketAddr, shutdown_asked: &AtomicBool) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => Response::builder()
                 .header(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)
@@ -131,8 +144,11 @@ impl Admin {
                     return text_response(StatusCode::FORBIDDEN, "shutdown is only accepted from loopback");
                 }
                 tracing::info!("shutdown requested through the admin API");
-                self.shutdown.start();
-                text_response(StatusCode::OK, "draining")
+                shutdown_asked.store(true, Ordering::Release);
+                let mut resp = text_response(StatusCode::OK, "draining");
+                // Makes hyper close the connection after this answer, which starts the drain.
+                resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+                resp
             }
             (_, "/metrics" | "/live" | "/ready" | "/config" | "/shutdown") => {
                 text_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")

@@ -72,6 +72,26 @@ struct RunArgs {
     /// How often the config file is checked for changes.
     #[arg(long, env = "BALLAST_CONFIG_POLL", default_value = "1s", value_parser = duration)]
     config_poll: std::time::Duration,
+    /// Data-path worker threads. Default: the CPUs this process may use (affinity and
+    /// cgroup quota), at most 2, as Istio's sidecars default to `concurrency: 2`. With 1,
+    /// the proxy runs on a single-threaded runtime: no work stealing and no cross-thread
+    /// wake-ups, the cheapest way to serve a pod with one core or less.
+    #[arg(long, env = "BALLAST_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    workers: Option<u16>,
+}
+
+/// Default for `--workers`.
+const MAX_DEFAULT_WORKERS: usize = 2;
+
+fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = workers.map(usize::from).unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_DEFAULT_WORKERS)
+    });
+    if workers == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()
+    }
 }
 
 #[derive(Args)]
@@ -165,7 +185,7 @@ fn main() -> ExitCode {
                 egress_dns: a.egress_dns,
                 config_poll: a.config_poll,
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match runtime(a.workers) {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("ballast-sidecar: cannot start the runtime: {e}");

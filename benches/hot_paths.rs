@@ -1,0 +1,2 @@
+//! Criterion micro-benchmarks (in progress).
+fn main() {}

@@ -1,0 +1,776 @@
+//! Ballast side by side with direct traffic and HAProxy, in one run, on loopback.
+//!
+//! `scripts/bench.sh` (or `cargo bench --bench mesh`) runs every scenario and prints the
+//! tables, then writes them to `target/bench/mesh.json`. Under `cargo test --benches` the
+//! same code runs a short smoke pass that fails on any error, so the harness cannot rot.
+//!
+//! Set-ups, all in front of the same upstream (`upstream.rs`, in this process):
+//! * `direct`: client → upstream.
+//! * `ballast x1`: client → sidecar (outbound) → upstream: one hop, the client side.
+//! * `ballast x1 +policy`: the same sidecar, to a service whose policy turns on every
+//!   resilience layer (retries, timeouts, breaker, bulkhead, rate limit, outliers).
+//! * `ballast x2`: client → client sidecar → server sidecar (inbound) → upstream, the
+//!   path of a request in a mesh.
+//! * `haproxy`: client → HAProxy (one thread, keep-alive both sides) → upstream.
+//!
+//! Placement: the load generator and the upstream run on the first CPU, every proxy on
+//! the second (`--workers 1` for Ballast, `nbthread 1` for HAProxy), so a proxy's CPU
+//! time and its single-core ceiling are its own. On a 2-core machine the load generator
+//! shares its core with the upstream, so "max throughput" can be bound by the client
+//! side; the table therefore also shows the proxy's CPU use and requests per
+//! proxy-CPU-second, which compare proxies whatever the bound.
+//!
+//! Options (after `--`): `--quick` (1 run, short phases), `--repeats N`,
+//! `--protocols http1,http2,grpc`, `--no-tcp`, `--json PATH`.
+
+mod loadgen;
+mod procs;
+mod report;
+mod upstream;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use loadgen::{Outcome, Proto, Target};
+use procs::Proxy;
+use report::{Spread, table};
+
+/// The mesh service the load names through Ballast.
+const SERVICE: &str = "bench";
+/// The same upstream behind a policy with every resilience layer on.
+const SERVICE_WITH_POLICY: &str = "bench-policy";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+enum Setup {
+    #[serde(rename = "direct")]
+    Direct,
+    #[serde(rename = "ballast-x1")]
+    Ballast1,
+    #[serde(rename = "ballast-x1-policy")]
+    Ballast1Policy,
+    #[serde(rename = "ballast-x2")]
+    Ballast2,
+    #[serde(rename = "haproxy")]
+    Haproxy,
+}
+
+impl Setup {
+    fn label(self) -> &'static str {
+        match self {
+            Setup::Direct => "direct",
+            Setup::Ballast1 => "ballast x1",
+            Setup::Ballast1Policy => "ballast x1 +policy",
+            Setup::Ballast2 => "ballast x2 (mesh)",
+            Setup::Haproxy => "haproxy",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+enum Mode {
+    #[serde(rename = "fixed")]
+    Fixed(u32),
+    #[serde(rename = "max")]
+    Max,
+}
+
+struct Options {
+    smoke: bool,
+    repeats: usize,
+    protocols: Vec<Proto>,
+    tcp: bool,
+    rates: Vec<u32>,
+    fixed_for: Duration,
+    max_for: Duration,
+    tcp_for: Duration,
+    connections: usize,
+    h2_depth: usize,
+    idle_connections: usize,
+    json: PathBuf,
+}
+
+impl Options {
+    fn parse() -> Self {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        // `cargo bench` passes --bench; `cargo test --benches` does not.
+        let smoke = !args.iter().any(|a| a == "--bench");
+        let quick = args.iter().any(|a| a == "--quick");
+        let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+        let target = PathBuf::from(
+            std::env::var("CARGO_TARGET_DIR")
+                .unwrap_or_else(|_| format!("{}/target", env!("CARGO_MANIFEST_DIR"))),
+        );
+        let mut o = Options {
+            smoke,
+            repeats: 3,
+            protocols: vec![Proto::Http1, Proto::Http2, Proto::Grpc],
+            tcp: true,
+            rates: vec![1_000, 10_000],
+            fixed_for: Duration::from_secs(10),
+            max_for: Duration::from_secs(5),
+            tcp_for: Duration::from_secs(3),
+            connections: 32,
+            h2_depth: 4,
+            idle_connections: 1_000,
+            json: target.join("bench").join(if smoke { "mesh-smoke.json" } else { "mesh.json" }),
+        };
+        if quick {
+            o.repeats = 1;
+            o.fixed_for = Duration::from_secs(3);
+            o.max_for = Duration::from_secs(3);
+            o.tcp_for = Duration::from_secs(2);
+        }
+        if smoke {
+            o.repeats = 1;
+            o.rates = vec![200];
+            o.fixed_for = Duration::from_millis(500);
+            o.max_for = Duration::from_millis(500);
+            o.tcp_for = Duration::from_millis(300);
+            o.connections = 8;
+            o.idle_connections = 50;
+        }
+        if let Some(n) = value("--repeats").and_then(|v| v.parse().ok()) {
+            o.repeats = n;
+        }
+        if let Some(p) = value("--protocols") {
+            o.protocols = p
+                .split(',')
+                .filter_map(|s| match s {
+                    "http1" => Some(Proto::Http1),
+                    "http2" => Some(Proto::Http2),
+                    "grpc" => Some(Proto::Grpc),
+                    _ => None,
+                })
+                .collect();
+        }
+        if args.iter().any(|a| a == "--no-tcp") {
+            o.tcp = false;
+        }
+        if let Some(j) = value("--json") {
+            o.json = PathBuf::from(j);
+        }
+        o
+    }
+}
+
+/// One measured run.
+#[derive(Serialize)]
+struct Run {
+    proto: Proto,
+    mode: Mode,
+    setup: Setup,
+    repeat: usize,
+    ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+    seconds: f64,
+    requests_per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    /// CPU seconds of the proxy processes (both sidecars for x2).
+    proxy_cpu_seconds: f64,
+    /// Number of proxy processes the request crossed.
+    proxies: usize,
+}
+
+impl Run {
+    fn cpu_per_1k_per_proxy(&self) -> f64 {
+        if self.proxies == 0 || self.ok == 0 {
+            return f64::NAN;
+        }
+        self.proxy_cpu_seconds / self.ok as f64 * 1000.0 / self.proxies as f64
+    }
+    fn proxy_core_use(&self) -> f64 {
+        self.proxy_cpu_seconds / self.seconds
+    }
+    fn per_proxy_cpu_second(&self) -> f64 {
+        if self.proxies == 0 { f64::NAN } else { self.ok as f64 / self.proxy_cpu_seconds }
+    }
+}
+
+/// The proxies of one bench, started once and used by every scenario.
+struct Bed {
+    up: upstream::Upstream,
+    b1: Proxy,
+    b1_addrs: procs::SidecarAddrs,
+    b2_client: Proxy,
+    b2_client_addrs: procs::SidecarAddrs,
+    b2_server: Proxy,
+    haproxy: Proxy,
+    ha_h1: SocketAddr,
+    ha_h2: SocketAddr,
+    ha_tcp: SocketAddr,
+}
+
+fn service_yaml(name: &str, endpoint: SocketAddr) -> String {
+    format!(
+        "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  endpoints: [{{address: \"{endpoint}\"}}]\n---\n"
+    )
+}
+
+/// Every layer on, none of them in the way: the limits are far above the load.
+const FULL_POLICY: &str = "apiVersion: ballast.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: bench-policy}
+spec:
+  targetRef: {service: bench-policy}
+  rateLimit: {requestsPerSecond: 10000000, burst: 1000000}
+  bulkhead: {maxConcurrent: 100000}
+  timeouts: {request: 10s, perTry: 5s, connect: 1s, idle: 60s}
+  retries:
+    attempts: 2
+    on: [gateway-error, reset, connect-failure, grpc:unavailable]
+    budget: {ratio: 0.2, minPerSecond: 10}
+  circuitBreaker:
+    consecutiveFailures: 50
+    failureRate: {threshold: 0.5, minimumRequests: 100, window: 10s}
+  outlierDetection: {consecutiveFailures: 50}
+";
+
+fn haproxy_config(up: &upstream::Upstream, h1: SocketAddr, h2: SocketAddr, tcp: SocketAddr) -> String {
+    format!(
+        "global
+    nbthread 1
+    # Each connection takes two descriptors (client and server side).
+    maxconn 9000
+defaults
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+frontend fe_h1
+    mode http
+    bind {h1}
+    default_backend be_h1
+frontend fe_h2
+    mode http
+    bind {h2} proto h2
+    default_backend be_h2
+frontend fe_tcp
+    mode tcp
+    bind {tcp}
+    default_backend be_tcp
+backend be_h1
+    mode http
+    http-reuse always
+    server up {http}
+backend be_h2
+    mode http
+    http-reuse always
+    server up {http} proto h2
+backend be_tcp
+    mode tcp
+    server sink {sink}
+",
+        http = up.http,
+        sink = up.tcp
+    )
+}
+
+fn sidecar_binary(smoke: bool) -> Result<PathBuf, String> {
+    if let Ok(p) = std::env::var("BALLAST_SIDECAR_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-q", "-p", "ballast-sidecar", "--bin", "ballast-sidecar"]);
+    if !smoke {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err("building ballast-sidecar failed".into());
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .unwrap_or_else(|_| format!("{}/target", env!("CARGO_MANIFEST_DIR")));
+    Ok(PathBuf::from(target).join(if smoke { "debug" } else { "release" }).join("ballast-sidecar"))
+}
+
+impl Bed {
+    fn start(bin: &std::path::Path, proxy_cpu: usize) -> Result<Self, String> {
+        let up = upstream::Upstream::start().map_err(|e| format!("upstream: {e}"))?;
+        let b1_config = format!(
+            "{}{}{FULL_POLICY}",
+            service_yaml(SERVICE, up.http),
+            service_yaml(SERVICE_WITH_POLICY, up.http)
+        );
+        let (b1, b1_addrs) = Proxy::sidecar(bin, "ballast-x1", &b1_config, up.http, proxy_cpu)?;
+        let (b2_server, server_addrs) = Proxy::sidecar(bin, "ballast-x2-server", "", up.http, proxy_cpu)?;
+        let (b2_client, b2_client_addrs) = Proxy::sidecar(
+            bin,
+            "ballast-x2-client",
+            &service_yaml(SERVICE, server_addrs.inbound),
+            up.http,
+            proxy_cpu,
+        )?;
+        let (ha_h1, ha_h2, ha_tcp) = (procs::free_addr(), procs::free_addr(), procs::free_addr());
+        let haproxy = Proxy::haproxy(&haproxy_config(&up, ha_h1, ha_h2, ha_tcp), ha_h1, proxy_cpu)?;
+        Ok(Self { up, b1, b1_addrs, b2_client, b2_client_addrs, b2_server, haproxy, ha_h1, ha_h2, ha_tcp })
+    }
+
+    fn target(&self, setup: Setup, proto: Proto) -> Target {
+        let (addr, authority) = match setup {
+            Setup::Direct => (self.up.http, SERVICE),
+            Setup::Ballast1 => (self.b1_addrs.outbound, SERVICE),
+            Setup::Ballast1Policy => (self.b1_addrs.outbound, SERVICE_WITH_POLICY),
+            Setup::Ballast2 => (self.b2_client_addrs.outbound, SERVICE),
+            Setup::Haproxy => (if proto == Proto::Http1 { self.ha_h1 } else { self.ha_h2 }, SERVICE),
+        };
+        Target { addr, authority: authority.to_owned(), proto }
+    }
+
+    fn proxies(&self, setup: Setup) -> Vec<&Proxy> {
+        match setup {
+            Setup::Direct => vec![],
+            Setup::Ballast1 | Setup::Ballast1Policy => vec![&self.b1],
+            Setup::Ballast2 => vec![&self.b2_client, &self.b2_server],
+            Setup::Haproxy => vec![&self.haproxy],
+        }
+    }
+
+    fn all(&mut self) -> [&mut Proxy; 4] {
+        [&mut self.b1, &mut self.b2_client, &mut self.b2_server, &mut self.haproxy]
+    }
+}
+
+fn measure(
+    bed: &Bed,
+    rt: &tokio::runtime::Runtime,
+    o: &Options,
+    proto: Proto,
+    mode: Mode,
+    setup: Setup,
+    repeat: usize,
+) -> Run {
+    let target = bed.target(setup, proto);
+    let depth = if proto == Proto::Http1 { 1 } else { o.h2_depth };
+    // Warm-up: connections, pools and caches, unmeasured.
+    let _ = loadgen::max_rate(
+        rt,
+        &target,
+        Duration::from_millis(if o.smoke { 100 } else { 300 }),
+        o.connections,
+        depth,
+    );
+    let proxies = bed.proxies(setup);
+    let cpu = |ps: &[&Proxy]| ps.iter().map(|p| p.cpu_seconds()).sum::<f64>();
+    let before = cpu(&proxies);
+    let out: Outcome = match mode {
+        Mode::Fixed(rate) => loadgen::fixed_rate(rt, &target, rate, o.fixed_for, o.connections),
+        Mode::Max => loadgen::max_rate(rt, &target, o.max_for, o.connections, depth),
+    };
+    let cpu_s = cpu(&proxies) - before;
+    Run {
+        proto,
+        mode,
+        setup,
+        repeat,
+        ok: out.ok,
+        errors: out.errors,
+        first_error: out.first_error.clone(),
+        seconds: out.elapsed.as_secs_f64(),
+        requests_per_second: out.rate(),
+        p50_ms: out.ms(0.5),
+        p99_ms: out.ms(0.99),
+        p999_ms: out.ms(0.999),
+        max_ms: out.hist.max() as f64 / 1e6,
+        proxy_cpu_seconds: cpu_s,
+        proxies: proxies.len(),
+    }
+}
+
+#[derive(Serialize)]
+struct Memory {
+    proxy: String,
+    idle_rss_mib: f64,
+    rss_with_idle_connections_mib: f64,
+    idle_connections: usize,
+    peak_rss_mib: f64,
+}
+
+#[derive(Serialize)]
+struct TcpRun {
+    setup: Setup,
+    repeat: usize,
+    gbit_per_second: f64,
+}
+
+#[derive(Serialize)]
+struct Record {
+    machine: BTreeMap<&'static str, String>,
+    repeats: usize,
+    connections: usize,
+    response_bytes: usize,
+    fixed_seconds: f64,
+    max_seconds: f64,
+    runs: Vec<Run>,
+    memory: Vec<Memory>,
+    tcp: Vec<TcpRun>,
+}
+
+fn machine() -> BTreeMap<&'static str, String> {
+    let mut m = BTreeMap::new();
+    m.insert("cpus", std::thread::available_parallelism().map_or(0, |n| n.get()).to_string());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    m.insert("cpu_model", model);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    m.insert("kernel", kernel.trim().to_owned());
+    let haproxy = std::process::Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_owned())
+        .unwrap_or_default();
+    m.insert("haproxy", haproxy);
+    m
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("mesh bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let o = Options::parse();
+    if std::process::Command::new("haproxy").arg("-v").output().is_err() {
+        return Err("haproxy is not installed: run scripts/bench.sh, or apt-get install -y haproxy".into());
+    }
+    let cpus = procs::allowed_cpus();
+    let (load_cpu, proxy_cpu) = match cpus.as_slice() {
+        [a, b, ..] => (*a, *b),
+        [a] => (*a, *a),
+        [] => return Err("no CPU is allowed to this process".into()),
+    };
+    procs::pin_to(load_cpu).map_err(|e| format!("cannot pin the load generator: {e}"))?;
+    let bin = sidecar_binary(o.smoke)?;
+    let mut bed = Bed::start(&bin, proxy_cpu)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    eprintln!(
+        "mesh bench: {} run(s); load generator and upstream on CPU {load_cpu}, proxies on CPU {proxy_cpu}; sidecar {}",
+        o.repeats,
+        bin.display()
+    );
+
+    // Memory at rest, then with idle connections open.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut memory = Vec::new();
+    for (p, addr, authority) in
+        [(&bed.b1, bed.b1_addrs.outbound, SERVICE), (&bed.haproxy, bed.ha_h1, SERVICE)]
+    {
+        let idle = p.rss_mib();
+        let conns = procs::idle_connections(addr, authority, o.idle_connections)
+            .map_err(|e| format!("{}: {e}", p.name))?;
+        std::thread::sleep(Duration::from_millis(300));
+        let with = p.rss_mib();
+        drop(conns);
+        memory.push(Memory {
+            proxy: p.name.clone(),
+            idle_rss_mib: idle,
+            rss_with_idle_connections_mib: with,
+            idle_connections: o.idle_connections,
+            peak_rss_mib: f64::NAN,
+        });
+    }
+
+    let setups = [Setup::Direct, Setup::Ballast1, Setup::Ballast1Policy, Setup::Ballast2, Setup::Haproxy];
+    let mut modes: Vec<Mode> = o.rates.iter().map(|r| Mode::Fixed(*r)).collect();
+    modes.push(Mode::Max);
+    let mut runs = Vec::new();
+    let mut tcp = Vec::new();
+    for repeat in 0..o.repeats {
+        for &proto in &o.protocols {
+            for &mode in &modes {
+                for &setup in &setups {
+                    if setup == Setup::Ballast1Policy && proto != Proto::Http1 {
+                        continue;
+                    }
+                    let r = measure(&bed, &rt, &o, proto, mode, setup, repeat);
+                    eprintln!(
+                        "  run {} {:<10} {:<9} {:<20} {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {}",
+                        repeat + 1,
+                        proto.label(),
+                        match mode {
+                            Mode::Fixed(r) => format!("{r}/s"),
+                            Mode::Max => "max".into(),
+                        },
+                        setup.label(),
+                        r.requests_per_second,
+                        r.p50_ms,
+                        r.p99_ms,
+                        r.errors
+                    );
+                    runs.push(r);
+                }
+            }
+        }
+        if o.tcp {
+            tcp.extend(tcp_runs(&bed, &bin, proxy_cpu, &o, repeat)?);
+        }
+        for p in bed.all() {
+            if !p.is_running() {
+                return Err(format!("{} exited during the bench: {}", p.name, p.stderr()));
+            }
+        }
+    }
+    for m in &mut memory {
+        if let Some(p) = [&bed.b1, &bed.haproxy].into_iter().find(|p| p.name == m.proxy) {
+            m.peak_rss_mib = p.peak_rss_mib();
+        }
+    }
+    let peak: Vec<(String, f64)> = bed.all().iter().map(|p| (p.name.clone(), p.peak_rss_mib())).collect();
+
+    print!("{}", render(&o, &runs, &memory, &peak, &tcp));
+    let record = Record {
+        machine: machine(),
+        repeats: o.repeats,
+        connections: o.connections,
+        response_bytes: upstream::RESPONSE_BYTES,
+        fixed_seconds: o.fixed_for.as_secs_f64(),
+        max_seconds: o.max_for.as_secs_f64(),
+        runs,
+        memory,
+        tcp,
+    };
+    if let Some(dir) = o.json.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
+    std::fs::write(&o.json, json).map_err(|e| format!("{}: {e}", o.json.display()))?;
+    println!("\nwritten: {}", o.json.display());
+
+    if o.smoke {
+        smoke_checks(&record)?;
+    }
+    Ok(())
+}
+
+/// Opaque TCP through a CONNECT tunnel (Ballast) or a `mode tcp` frontend (HAProxy).
+fn tcp_runs(
+    bed: &Bed,
+    bin: &std::path::Path,
+    proxy_cpu: usize,
+    o: &Options,
+    repeat: usize,
+) -> Result<Vec<TcpRun>, String> {
+    // The server sidecar of x2 sends its inbound to the HTTP upstream; the TCP path
+    // needs one whose app is the sink.
+    let (_server, server) = Proxy::sidecar(bin, "ballast-tcp-server", "", bed.up.tcp, proxy_cpu)?;
+    let (_client, client) = Proxy::sidecar(
+        bin,
+        "ballast-tcp-client",
+        &service_yaml("sink", server.inbound),
+        bed.up.http,
+        proxy_cpu,
+    )?;
+    let sink = bed.up.tcp;
+    let sink_authority = sink.to_string();
+    let mesh_authority = format!("sink:{}", sink.port());
+    let cases: [(Setup, SocketAddr, Option<&str>); 4] = [
+        (Setup::Direct, sink, None),
+        (Setup::Ballast1, bed.b1_addrs.outbound, Some(&sink_authority)),
+        (Setup::Ballast2, client.outbound, Some(&mesh_authority)),
+        (Setup::Haproxy, bed.ha_tcp, None),
+    ];
+    let mut out = Vec::new();
+    for (setup, addr, connect) in cases {
+        let bps = loadgen::tcp_throughput(addr, connect, 1, o.tcp_for, || bed.up.sunk())
+            .map_err(|e| format!("tcp {}: {e}", setup.label()))?;
+        eprintln!("  run {} TCP stream {:<20} {:>7.2} Gbit/s", repeat + 1, setup.label(), bps / 1e9);
+        out.push(TcpRun { setup, repeat, gbit_per_second: bps / 1e9 });
+    }
+    Ok(out)
+}
+
+fn smoke_checks(r: &Record) -> Result<(), String> {
+    for run in &r.runs {
+        if run.errors > 0 || run.ok == 0 {
+            return Err(format!(
+                "{} {:?} {}: {} ok, {} errors (first: {:?})",
+                run.proto.label(),
+                run.mode,
+                run.setup.label(),
+                run.ok,
+                run.errors,
+                run.first_error
+            ));
+        }
+        if run.proxies > 0 && !(run.proxy_cpu_seconds >= 0.0) {
+            return Err(format!("{}: no CPU time read", run.setup.label()));
+        }
+    }
+    for m in &r.memory {
+        if !(m.idle_rss_mib > 0.0 && m.rss_with_idle_connections_mib > 0.0) {
+            return Err(format!("{}: no memory read", m.proxy));
+        }
+    }
+    if r.tcp.iter().any(|t| !(t.gbit_per_second > 0.0)) {
+        return Err("a TCP run moved no bytes".into());
+    }
+    Ok(())
+}
+
+fn render(o: &Options, runs: &[Run], memory: &[Memory], peak: &[(String, f64)], tcp: &[TcpRun]) -> String {
+    let mut out = String::new();
+    let n = o.repeats;
+    let of = |proto: Proto, mode: Mode, setup: Setup| -> Vec<&Run> {
+        runs.iter().filter(|r| r.proto == proto && r.mode == mode && r.setup == setup).collect()
+    };
+    // Paired with the same repeat's run of `base`: the noise of that moment cancels.
+    let paired =
+        |proto: Proto, mode: Mode, setup: Setup, base: Setup, f: &dyn Fn(&Run, &Run) -> f64| -> Spread {
+            let v: Vec<f64> = of(proto, mode, setup)
+                .iter()
+                .filter_map(|r| {
+                    of(proto, mode, base).into_iter().find(|b| b.repeat == r.repeat).map(|b| f(r, b))
+                })
+                .collect();
+            Spread::of(&v)
+        };
+    for &proto in &o.protocols {
+        for mode in o.rates.iter().map(|r| Mode::Fixed(*r)).chain([Mode::Max]) {
+            let setups: Vec<Setup> =
+                [Setup::Direct, Setup::Ballast1, Setup::Ballast1Policy, Setup::Ballast2, Setup::Haproxy]
+                    .into_iter()
+                    .filter(|s| !of(proto, mode, *s).is_empty())
+                    .collect();
+            let mut rows = Vec::new();
+            match mode {
+                Mode::Fixed(rate) => {
+                    out.push_str(&format!(
+                        "\n{} at {rate} req/s, {} connections, {:.1} s; median (min–max) of {n} run(s); latency from the intended send time\n",
+                        proto.label(),
+                        o.connections,
+                        o.fixed_for.as_secs_f64()
+                    ));
+                    for &s in &setups {
+                        let rs = of(proto, mode, s);
+                        let col =
+                            |f: fn(&Run) -> f64| Spread::of(&rs.iter().map(|r| f(r)).collect::<Vec<_>>());
+                        let added =
+                            |f: fn(&Run) -> f64| paired(proto, mode, s, Setup::Direct, &|r, b| f(r) - f(b));
+                        rows.push(vec![
+                            s.label().to_owned(),
+                            col(|r| r.p50_ms).show(3),
+                            col(|r| r.p99_ms).show(3),
+                            col(|r| r.p999_ms).show(3),
+                            if s == Setup::Direct { "".into() } else { added(|r| r.p50_ms).show(3) },
+                            if s == Setup::Direct { "".into() } else { added(|r| r.p99_ms).show(3) },
+                            col(|r| r.cpu_per_1k_per_proxy()).show(4),
+                            rs.iter().map(|r| r.errors).sum::<u64>().to_string(),
+                        ]);
+                    }
+                    out.push_str(&table(
+                        &[
+                            "set-up",
+                            "p50 ms",
+                            "p99 ms",
+                            "p99.9 ms",
+                            "+p50 ms",
+                            "+p99 ms",
+                            "CPU s/1k req/proxy",
+                            "errors",
+                        ],
+                        &rows,
+                    ));
+                }
+                Mode::Max => {
+                    out.push_str(&format!(
+                        "\n{} maximum throughput, {} connections{}, {:.1} s, proxy on one core; median (min–max) of {n} run(s)\n",
+                        proto.label(),
+                        o.connections,
+                        if proto == Proto::Http1 { String::new() } else { format!(" x {} streams", o.h2_depth) },
+                        o.max_for.as_secs_f64()
+                    ));
+                    for &s in &setups {
+                        let rs = of(proto, mode, s);
+                        let col =
+                            |f: fn(&Run) -> f64| Spread::of(&rs.iter().map(|r| f(r)).collect::<Vec<_>>());
+                        let ratio = |base: Setup, f: fn(&Run) -> f64| {
+                            paired(proto, mode, s, base, &|r, b| f(r) / f(b))
+                        };
+                        let proxied = s != Setup::Direct;
+                        rows.push(vec![
+                            s.label().to_owned(),
+                            col(|r| r.requests_per_second).show(0),
+                            ratio(Setup::Direct, |r| r.requests_per_second).show(2),
+                            ratio(Setup::Haproxy, |r| r.requests_per_second).show(2),
+                            if proxied { col(|r| r.proxy_core_use() * 100.0).show(0) } else { "".into() },
+                            if proxied { col(|r| r.per_proxy_cpu_second()).show(0) } else { "".into() },
+                            if proxied {
+                                ratio(Setup::Haproxy, |r| r.per_proxy_cpu_second()).show(2)
+                            } else {
+                                "".into()
+                            },
+                            col(|r| r.p99_ms).show(2),
+                            rs.iter().map(|r| r.errors).sum::<u64>().to_string(),
+                        ]);
+                    }
+                    out.push_str(&table(
+                        &[
+                            "set-up",
+                            "req/s",
+                            "x direct",
+                            "x haproxy",
+                            "proxy CPU %",
+                            "req/proxy-CPU-s",
+                            "x haproxy",
+                            "p99 ms",
+                            "errors",
+                        ],
+                        &rows,
+                    ));
+                }
+            }
+        }
+    }
+    out.push_str(&format!(
+        "\nMemory (RSS, MiB); {} idle HTTP/1.1 keep-alive connections after one request each\n",
+        o.idle_connections
+    ));
+    let rows: Vec<Vec<String>> = memory
+        .iter()
+        .map(|m| {
+            vec![
+                m.proxy.clone(),
+                format!("{:.1}", m.idle_rss_mib),
+                format!("{:.1}", m.rss_with_idle_connections_mib),
+                format!("{:.1}", m.peak_rss_mib),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["proxy", "idle", "with connections", "peak (whole bench)"], &rows));
+    out.push_str(&format!(
+        "peak RSS of every proxy: {}\n",
+        peak.iter().map(|(n, p)| format!("{n} {p:.1}")).collect::<Vec<_>>().join(", ")
+    ));
+    if !tcp.is_empty() {
+        out.push_str(&format!(
+            "\nOpaque TCP, one stream, {:.1} s; median (min–max) of {n} run(s)\n",
+            o.tcp_for.as_secs_f64()
+        ));
+        let mut rows = Vec::new();
+        for s in [Setup::Direct, Setup::Ballast1, Setup::Ballast2, Setup::Haproxy] {
+            let v: Vec<f64> = tcp.iter().filter(|t| t.setup == s).map(|t| t.gbit_per_second).collect();
+            let d: Vec<f64> =
+                tcp.iter().filter(|t| t.setup == Setup::Direct).map(|t| t.gbit_per_second).collect();
+            let ratio: Vec<f64> = v.iter().zip(&d).map(|(a, b)| a / b).collect();
+            rows.push(vec![s.label().to_owned(), Spread::of(&v).show(2), Spread::of(&ratio).show(2)]);
+        }
+        out.push_str(&table(&["set-up", "Gbit/s", "x direct"], &rows));
+    }
+    out
+}

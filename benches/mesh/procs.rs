@@ -1,0 +1,226 @@
+//! The proxies under test as child processes: Ballast sidecars and HAProxy, each pinned to
+//! the proxy core, with their CPU time and memory read from `/proc`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Pins the calling thread (and what it spawns or execs afterwards) to `cpu`.
+pub fn pin_to(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET stays within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A free loopback port (bound then released; the harness is alone on the machine).
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port")
+}
+
+pub struct Proxy {
+    pub name: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+    stderr_path: PathBuf,
+}
+
+/// Ports of one Ballast sidecar.
+#[derive(Debug, Clone, Copy)]
+pub struct SidecarAddrs {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Proxy {
+    /// A Ballast sidecar with this static configuration; the app behind its inbound
+    /// listener is `app`.
+    pub fn sidecar(
+        bin: &Path,
+        name: &str,
+        config: &str,
+        app: SocketAddr,
+        cpu: usize,
+    ) -> Result<(Self, SidecarAddrs), String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let cfg = dir.path().join("config.yaml");
+        std::fs::write(&cfg, config).map_err(|e| e.to_string())?;
+        let addrs = SidecarAddrs { outbound: free_addr(), inbound: free_addr(), admin: free_addr() };
+        let mut cmd = Command::new(bin);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--outbound-addr")
+            .arg(addrs.outbound.to_string())
+            .arg("--inbound-addr")
+            .arg(addrs.inbound.to_string())
+            .arg("--admin-addr")
+            .arg(addrs.admin.to_string())
+            .arg("--app-addr")
+            .arg(app.to_string())
+            .args(["--workers", "1"])
+            .env("BALLAST_LOG", "warn");
+        let proxy = Self::spawn(name, cmd, dir, cpu)?;
+        proxy.wait_ready(|| http_get(addrs.admin, "/ready").is_ok_and(|s| s == 200))?;
+        Ok((proxy, addrs))
+    }
+
+    /// HAProxy with this configuration (one thread, foreground).
+    pub fn haproxy(config: &str, ready: SocketAddr, cpu: usize) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let cfg = dir.path().join("haproxy.cfg");
+        std::fs::write(&cfg, config).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new("haproxy");
+        cmd.arg("-db").arg("-f").arg(&cfg);
+        let proxy = Self::spawn("haproxy", cmd, dir, cpu)?;
+        proxy.wait_ready(|| TcpStream::connect(ready).is_ok())?;
+        Ok(proxy)
+    }
+
+    fn spawn(name: &str, mut cmd: Command, dir: tempfile::TempDir, cpu: usize) -> Result<Self, String> {
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        // SAFETY: only the async-signal-safe sched_setaffinity runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || pin_to(cpu));
+        }
+        let child = cmd.spawn().map_err(|e| format!("cannot start {name}: {e}"))?;
+        Ok(Self { name: name.to_owned(), child, _dir: dir, stderr_path })
+    }
+
+    fn wait_ready(&self, ready: impl Fn() -> bool) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if ready() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("{} did not become ready: {}", self.name, self.stderr()))
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// User + system CPU time of the whole process (all threads), in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) else { return f64::NAN };
+        // Fields after the parenthesised command name; utime and stime are the 14th and
+        // 15th fields of the line, the 12th and 13th after it.
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { return f64::NAN };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (ticks(11) + ticks(12)) / hz
+    }
+
+    fn status_kib(&self, field: &str) -> f64 {
+        let Ok(s) = std::fs::read_to_string(format!("/proc/{}/status", self.pid())) else { return f64::NAN };
+        s.lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+
+    /// Resident set size now, in MiB.
+    pub fn rss_mib(&self) -> f64 {
+        self.status_kib("VmRSS:") / 1024.0
+    }
+
+    /// Peak resident set size, in MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        self.status_kib("VmHWM:") / 1024.0
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.1 GET; the status code.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    String::from_utf8_lossy(&buf)
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no status line"))
+}
+
+/// Opens `n` HTTP/1.1 keep-alive connections to `addr`, makes one request on each and
+/// leaves them open and idle; they close when the returned streams drop.
+pub fn idle_connections(addr: SocketAddr, authority: &str, n: usize) -> Result<Vec<TcpStream>, String> {
+    let mut open = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = TcpStream::connect(addr).map_err(|e| format!("connection {i}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+        write!(s, "GET / HTTP/1.1\r\nHost: {authority}\r\n\r\n").map_err(|e| e.to_string())?;
+        read_response(&mut s).map_err(|e| format!("connection {i}: {e}"))?;
+        open.push(s);
+    }
+    Ok(open)
+}
+
+/// Reads one response with a Content-Length body.
+fn read_response(s: &mut TcpStream) -> Result<(), String> {
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before the response ended".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        if !head.starts_with("http/1.1 200") {
+            return Err(format!("unexpected answer: {}", head.lines().next().unwrap_or("")));
+        }
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or("no content-length")?;
+        if buf.len() >= end + 4 + len {
+            return Ok(());
+        }
+    }
+}
+
+/// The CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills the zeroed set we own; CPU_ISSET reads within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return vec![0];
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}

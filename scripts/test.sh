@@ -14,6 +14,7 @@ have setpriv   || need+=(util-linux)
 have promtool  || need+=(prometheus)
 have h2load    || need+=(nghttp2-client)
 have nghttpd   || need+=(nghttp2-server)
+have haproxy   || need+=(haproxy)
 if ((${#need[@]})); then
   if [ "$(id -u)" != 0 ]; then
     echo "missing test tools: ${need[*]}; run as root or: apt-get install -y ${need[*]}" >&2
@@ -45,3 +46,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+# The benchmarks' smoke pass: every scenario of the harness (with HAProxy) briefly, and
+# each Criterion benchmark once. Figures come from scripts/bench.sh, not from here.
+echo "--- benchmark smoke pass"
+cargo test --benches --locked

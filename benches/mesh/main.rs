@@ -21,7 +21,9 @@
 //! proxy-CPU-second, which compare proxies whatever the bound.
 //!
 //! Options (after `--`): `--quick` (1 run, short phases), `--repeats N`,
-//! `--protocols http1,http2,grpc`, `--no-tcp`, `--json PATH`.
+//! `--protocols http1,http2,grpc`, `--setups direct,ballast-x1,ballast-x1-policy,ballast-x2,haproxy`,
+//! `--modes fixed,max`, `--rates 1000,10000`, `--seconds S`, `--no-tcp`, `--json PATH`.
+//! To profile a proxy: `perf record -g -C 1` (the proxy CPU) while a filtered run goes.
 
 mod loadgen;
 mod procs;
@@ -44,7 +46,7 @@ const SERVICE: &str = "bench";
 /// The same upstream behind a policy with every resilience layer on.
 const SERVICE_WITH_POLICY: &str = "bench-policy";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
 enum Setup {
     #[serde(rename = "direct")]
     Direct,
@@ -91,6 +93,10 @@ struct Options {
     h2_depth: usize,
     idle_connections: usize,
     json: PathBuf,
+    /// Only these set-ups (`--setups direct,ballast-x1,...`); all when empty.
+    setups: Vec<Setup>,
+    /// Only fixed-rate (`--modes fixed`) or maximum (`--modes max`) runs; both when empty.
+    modes: Vec<String>,
 }
 
 impl Options {
@@ -117,6 +123,8 @@ impl Options {
             h2_depth: 4,
             idle_connections: 1_000,
             json: target.join("bench").join(if smoke { "mesh-smoke.json" } else { "mesh.json" }),
+            setups: Vec::new(),
+            modes: Vec::new(),
         };
         if quick {
             o.repeats = 1;
@@ -147,6 +155,22 @@ impl Options {
                 })
                 .collect();
         }
+        if let Some(v) = value("--setups") {
+            o.setups = v
+                .split(',')
+                .filter_map(|s| serde_json::from_value::<Setup>(serde_json::Value::String(s.to_owned())).ok())
+                .collect();
+        }
+        if let Some(v) = value("--modes") {
+            o.modes = v.split(',').map(str::to_owned).collect();
+        }
+        if let Some(r) = value("--rates") {
+            o.rates = r.split(',').filter_map(|v| v.parse().ok()).collect();
+        }
+        if let Some(d) = value("--seconds").and_then(|v| v.parse::<f64>().ok()) {
+            o.fixed_for = Duration::from_secs_f64(d);
+            o.max_for = Duration::from_secs_f64(d);
+        }
         if args.iter().any(|a| a == "--no-tcp") {
             o.tcp = false;
         }
@@ -175,6 +199,8 @@ struct Run {
     max_ms: f64,
     /// CPU seconds of the proxy processes (both sidecars for x2).
     proxy_cpu_seconds: f64,
+    /// Of which in user space (the rest is the kernel: syscalls and loopback delivery).
+    proxy_user_seconds: f64,
     /// Number of proxy processes the request crossed.
     proxies: usize,
 }
@@ -185,6 +211,9 @@ impl Run {
             return f64::NAN;
         }
         self.proxy_cpu_seconds / self.ok as f64 * 1000.0 / self.proxies as f64
+    }
+    fn user_share(&self) -> f64 {
+        self.proxy_user_seconds / self.proxy_cpu_seconds
     }
     fn proxy_core_use(&self) -> f64 {
         self.proxy_cpu_seconds / self.seconds
@@ -359,13 +388,22 @@ fn measure(
         depth,
     );
     let proxies = bed.proxies(setup);
-    let cpu = |ps: &[&Proxy]| ps.iter().map(|p| p.cpu_seconds()).sum::<f64>();
+    eprintln!(
+        "  measuring {} {:?} {} (pids {:?})",
+        proto.label(),
+        mode,
+        setup.label(),
+        proxies.iter().map(|p| p.pid()).collect::<Vec<_>>()
+    );
+    let cpu =
+        |ps: &[&Proxy]| ps.iter().map(|p| p.cpu_split()).fold((0.0, 0.0), |a, c| (a.0 + c.0, a.1 + c.1));
     let before = cpu(&proxies);
     let out: Outcome = match mode {
         Mode::Fixed(rate) => loadgen::fixed_rate(rt, &target, rate, o.fixed_for, o.connections),
         Mode::Max => loadgen::max_rate(rt, &target, o.max_for, o.connections, depth),
     };
-    let cpu_s = cpu(&proxies) - before;
+    let after = cpu(&proxies);
+    let (user_s, cpu_s) = (after.0 - before.0, (after.0 + after.1) - (before.0 + before.1));
     Run {
         proto,
         mode,
@@ -381,6 +419,7 @@ fn measure(
         p999_ms: out.ms(0.999),
         max_ms: out.hist.max() as f64 / 1e6,
         proxy_cpu_seconds: cpu_s,
+        proxy_user_seconds: user_s,
         proxies: proxies.len(),
     }
 }
@@ -472,8 +511,15 @@ fn run() -> Result<(), String> {
         [(&bed.b1, bed.b1_addrs.outbound, SERVICE), (&bed.haproxy, bed.ha_h1, SERVICE)]
     {
         let idle = p.rss_mib();
+        let t = std::time::Instant::now();
         let conns = procs::idle_connections(addr, authority, o.idle_connections)
             .map_err(|e| format!("{}: {e}", p.name))?;
+        eprintln!(
+            "  {} idle connections to {} opened in {:.1} s",
+            o.idle_connections,
+            p.name,
+            t.elapsed().as_secs_f64()
+        );
         std::thread::sleep(Duration::from_millis(300));
         let with = p.rss_mib();
         drop(conns);
@@ -487,15 +533,22 @@ fn run() -> Result<(), String> {
     }
 
     let setups = [Setup::Direct, Setup::Ballast1, Setup::Ballast1Policy, Setup::Ballast2, Setup::Haproxy];
-    let mut modes: Vec<Mode> = o.rates.iter().map(|r| Mode::Fixed(*r)).collect();
-    modes.push(Mode::Max);
+    let mut modes: Vec<Mode> = Vec::new();
+    if o.modes.is_empty() || o.modes.iter().any(|m| m == "fixed") {
+        modes.extend(o.rates.iter().map(|r| Mode::Fixed(*r)));
+    }
+    if o.modes.is_empty() || o.modes.iter().any(|m| m == "max") {
+        modes.push(Mode::Max);
+    }
     let mut runs = Vec::new();
     let mut tcp = Vec::new();
     for repeat in 0..o.repeats {
         for &proto in &o.protocols {
             for &mode in &modes {
                 for &setup in &setups {
-                    if setup == Setup::Ballast1Policy && proto != Proto::Http1 {
+                    if (setup == Setup::Ballast1Policy && proto != Proto::Http1)
+                        || (!o.setups.is_empty() && !o.setups.contains(&setup))
+                    {
                         continue;
                     }
                     let r = measure(&bed, &rt, &o, proto, mode, setup, repeat);
@@ -608,7 +661,7 @@ fn smoke_checks(r: &Record) -> Result<(), String> {
                 run.first_error
             ));
         }
-        if run.proxies > 0 && !(run.proxy_cpu_seconds >= 0.0) {
+        if run.proxies > 0 && (run.proxy_cpu_seconds.is_nan() || run.proxy_cpu_seconds < 0.0) {
             return Err(format!("{}: no CPU time read", run.setup.label()));
         }
     }
@@ -617,7 +670,7 @@ fn smoke_checks(r: &Record) -> Result<(), String> {
             return Err(format!("{}: no memory read", m.proxy));
         }
     }
-    if r.tcp.iter().any(|t| !(t.gbit_per_second > 0.0)) {
+    if r.tcp.iter().any(|t| t.gbit_per_second.is_nan() || t.gbit_per_second <= 0.0) {
         return Err("a TCP run moved no bytes".into());
     }
     Ok(())
@@ -670,6 +723,11 @@ fn render(o: &Options, runs: &[Run], memory: &[Memory], peak: &[(String, f64)], 
                             if s == Setup::Direct { "".into() } else { added(|r| r.p50_ms).show(3) },
                             if s == Setup::Direct { "".into() } else { added(|r| r.p99_ms).show(3) },
                             col(|r| r.cpu_per_1k_per_proxy()).show(4),
+                            if s == Setup::Direct {
+                                "".into()
+                            } else {
+                                col(|r| r.user_share() * 100.0).show(0)
+                            },
                             rs.iter().map(|r| r.errors).sum::<u64>().to_string(),
                         ]);
                     }
@@ -682,6 +740,7 @@ fn render(o: &Options, runs: &[Run], memory: &[Memory], peak: &[(String, f64)], 
                             "+p50 ms",
                             "+p99 ms",
                             "CPU s/1k req/proxy",
+                            "user %",
                             "errors",
                         ],
                         &rows,
@@ -709,6 +768,7 @@ fn render(o: &Options, runs: &[Run], memory: &[Memory], peak: &[(String, f64)], 
                             ratio(Setup::Direct, |r| r.requests_per_second).show(2),
                             ratio(Setup::Haproxy, |r| r.requests_per_second).show(2),
                             if proxied { col(|r| r.proxy_core_use() * 100.0).show(0) } else { "".into() },
+                            if proxied { col(|r| r.user_share() * 100.0).show(0) } else { "".into() },
                             if proxied { col(|r| r.per_proxy_cpu_second()).show(0) } else { "".into() },
                             if proxied {
                                 ratio(Setup::Haproxy, |r| r.per_proxy_cpu_second()).show(2)
@@ -726,6 +786,7 @@ fn render(o: &Options, runs: &[Run], memory: &[Memory], peak: &[(String, f64)], 
                             "x direct",
                             "x haproxy",
                             "proxy CPU %",
+                            "user %",
                             "req/proxy-CPU-s",
                             "x haproxy",
                             "p99 ms",

@@ -117,17 +117,19 @@ impl Proxy {
         self.child.id()
     }
 
-    /// User + system CPU time of the whole process (all threads), in seconds.
-    pub fn cpu_seconds(&self) -> f64 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) else { return f64::NAN };
+    /// User and system CPU time of the whole process (all threads), in seconds. On
+    /// loopback the system part includes delivering each write to the receiving socket.
+    pub fn cpu_split(&self) -> (f64, f64) {
+        let nan = (f64::NAN, f64::NAN);
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) else { return nan };
         // Fields after the parenthesised command name; utime and stime are the 14th and
         // 15th fields of the line, the 12th and 13th after it.
-        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { return f64::NAN };
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { return nan };
         let f: Vec<&str> = rest.split_whitespace().collect();
         let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        (ticks(11) + ticks(12)) / hz
+        (ticks(11) / hz, ticks(12) / hz)
     }
 
     fn status_kib(&self, field: &str) -> f64 {
@@ -179,6 +181,7 @@ pub fn idle_connections(addr: SocketAddr, authority: &str, n: usize) -> Result<V
     let mut open = Vec::with_capacity(n);
     for i in 0..n {
         let mut s = TcpStream::connect(addr).map_err(|e| format!("connection {i}: {e}"))?;
+        s.set_nodelay(true).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
         write!(s, "GET / HTTP/1.1\r\nHost: {authority}\r\n\r\n").map_err(|e| e.to_string())?;
         read_response(&mut s).map_err(|e| format!("connection {i}: {e}"))?;

@@ -184,7 +184,9 @@ pub struct Snapshot {
     pub version: u64,
     pub config: Arc<Config>,
     namespace: String,
-    by_name: HashMap<(String, String), Arc<ServiceEntry>>,
+    /// namespace → name → entry: nested so a request's lookup borrows its `&str`s
+    /// instead of allocating a key.
+    by_name: HashMap<String, HashMap<String, Arc<ServiceEntry>>>,
     by_addr: HashMap<SocketAddr, Arc<ServiceEntry>>,
     by_ip: HashMap<IpAddr, Arc<ServiceEntry>>,
     /// The `inbound` limits of the policy targeting this pod's own service, and the
@@ -257,7 +259,7 @@ impl Snapshot {
             let ns = svc.metadata.namespace_or_default().to_owned();
             let name = svc.metadata.name.clone();
             let policy = config.policy_for(&ns, &name);
-            let prev = previous.and_then(|p| p.by_name.get(&(ns.clone(), name.clone())));
+            let prev = previous.and_then(|p| p.entry(&ns, &name));
             let entry = match prev.filter(|e| e.policy.as_ref() == policy) {
                 Some(e) if &e.service == svc => e.clone(),
                 Some(e) => match e.with_endpoints(svc) {
@@ -274,11 +276,13 @@ impl Snapshot {
                     snap.by_addr.insert(SocketAddr::new(*ip, p.port), entry.clone());
                 }
             }
-            snap.by_name.insert((ns, name), entry);
+            snap.by_name.entry(ns).or_default().insert(name, entry);
         }
         if let Some(prev) = previous {
-            for (key, e) in &prev.by_name {
-                if !snap.by_name.contains_key(key) {
+            for (ns, name, e) in
+                prev.by_name.iter().flat_map(|(ns, m)| m.iter().map(move |(n, e)| (ns, n, e)))
+            {
+                if snap.entry(ns, name).is_none() {
                     // Gauges of a removed service would otherwise report it forever.
                     let _ = ctx.metrics.endpoints.remove_label_values(&[&e.label, "ready"]);
                     let _ = ctx.metrics.endpoints.remove_label_values(&[&e.label, "ejected"]);
@@ -310,25 +314,19 @@ impl Snapshot {
         } else {
             host
         };
-        let mut parts = host.split('.');
-        let name = parts.next()?;
-        let (ns, rest) = match parts.next() {
-            None => (self.namespace.as_str(), None),
-            Some(ns) => (ns, Some(parts)),
+        let (name, rest) = host.split_once('.').unwrap_or((host, ""));
+        let ns = match rest.split_once('.') {
+            _ if rest.is_empty() => self.namespace.as_str(),
+            None => rest,
+            Some((ns, "svc")) => ns,
+            Some((ns, tail)) if tail.strip_prefix("svc.") == Some(ballast_api::names::CLUSTER_DOMAIN) => ns,
+            Some(_) => return None,
         };
-        if let Some(mut rest) = rest {
-            match rest.next() {
-                None => {}
-                Some("svc") => {
-                    let tail: Vec<&str> = rest.collect();
-                    if !(tail.is_empty() || tail.join(".") == ballast_api::names::CLUSTER_DOMAIN) {
-                        return None;
-                    }
-                }
-                Some(_) => return None,
-            }
-        }
-        self.by_name.get(&(ns.to_owned(), name.to_owned()))
+        self.entry(ns, name)
+    }
+
+    fn entry(&self, ns: &str, name: &str) -> Option<&Arc<ServiceEntry>> {
+        self.by_name.get(ns)?.get(name)
     }
 }
 

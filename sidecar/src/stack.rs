@@ -99,7 +99,7 @@ impl StackContext {
         let balancer = Balancer::new(config, &self.metrics, endpoints);
         let inner = BoxCloneSyncService::new(balancer.clone());
         let inner = match policy {
-            Some(p) => with_policy(inner, p, &label, &self.metrics),
+            Some(p) => policy_layers(inner, p, &label, &self.metrics),
             None => {
                 let _ = self.metrics.circuit_state.remove_label_values(&[&label]);
                 inner
@@ -165,8 +165,9 @@ pub const DEFAULT_MAX_CONCURRENT: u32 = 1024;
 
 /// Wraps the balancer in the resilience layers `policy` turns on, innermost first:
 /// circuit breaker, then per route (retry, faults, request timeout), then bulkhead and
-/// rate limit for the whole service.
-fn with_policy(
+/// rate limit for the whole service. Public so the micro-benchmarks time exactly this
+/// assembly over an in-memory service.
+pub fn policy_layers(
     balancer: HttpService,
     policy: &PolicySpec,
     label: &Arc<str>,

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The benchmarks, side by side in one run: direct, one and two Ballast sidecars, and
+# HAProxy, on loopback (benches/mesh), then the Criterion micro-benchmarks
+# (benches/hot_paths). Installs HAProxy when missing. Extra arguments go to the harness,
+# e.g. `scripts/bench.sh --quick` or `scripts/bench.sh --protocols http1 --repeats 5`.
+# Tables are printed; the harness's JSON lands in target/bench/mesh.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "haproxy is missing; run as root or: apt-get install -y haproxy" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null
+fi
+
+cargo bench --locked --bench mesh -- "$@"
+if [[ " $* " != *" --quick "* ]]; then
+  cargo bench --locked --bench hot_paths
+fi

@@ -453,9 +453,10 @@ struct Record {
     tcp: Vec<TcpRun>,
 }
 
-fn machine() -> BTreeMap<&'static str, String> {
+/// `cpus`: how many CPUs the harness was allowed before it pinned itself.
+fn machine(cpus: usize) -> BTreeMap<&'static str, String> {
     let mut m = BTreeMap::new();
-    m.insert("cpus", std::thread::available_parallelism().map_or(0, |n| n.get()).to_string());
+    m.insert("cpus", cpus.to_string());
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -588,7 +589,7 @@ fn run() -> Result<(), String> {
 
     print!("{}", render(&o, &runs, &memory, &peak, &tcp));
     let record = Record {
-        machine: machine(),
+        machine: machine(cpus.len()),
         repeats: o.repeats,
         connections: o.connections,
         response_bytes: upstream::RESPONSE_BYTES,

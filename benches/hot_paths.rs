@@ -152,32 +152,14 @@ fn bench_routing(c: &mut Criterion) {
 // ---------------------------------------------------------------------------------------
 // stack
 
-/// A policy that turns every layer on, none of which ever trips on a healthy upstream:
-/// the rate and the bulkhead are far above what one benchmark thread can reach.
-const FULL_POLICY: &str = r#"
-apiVersion: ballast.io/v1alpha1
-kind: ResiliencePolicy
-metadata: {name: bench-full, namespace: default}
-spec:
-  targetRef: {service: bench-full}
-  timeouts: {request: 5s, perTry: 1s}
-  retries:
-    attempts: 2
-    on: [gateway-error, reset, connect-failure]
-    backoff: {base: 25ms, max: 250ms}
-    budget: {ratio: 0.2, minPerSecond: 10}
-  circuitBreaker:
-    consecutiveFailures: 5
-    failureRate: {threshold: 0.5, minimumRequests: 20, window: 10s}
-    openFor: 5s
-  outlierDetection: {consecutiveFailures: 5, baseEjection: 30s, maxEjectedPercent: 50}
-  bulkhead: {maxConcurrent: 100000}
-  rateLimit: {requestsPerSecond: 1000000000.0, burst: 1000000000}
-"#;
+/// A policy that turns every layer on, none of which ever trips on a healthy upstream;
+/// the harness's `ballast x1 +policy` uses the same file.
+const FULL_POLICY: &str = include_str!("full-policy.yaml");
 
 fn full_policy() -> PolicySpec {
-    let config = Config::from_yaml(FULL_POLICY, "bench-policy.yaml").expect("the benchmark policy parses");
-    config.policy_for("default", "bench-full").expect("the policy targets bench-full").spec.clone()
+    let config =
+        Config::from_yaml(FULL_POLICY, "benches/full-policy.yaml").expect("the benchmark policy parses");
+    config.policy_for("default", "bench-policy").expect("the policy targets bench-policy").spec.clone()
 }
 
 /// A GET as the proxy hands it to a stack: absolute-form URI, `Host` set, empty body.
@@ -240,7 +222,7 @@ fn bench_stack(c: &mut Criterion) {
         let _enter = rt.enter();
         let (bare, b1) = ctx.service_stack("bench-bare.default".into(), &[(addr, 1)], "no endpoints", None);
         let (full, b2) =
-            ctx.service_stack("bench-full.default".into(), &[(addr, 1)], "no endpoints", Some(&policy));
+            ctx.service_stack("bench-policy.default".into(), &[(addr, 1)], "no endpoints", Some(&policy));
         (bare, full, (b1, b2))
     };
     let target = Target::new("bench.default.svc.cluster.local");

@@ -281,12 +281,7 @@ pub fn fixed_rate(
                         }
                     } else {
                         while let Some(t) = rx.recv().await {
-                            let r = exchange(&mut sender, request(&target), grpc).await;
-                            if r.is_err()
-                                && let Ok(s) = connect(&target).await
-                            {
-                                sender = s;
-                            }
+                            let r = exchange_h1(&mut sender, &target).await;
                             out.record(r, t.elapsed());
                         }
                     }
@@ -294,13 +289,7 @@ pub fn fixed_rate(
                 })
             })
             .collect();
-        let mut all = Outcome::new();
-        for t in tasks {
-            if let Ok(o) = t.await {
-                all.merge(o);
-            }
-        }
-        all
+        gather(tasks).await
     });
     let _ = ticker.join();
     outcome.elapsed = start.elapsed();
@@ -352,7 +341,7 @@ pub fn max_rate(
                     } else {
                         while Instant::now() < deadline {
                             let t = Instant::now();
-                            let r = exchange(&mut sender, request(&target), grpc).await;
+                            let r = exchange_h1(&mut sender, &target).await;
                             out.record(r, t.elapsed());
                         }
                     }
@@ -360,16 +349,35 @@ pub fn max_rate(
                 })
             })
             .collect();
-        let mut all = Outcome::new();
-        for t in tasks {
-            if let Ok(o) = t.await {
-                all.merge(o);
-            }
-        }
-        all
+        gather(tasks).await
     });
     outcome.elapsed = start.elapsed();
     outcome
+}
+
+/// One request on an HTTP/1.1 connection; after a failure the connection is replaced,
+/// since hyper will not send on a connection that failed.
+async fn exchange_h1(sender: &mut Sender, target: &Target) -> Result<(), String> {
+    let r = exchange(sender, request(target), target.proto == Proto::Grpc).await;
+    if r.is_err()
+        && let Ok(s) = connect(target).await
+    {
+        *sender = s;
+    }
+    r
+}
+
+/// Waits for every connection's task and adds up what they measured; a task that
+/// panicked counts as an error rather than vanishing from the totals.
+async fn gather(tasks: Vec<tokio::task::JoinHandle<Outcome>>) -> Outcome {
+    let mut all = Outcome::new();
+    for t in tasks {
+        match t.await {
+            Ok(o) => all.merge(o),
+            Err(e) => all.record(Err(format!("a connection task failed: {e}")), Duration::ZERO),
+        }
+    }
+    all
 }
 
 fn failed(n: u64, e: String) -> Outcome {

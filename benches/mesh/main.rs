@@ -243,24 +243,8 @@ fn service_yaml(name: &str, endpoint: SocketAddr) -> String {
     )
 }
 
-/// Every layer on, none of them in the way: the limits are far above the load.
-const FULL_POLICY: &str = "apiVersion: ballast.io/v1alpha1
-kind: ResiliencePolicy
-metadata: {name: bench-policy}
-spec:
-  targetRef: {service: bench-policy}
-  rateLimit: {requestsPerSecond: 10000000, burst: 1000000}
-  bulkhead: {maxConcurrent: 100000}
-  timeouts: {request: 10s, perTry: 5s, connect: 1s, idle: 60s}
-  retries:
-    attempts: 2
-    on: [gateway-error, reset, connect-failure, grpc:unavailable]
-    budget: {ratio: 0.2, minPerSecond: 10}
-  circuitBreaker:
-    consecutiveFailures: 50
-    failureRate: {threshold: 0.5, minimumRequests: 100, window: 10s}
-  outlierDetection: {consecutiveFailures: 50}
-";
+/// Every layer on, none of them in the way; shared with the Criterion benchmarks.
+const FULL_POLICY: &str = include_str!("../full-policy.yaml");
 
 fn haproxy_config(up: &upstream::Upstream, h1: SocketAddr, h2: SocketAddr, tcp: SocketAddr) -> String {
     format!(
@@ -580,12 +564,12 @@ fn run() -> Result<(), String> {
             }
         }
     }
+    let peak: Vec<(String, f64)> = bed.all().iter().map(|p| (p.name.clone(), p.peak_rss_mib())).collect();
     for m in &mut memory {
-        if let Some(p) = [&bed.b1, &bed.haproxy].into_iter().find(|p| p.name == m.proxy) {
-            m.peak_rss_mib = p.peak_rss_mib();
+        if let Some((_, p)) = peak.iter().find(|(name, _)| *name == m.proxy) {
+            m.peak_rss_mib = *p;
         }
     }
-    let peak: Vec<(String, f64)> = bed.all().iter().map(|p| (p.name.clone(), p.peak_rss_mib())).collect();
 
     print!("{}", render(&o, &runs, &memory, &peak, &tcp));
     let record = Record {

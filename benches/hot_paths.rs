@@ -43,7 +43,6 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tower::ServiceExt;
-use tower::util::BoxCloneSyncService;
 
 use ballast_api::Config;
 use ballast_api::policy::PolicySpec;
@@ -240,26 +239,23 @@ fn bench_stack(c: &mut Criterion) {
 
 /// A service answering 200 with [`PAYLOAD`] at once, standing in for balancer and network.
 fn in_memory() -> HttpService {
-    BoxCloneSyncService::new(tower::service_fn(|_req: HttpRequest| {
-        std::future::ready(Ok::<_, BoxError>(Response::new(body::full(Bytes::from_static(&PAYLOAD)))))
-    }))
+    HttpService::from_fn(|_req: HttpRequest| {
+        Box::pin(std::future::ready(Ok::<_, BoxError>(Response::new(body::full(Bytes::from_static(
+            &PAYLOAD,
+        ))))))
+    })
 }
 
 /// What `StackContext::service_stack` builds without a policy, over `inner`.
 fn bare_in_memory(metrics: &Metrics, inner: HttpService) -> HttpService {
-    BoxCloneSyncService::new(RecordMetrics::new(
-        metrics,
-        Direction::Outbound,
-        "mem-bare.default".into(),
-        inner,
-    ))
+    RecordMetrics::new(metrics, Direction::Outbound, "mem-bare.default".into(), inner).into_service()
 }
 
 /// What `StackContext::service_stack` builds with `policy`, over `inner`.
 fn full_policy_in_memory(metrics: &Metrics, inner: HttpService, policy: &PolicySpec) -> HttpService {
     let label: Arc<str> = "mem-full.default".into();
     let layers = stack::policy_layers(inner, policy, &label, metrics);
-    BoxCloneSyncService::new(RecordMetrics::new(metrics, Direction::Outbound, label, layers))
+    RecordMetrics::new(metrics, Direction::Outbound, label, layers).into_service()
 }
 
 fn bench_stack_in_memory(c: &mut Criterion) {

@@ -246,18 +246,22 @@ fn interleave(weights: &[u32]) -> Vec<usize> {
     out
 }
 
+/// Indices of endpoints a request may go to.
+type Candidates = smallvec::SmallVec<[usize; 16]>;
+
 impl Shared {
     /// The endpoints a request may go to: not ejected and, when any other is left, not
     /// one a previous try of this request failed on.
-    fn candidates(&self, set: &EndpointSet, avoid: Option<&Avoid>, now: Instant) -> Vec<usize> {
-        let live: Vec<usize> = (0..set.endpoints.len())
+    /// On the stack up to [`Candidates`]' inline size: this runs for every request.
+    fn candidates(&self, set: &EndpointSet, avoid: Option<&Avoid>, now: Instant) -> Candidates {
+        let live: Candidates = (0..set.endpoints.len())
             .filter(|&i| self.outlier.is_none() || !set.endpoints[i].ejected(now))
             .collect();
         // Never leave a request with nowhere to go: if every endpoint is out, use them all.
         let live = if live.is_empty() { (0..set.endpoints.len()).collect() } else { live };
         match avoid {
             Some(Avoid(addrs)) if !addrs.is_empty() => {
-                let fresh: Vec<usize> =
+                let fresh: Candidates =
                     live.iter().copied().filter(|&i| !addrs.contains(&set.endpoints[i].addr)).collect();
                 if fresh.is_empty() { live } else { fresh }
             }
@@ -427,6 +431,13 @@ impl Service<HttpRequest> for Balancer {
     }
 
     fn call(&mut self, req: HttpRequest) -> Self::Future {
+        self.request(req)
+    }
+}
+
+impl Balancer {
+    /// Sends `req` to the endpoint the algorithm picks; see the `Service` impl.
+    pub fn request(&self, req: HttpRequest) -> ResponseFuture {
         let shared = self.shared.clone();
         let set = shared.set.load_full();
         if set.endpoints.is_empty() {

@@ -25,10 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::{Request, Response};
-use prometheus::Histogram;
-use tower::util::BoxCloneSyncService;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use http::{Request, Response, StatusCode};
+use prometheus::{Histogram, IntCounter};
+use tower::{Service, ServiceExt};
 
 use ballast_api::policy::PolicySpec;
 
@@ -41,8 +40,58 @@ use crate::rejection;
 
 pub type HttpRequest = Request<Body>;
 pub type HttpResponse = Response<Body>;
-/// A type-erased, cloneable stack.
-pub type HttpService = BoxCloneSyncService<HttpRequest, HttpResponse, BoxError>;
+/// What a stack's call returns: erased, because stacks are assembled at run time from a
+/// policy.
+pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<HttpResponse, BoxError>> + Send + 'static>>;
+
+/// A type-erased stack, shared: cloning one is a reference count, and it is called
+/// through `&self`.
+///
+/// Not tower's `BoxCloneSyncService`: cloning that clones the boxed service, and a layer's
+/// service owns the stack below it, so one clone copied every layer below, one
+/// allocation each, and each layer cloned its inner stack per request. For the full
+/// policy that was 56 of the 81 allocations per request (counted with a uprobe on
+/// `malloc`, see benches/README.md). Every service erased here is always ready (the
+/// guards decide per request, the balancer and the pools queue), so there is no
+/// `poll_ready` to carry either; [`HttpService::new`] drives a tower service to readiness
+/// itself for the rare one that is not.
+#[derive(Clone)]
+pub struct HttpService(Arc<dyn Fn(HttpRequest) -> ResponseFuture + Send + Sync>);
+
+impl HttpService {
+    /// A stack answering through `f`; `f` must not block.
+    pub fn from_fn(f: impl Fn(HttpRequest) -> ResponseFuture + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Erases a tower service. Each call clones it and drives the clone to readiness, so
+    /// its clone should be cheap.
+    pub fn new<S>(svc: S) -> Self
+    where
+        S: Service<HttpRequest, Response = HttpResponse, Error = BoxError> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+    {
+        Self::from_fn(move |req| Box::pin(svc.clone().oneshot(req)))
+    }
+
+    pub fn call(&self, req: HttpRequest) -> ResponseFuture {
+        (self.0)(req)
+    }
+}
+
+impl Service<HttpRequest> for HttpService {
+    type Response = HttpResponse;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: HttpRequest) -> ResponseFuture {
+        (self.0)(req)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -97,7 +146,10 @@ impl StackContext {
             why_empty: why_empty.to_owned(),
         };
         let balancer = Balancer::new(config, &self.metrics, endpoints);
-        let inner = BoxCloneSyncService::new(balancer.clone());
+        let inner = {
+            let balancer = balancer.clone();
+            HttpService::from_fn(move |req| balancer.request(req))
+        };
         let inner = match policy {
             Some(p) => policy_layers(inner, p, &label, &self.metrics),
             None => {
@@ -105,10 +157,7 @@ impl StackContext {
                 inner
             }
         };
-        (
-            BoxCloneSyncService::new(RecordMetrics::new(&self.metrics, Direction::Outbound, label, inner)),
-            balancer,
-        )
+        (RecordMetrics::new(&self.metrics, Direction::Outbound, label, inner).into_service(), balancer)
     }
 
     /// The stack for one address with no service around it: passthrough traffic and the
@@ -121,31 +170,27 @@ impl StackContext {
         if cache.len() >= 4096 {
             cache.clear();
         }
-        let stack = BoxCloneSyncService::new(RecordMetrics::new(
-            &self.metrics,
-            direction,
-            label.clone(),
-            UpstreamErrors::new(self.endpoint_client(addr)),
-        ));
+        let stack = RecordMetrics::new(&self.metrics, direction, label.clone(), self.endpoint_client(addr))
+            .into_service();
         cache.insert((direction, label.clone(), addr), stack.clone());
         stack
     }
 }
 
 impl StackContext {
-    /// The pooled client of the endpoint at `addr`, answering in the stack's body type.
-    fn endpoint_client(
-        &self,
-        addr: SocketAddr,
-    ) -> impl Service<HttpRequest, Response = HttpResponse, Error = BoxError, Future: Send + 'static>
-    + Clone
-    + Send
-    + Sync
-    + 'static {
-        ServiceBuilder::new()
-            .map_response(|r: Response<hyper::body::Incoming>| r.map(body::boxed))
-            .map_err(BoxError::from)
-            .service(self.clients.get(addr))
+    /// The pooled client of the endpoint at `addr`, answering in the stack's body type
+    /// and turning its errors into 502 responses that say what failed.
+    fn endpoint_client(&self, addr: SocketAddr) -> HttpService {
+        let client = self.clients.get(addr);
+        HttpService::from_fn(move |req| {
+            let fut = client.request(req);
+            Box::pin(async move {
+                match fut.await {
+                    Ok(rsp) => Ok(rsp.map(body::boxed)),
+                    Err(e) => Ok(outcome::upstream_error_response(&BoxError::from(e))),
+                }
+            })
+        })
     }
 
     /// The inbound forward to the app at `addr` within the pod's `inbound` limits.
@@ -155,8 +200,8 @@ impl StackContext {
         addr: SocketAddr,
         limits: &crate::resilience::inbound::InboundLimits,
     ) -> HttpService {
-        let inner = limits.wrap(BoxCloneSyncService::new(UpstreamErrors::new(self.endpoint_client(addr))));
-        BoxCloneSyncService::new(RecordMetrics::new(&self.metrics, Direction::Inbound, label.clone(), inner))
+        let inner = limits.wrap(self.endpoint_client(addr));
+        RecordMetrics::new(&self.metrics, Direction::Inbound, label.clone(), inner).into_service()
     }
 }
 
@@ -208,128 +253,96 @@ pub fn policy_layers(
     svc
 }
 
-/// Turns errors from below into 502 responses that say what failed.
-#[derive(Clone)]
-pub struct UpstreamErrors<S> {
-    inner: S,
-}
-
-impl<S> UpstreamErrors<S> {
-    pub fn new(inner: S) -> Self {
-        Self { inner }
-    }
-}
-
-impl<S> Service<HttpRequest> for UpstreamErrors<S>
-where
-    S: Service<HttpRequest, Response = HttpResponse>,
-    S::Error: Into<BoxError>,
-{
-    type Response = HttpResponse;
-    type Error = BoxError;
-    type Future = UpstreamErrorsFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
-        UpstreamErrorsFuture { inner: self.inner.call(req) }
-    }
-}
-
-pin_project_lite::pin_project! {
-    pub struct UpstreamErrorsFuture<F> {
-        #[pin]
-        inner: F,
-    }
-}
-
-impl<F, E> Future for UpstreamErrorsFuture<F>
-where
-    F: Future<Output = Result<HttpResponse, E>>,
-    E: Into<BoxError>,
-{
-    type Output = Result<HttpResponse, BoxError>;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match std::task::ready!(self.project().inner.poll(cx)) {
-            Ok(rsp) => Poll::Ready(Ok(rsp)),
-            Err(e) => Poll::Ready(Ok(outcome::upstream_error_response(&e.into()))),
-        }
-    }
-}
-
 /// Records request count and latency (to response headers) per direction and service.
-#[derive(Clone)]
-pub struct RecordMetrics<S> {
-    inner: S,
+pub struct RecordMetrics {
+    inner: HttpService,
+    state: Arc<RecordState>,
+}
+
+struct RecordState {
     metrics: Metrics,
     direction: Direction,
     service: Arc<str>,
     duration: Histogram,
+    /// `ballast_requests_total` handles by (status, outcome), so the hot path does not
+    /// hash four label values and take the vector's lock per request. A service answers
+    /// with a handful of statuses; past [`COUNTER_CACHE`] of them the rest are looked up.
+    counters: Mutex<Vec<((u16, &'static str), IntCounter)>>,
 }
 
-impl<S> RecordMetrics<S> {
-    pub fn new(metrics: &Metrics, direction: Direction, service: Arc<str>, inner: S) -> Self {
+const COUNTER_CACHE: usize = 32;
+
+impl RecordMetrics {
+    pub fn new(metrics: &Metrics, direction: Direction, service: Arc<str>, inner: HttpService) -> Self {
         let duration = metrics.request_duration.with_label_values(&[direction.as_str(), &service]);
-        Self { inner, metrics: metrics.clone(), direction, service, duration }
+        let state = RecordState {
+            metrics: metrics.clone(),
+            direction,
+            service,
+            duration,
+            counters: Mutex::new(Vec::new()),
+        };
+        Self { inner, state: Arc::new(state) }
+    }
+
+    pub fn into_service(self) -> HttpService {
+        HttpService::from_fn(move |req| {
+            Box::pin(RecordMetricsFuture {
+                inner: self.inner.call(req),
+                start: Instant::now(),
+                state: self.state.clone(),
+            })
+        })
     }
 }
 
-impl<S> Service<HttpRequest> for RecordMetrics<S>
-where
-    S: Service<HttpRequest, Response = HttpResponse, Error = BoxError>,
-{
-    type Response = HttpResponse;
-    type Error = BoxError;
-    type Future = RecordMetricsFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
-        RecordMetricsFuture {
-            inner: self.inner.call(req),
-            start: Instant::now(),
-            metrics: self.metrics.clone(),
-            direction: self.direction,
-            service: self.service.clone(),
-            duration: self.duration.clone(),
+impl RecordState {
+    fn count(&self, status: StatusCode, outcome: &'static str) {
+        let key = (status.as_u16(), outcome);
+        let mut cache = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, c)) = cache.iter().find(|(k, _)| *k == key) {
+            c.inc();
+            return;
+        }
+        let counter = self.metrics.requests_total.with_label_values(&[
+            self.direction.as_str(),
+            &self.service,
+            status.as_str(),
+            outcome,
+        ]);
+        counter.inc();
+        if cache.len() < COUNTER_CACHE {
+            cache.push((key, counter));
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    pub struct RecordMetricsFuture<F> {
+    pub struct RecordMetricsFuture {
         #[pin]
-        inner: F,
+        inner: ResponseFuture,
         start: Instant,
-        metrics: Metrics,
-        direction: Direction,
-        service: Arc<str>,
-        duration: Histogram,
+        state: Arc<RecordState>,
     }
 }
 
-impl<F> Future for RecordMetricsFuture<F>
-where
-    F: Future<Output = Result<HttpResponse, BoxError>>,
-{
+impl Future for RecordMetricsFuture {
     type Output = Result<HttpResponse, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let res = std::task::ready!(this.inner.poll(cx));
-        this.duration.observe(this.start.elapsed().as_secs_f64());
-        let dir = this.direction.as_str();
-        let service: &str = this.service;
+        let state: &RecordState = this.state;
+        state.duration.observe(this.start.elapsed().as_secs_f64());
+        let dir = state.direction.as_str();
+        let service: &str = &state.service;
         match &res {
             Ok(rsp) => {
                 let rejected = rsp.extensions().get::<rejection::Rejected>();
                 let outcome = match rejected {
                     Some(rejection::Rejected(reason)) => {
-                        this.metrics
+                        state
+                            .metrics
                             .rejections_total
                             .with_label_values(&[dir, service, reason.as_str()])
                             .inc();
@@ -338,27 +351,12 @@ where
                     None if rsp.status().is_server_error() => "failure",
                     None => "success",
                 };
-                this.metrics
-                    .requests_total
-                    .with_label_values(&[dir, service, rsp.status().as_str(), outcome])
-                    .inc();
+                state.count(rsp.status(), outcome);
             }
             Err(_) => {
-                this.metrics.requests_total.with_label_values(&[dir, service, "", "error"]).inc();
+                state.metrics.requests_total.with_label_values(&[dir, service, "", "error"]).inc();
             }
         }
         Poll::Ready(res)
     }
-}
-
-/// Calls a stack once, waiting for it to be ready.
-///
-/// A plain function returning an erased `Send` future rather than an `async fn`: rustc
-/// cannot prove `Send` for async fns that hold tower futures over types containing
-/// `Box<dyn Error>` (rust-lang/rust#102211), and the erasure is one allocation.
-pub fn call(
-    stack: HttpService,
-    req: HttpRequest,
-) -> Pin<Box<dyn Future<Output = Result<HttpResponse, BoxError>> + Send + 'static>> {
-    Box::pin(stack.oneshot(req))
 }

@@ -32,7 +32,7 @@ use crate::metrics::{OpenConnection, PASSTHROUGH};
 use crate::outcome::UpstreamFailure;
 use crate::rejection::text_response;
 use crate::routes::{ServiceEntry, split_host_port};
-use crate::stack::{self, Direction, HttpRequest, HttpService};
+use crate::stack::{Direction, HttpRequest, HttpService};
 
 /// Handles one request received on a connection.
 pub async fn handle(
@@ -164,8 +164,18 @@ async fn forward(
     req.headers_mut().remove(header::EXPECT);
 
     let authority = authority.unwrap_or_else(|| fallback.to_string());
-    let Ok(parsed) = authority.parse::<Authority>() else {
-        return Ok(text_response(StatusCode::BAD_REQUEST, format!("ballast: invalid host {authority:?}")));
+    // Absolute-form URIs win over Host (RFC 9112 §3.2.2): keep them consistent. Most
+    // requests already carry the very Host, and are left alone (no copy per request).
+    let host = match upstream_version {
+        Version::HTTP_2 => None,
+        _ if req.headers().get(header::HOST).is_some_and(|h| h.as_bytes() == authority.as_bytes()) => None,
+        _ => Some(HeaderValue::from_str(&authority)),
+    };
+    // Takes the string's buffer rather than copying it.
+    let Ok(parsed) = Authority::from_maybe_shared(bytes::Bytes::from(authority.into_bytes())) else {
+        // Only the request's own authority can be invalid, never the fallback address.
+        let named = request_authority(&req).unwrap_or_default();
+        return Ok(text_response(StatusCode::BAD_REQUEST, format!("ballast: invalid host {named:?}")));
     };
     if req.uri().scheme().is_some_and(|s| *s != Scheme::HTTP) {
         return Ok(text_response(
@@ -182,14 +192,13 @@ async fn forward(
     if upstream_version == Version::HTTP_2 {
         // :authority carries it; a Host header alongside would be redundant.
         req.headers_mut().remove(header::HOST);
-    } else {
-        // Absolute-form URIs win over Host (RFC 9112 §3.2.2); keep them consistent.
-        req.headers_mut().insert(header::HOST, HeaderValue::from_str(&authority)?);
+    } else if let Some(host) = host {
+        req.headers_mut().insert(header::HOST, host?);
     }
     *req.version_mut() = upstream_version;
 
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let mut rsp = match stack::call(stack, req).await {
+    let mut rsp = match stack.call(req).await {
         Ok(rsp) => rsp,
         // The stack turns upstream failures into responses; what is left is the stack
         // itself failing (its balancer gone), which the client still hears about.

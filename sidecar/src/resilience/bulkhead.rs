@@ -18,7 +18,7 @@ use std::time::Duration;
 use super::{Guard, ResponseFuture};
 use crate::body::{Body, BoxError};
 use crate::rejection::{self, Reason};
-use crate::stack::{self, HttpRequest, HttpService};
+use crate::stack::{HttpRequest, HttpResponse, HttpService};
 use http_body::{Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -59,11 +59,8 @@ impl Drop for Pending<'_> {
 }
 
 impl State {
-    async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
-        if let Ok(p) = self.slots.clone().try_acquire_owned() {
-            return Some(p);
-        }
-        // Join the queue only if it has room.
+    /// Waits in the queue for a slot, if the queue has room.
+    async fn queue(&self) -> Option<OwnedSemaphorePermit> {
         let admitted = self
             .pending
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -76,26 +73,41 @@ impl State {
         let _pending = Pending(&self.pending);
         tokio::time::timeout(self.config.queue_timeout, self.slots.clone().acquire_owned()).await.ok()?.ok()
     }
+
+    fn reject(&self, req: &HttpRequest) -> HttpResponse {
+        let c = self.config;
+        let detail = format!(
+            "{} requests in flight and {} waiting (maxConcurrent {}, maxPending {}, queueTimeout {:?})",
+            c.max_concurrent - self.slots.available_permits().min(c.max_concurrent),
+            self.pending.load(Ordering::Acquire),
+            c.max_concurrent,
+            c.max_pending,
+            c.queue_timeout
+        );
+        rejection::response(Reason::BulkheadFull, rejection::is_grpc(req), &detail)
+    }
+}
+
+fn hold(rsp: HttpResponse, permit: OwnedSemaphorePermit) -> HttpResponse {
+    rsp.map(|body| crate::body::boxed(HoldPermit { body, _permit: permit }))
 }
 
 impl Guard for Bulkhead {
     fn handle(&self, inner: &HttpService, req: HttpRequest) -> ResponseFuture {
+        // A free slot is taken at once, without waiting in an async block first.
+        if let Ok(permit) = self.state.slots.clone().try_acquire_owned() {
+            let fut = inner.call(req);
+            return Box::pin(async move { Ok(hold(fut.await?, permit)) });
+        }
+        if self.state.config.max_pending == 0 {
+            return Box::pin(std::future::ready(Ok(self.state.reject(&req))));
+        }
         let (state, inner) = (self.state.clone(), inner.clone());
         Box::pin(async move {
-            let Some(permit) = state.acquire().await else {
-                let c = state.config;
-                let detail = format!(
-                    "{} requests in flight and {} waiting (maxConcurrent {}, maxPending {}, queueTimeout {:?})",
-                    c.max_concurrent - state.slots.available_permits().min(c.max_concurrent),
-                    state.pending.load(Ordering::Acquire),
-                    c.max_concurrent,
-                    c.max_pending,
-                    c.queue_timeout
-                );
-                return Ok(rejection::response(Reason::BulkheadFull, rejection::is_grpc(&req), &detail));
+            let Some(permit) = state.queue().await else {
+                return Ok(state.reject(&req));
             };
-            let rsp = stack::call(inner, req).await?;
-            Ok(rsp.map(|body| crate::body::boxed(HoldPermit { body, _permit: permit })))
+            Ok(hold(inner.call(req).await?, permit))
         })
     }
 }

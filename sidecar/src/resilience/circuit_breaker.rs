@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use super::{Guard, ResponseFuture};
 use crate::outcome::{self, Deadline};
 use crate::rejection::{self, Reason};
-use crate::stack::{self, HttpRequest, HttpService};
+use crate::stack::{HttpRequest, HttpService};
 
 /// `circuitBreaker` with its defaults filled in.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -336,7 +336,7 @@ impl Guard for CircuitBreaker {
         };
         let deadline = req.extensions().get::<Deadline>().copied();
         let mut guard = PermitGuard { breaker: self.clone(), permit: Some(permit), deadline };
-        let fut = stack::call(inner.clone(), req);
+        let fut = inner.call(req);
         Box::pin(async move {
             let res = fut.await;
             let outcome = match &res {

@@ -9,7 +9,7 @@ use http::{HeaderValue, StatusCode};
 
 use super::{Guard, ResponseFuture};
 use crate::rejection;
-use crate::stack::{self, HttpRequest, HttpService};
+use crate::stack::{HttpRequest, HttpService};
 
 pub const HEADER_FAULT: &str = "ballast-fault";
 
@@ -39,7 +39,7 @@ impl Guard for Faults {
             return Box::pin(std::future::ready(Ok(rsp)));
         }
         let delay = self.policy.delay.filter(|d| hit(d.percent)).map(|d| d.duration.get());
-        let fut = stack::call(inner.clone(), req);
+        let fut = inner.call(req);
         match delay {
             None => fut,
             Some(d) => Box::pin(async move {

@@ -24,8 +24,9 @@
 //! port. [`Guard::layer`] puts a guard in front of the type-erased [`HttpService`] below
 //! it rather than a generic `S`: the stack is assembled at run time from a policy, and
 //! rustc cannot prove `Send` for async blocks over generic tower futures carrying
-//! `Box<dyn Error>` (see [`stack::call`](crate::stack::call)). The price is one boxed
-//! future per layer a policy turns on; layers it leaves off are not in the stack at all.
+//! `Box<dyn Error>` (rust-lang/rust#102211). The price is at most one boxed future per
+//! layer a policy turns on (a guard that only lets the request through passes the
+//! inner future on as it is); layers it leaves off are not in the stack at all.
 
 pub mod budget;
 pub mod bulkhead;
@@ -38,18 +39,8 @@ pub mod retry;
 pub mod routes;
 pub mod timeout;
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use tower::Service;
-use tower::util::BoxCloneSyncService;
-
-use crate::body::BoxError;
-use crate::stack::{HttpRequest, HttpResponse, HttpService};
-
-pub(crate) type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<HttpResponse, BoxError>> + Send + 'static>>;
+pub(crate) use crate::stack::ResponseFuture;
+use crate::stack::{HttpRequest, HttpService};
 
 /// One resilience mechanism in front of a stack.
 pub trait Guard: Clone + Send + Sync + 'static {
@@ -59,29 +50,7 @@ pub trait Guard: Clone + Send + Sync + 'static {
 
     /// `inner` behind this guard.
     fn layer(self, inner: HttpService) -> HttpService {
-        BoxCloneSyncService::new(Guarded { guard: self, inner })
-    }
-}
-
-#[derive(Clone)]
-struct Guarded<G> {
-    guard: G,
-    inner: HttpService,
-}
-
-impl<G: Guard> Service<HttpRequest> for Guarded<G> {
-    type Response = HttpResponse;
-    type Error = BoxError;
-    type Future = ResponseFuture;
-
-    /// Always ready: guards decide per request, and the stack below is driven to
-    /// readiness by [`stack::call`](crate::stack::call).
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
-        self.guard.handle(&self.inner, req)
+        HttpService::from_fn(move |req| self.handle(&inner, req))
     }
 }
 
@@ -89,17 +58,17 @@ impl<G: Guard> Service<HttpRequest> for Guarded<G> {
 pub(crate) mod tests_support {
     use std::time::Duration;
 
-    use tower::util::BoxCloneSyncService;
-
     use crate::body;
     use crate::stack::{HttpRequest, HttpService};
 
     /// A service answering 200 after `delay` (tokio time, so tests can pause it).
     pub fn ok_after(delay: Duration) -> HttpService {
-        BoxCloneSyncService::new(tower::service_fn(move |_req: HttpRequest| async move {
-            tokio::time::sleep(delay).await;
-            Ok(http::Response::new(body::full("ok")))
-        }))
+        HttpService::from_fn(move |_req: HttpRequest| {
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                Ok(http::Response::new(body::full("ok")))
+            })
+        })
     }
 
     pub fn request() -> HttpRequest {

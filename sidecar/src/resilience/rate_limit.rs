@@ -15,7 +15,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use super::{Guard, ResponseFuture};
 use crate::rejection::{self, Reason};
-use crate::stack::{self, HttpRequest, HttpService};
+use crate::stack::{HttpRequest, HttpService};
 
 /// A token bucket, shared by every clone (and so by every stack it fronts).
 #[derive(Clone)]
@@ -53,7 +53,7 @@ impl Guard for RateLimit {
             );
             return Box::pin(std::future::ready(Ok(rsp)));
         }
-        stack::call(inner.clone(), req)
+        inner.call(req)
     }
 }
 

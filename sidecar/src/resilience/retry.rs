@@ -43,7 +43,7 @@ use super::{Guard, ResponseFuture};
 use crate::body::{self, BoxError};
 use crate::outcome::{Avoid, ServedBy, UpstreamFailure};
 use crate::rejection::{self, Rejected};
-use crate::stack::{self, HttpRequest, HttpResponse, HttpService};
+use crate::stack::{HttpRequest, HttpResponse, HttpService};
 
 /// Longest request body buffered for replay (DESIGN §2).
 pub const MAX_REPLAY_BODY: usize = 64 * 1024;
@@ -161,12 +161,12 @@ impl Guard for Retry {
     fn handle(&self, inner: &HttpService, req: HttpRequest) -> ResponseFuture {
         self.shared.budget.deposit();
         if !self.config.may_retry(&req) {
-            return stack::call(inner.clone(), req);
+            return inner.call(req);
         }
         let (parts, body) = req.into_parts();
         if body.size_hint().lower() > MAX_REPLAY_BODY as u64 {
             // Known to be too long to replay: sent once, untouched.
-            return stack::call(inner.clone(), HttpRequest::from_parts(parts, body));
+            return inner.call(HttpRequest::from_parts(parts, body));
         }
         let replay = Replay::new(body, MAX_REPLAY_BODY);
         let req = HttpRequest::from_parts(parts, body::boxed(replay.body()));
@@ -176,7 +176,7 @@ impl Guard for Retry {
     }
 }
 
-/// The tower retry future, erased: see [`stack::call`] for why it cannot be awaited in
+/// The tower retry future, erased: rustc cannot prove `Send` for it awaited in
 /// an async block directly.
 fn retrying(policy: RetryPolicy, inner: HttpService, req: HttpRequest) -> ResponseFuture {
     Box::pin(tower::retry::Retry::new(policy, inner).oneshot(req))
@@ -242,11 +242,9 @@ impl tower::retry::Policy<HttpRequest, HttpResponse, BoxError> for RetryPolicy {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use super::*;
     use bytes::Bytes;
     use http_body_util::BodyExt;
-    use tower::util::BoxCloneSyncService;
-
-    use super::*;
 
     fn config(attempts: u32, on: &[&str]) -> RetryConfig {
         RetryConfig {
@@ -274,18 +272,18 @@ mod tests {
     /// repeats), recording the bodies it saw.
     fn scripted(statuses: &'static [u16], seen: Arc<std::sync::Mutex<Vec<Bytes>>>) -> HttpService {
         let n = Arc::new(AtomicUsize::new(0));
-        BoxCloneSyncService::new(tower::service_fn(move |req: HttpRequest| {
+        HttpService::from_fn(move |req: HttpRequest| {
             let i = n.fetch_add(1, Ordering::SeqCst);
             let seen = seen.clone();
-            async move {
+            Box::pin(async move {
                 let body = req.into_body().collect().await?.to_bytes();
                 seen.lock().unwrap_or_else(|p| p.into_inner()).push(body);
                 let status = statuses[i.min(statuses.len() - 1)];
                 let mut rsp = http::Response::new(body::empty());
                 *rsp.status_mut() = http::StatusCode::from_u16(status)?;
                 Ok::<_, BoxError>(rsp)
-            }
-        }))
+            })
+        })
     }
 
     fn request(method: Method, body: &'static str) -> HttpRequest {

@@ -14,12 +14,11 @@
 use std::sync::Arc;
 
 use ballast_api::policy::{PolicySpec, Retries, RouteMatch, Timeouts};
-use tower::util::BoxCloneSyncService;
 
 use super::retry::{Retry, RetryConfig, RetryShared};
 use super::{Guard, faults, timeout};
 use crate::outcome::PerTryTimeout;
-use crate::stack::{self, HttpRequest, HttpService};
+use crate::stack::{HttpRequest, HttpService};
 
 /// The policy's route stacks over `lower` (the breaker and balancer).
 pub fn routes(lower: HttpService, policy: &PolicySpec, budget: &RetryShared) -> HttpService {
@@ -42,10 +41,10 @@ pub fn routes(lower: HttpService, policy: &PolicySpec, budget: &RetryShared) -> 
         .collect();
     // Sends each request down the first matching route.
     let routes: Arc<Vec<(RouteMatch, HttpService)>> = Arc::new(routes);
-    BoxCloneSyncService::new(tower::service_fn(move |req: HttpRequest| {
+    HttpService::from_fn(move |req: HttpRequest| {
         let svc = routes.iter().find(|(m, _)| matches(m, &req)).map(|(_, s)| s).unwrap_or(&default);
-        stack::call(svc.clone(), req)
-    }))
+        svc.call(req)
+    })
 }
 
 fn route_stack(
@@ -58,10 +57,11 @@ fn route_stack(
     let mut svc = lower;
     if let Some(per_try) = timeouts.and_then(|t| t.per_try) {
         let per_try = PerTryTimeout(per_try.get());
-        svc = BoxCloneSyncService::new(tower::util::MapRequest::new(svc, move |mut req: HttpRequest| {
+        let inner = svc;
+        svc = HttpService::from_fn(move |mut req: HttpRequest| {
             req.extensions_mut().insert(per_try);
-            req
-        }));
+            inner.call(req)
+        });
     }
     if let Some(r) = retries {
         let config = RetryConfig::from_policy(r);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::{Guard, ResponseFuture};
 use crate::outcome::Deadline;
 use crate::rejection::{self, Reason};
-use crate::stack::{self, HttpRequest, HttpService};
+use crate::stack::{HttpRequest, HttpService};
 
 #[derive(Clone)]
 pub struct RequestTimeout {
@@ -28,7 +28,7 @@ impl Guard for RequestTimeout {
         // Lower layers tell a try cut off by this timeout (a failure) from a caller that
         // went away (nothing) by this deadline.
         req.extensions_mut().insert(Deadline(tokio::time::Instant::now() + timeout));
-        let fut = stack::call(inner.clone(), req);
+        let fut = inner.call(req);
         Box::pin(async move {
             match tokio::time::timeout(timeout, fut).await {
                 Ok(res) => res,

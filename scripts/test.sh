@@ -15,6 +15,7 @@ have promtool  || need+=(prometheus)
 have h2load    || need+=(nghttp2-client)
 have nghttpd   || need+=(nghttp2-server)
 have haproxy   || need+=(haproxy)
+have etcd      || need+=(etcd-server)   # the etcd store backend's tests run a real etcd
 if ((${#need[@]})); then
   if [ "$(id -u)" != 0 ]; then
     echo "missing test tools: ${need[*]}; run as root or: apt-get install -y ${need[*]}" >&2

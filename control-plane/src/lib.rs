@@ -1,8 +1,17 @@
 //! The Ballast control plane (DESIGN §3) and `ballastctl`.
 //!
-//! Today this crate holds `ballastctl demo` ([`demo`]), the local mesh on one machine.
-//! The control plane proper (store on etcd or embedded, the gRPC push stream on 8086, the
-//! admin API on 9990 and the rest of `ballastctl`) comes with the control-plane issue;
-//! until then the demo runs the sidecar on a static configuration.
+//! Built so far:
+//! * [`store`]: etcd, or the embedded store with the same semantics, behind one type;
+//! * [`keys`]: where policies, services and endpoints live in it;
+//! * [`mesh`]: the store's content in memory and the slice of it each sidecar gets;
+//! * [`demo`]: `ballastctl demo`, the local mesh on one machine (still on a static
+//!   sidecar configuration).
+//!
+//! To come with the rest of the control-plane issue: the gRPC push stream on 8086 (its
+//! protocol is `api/proto/ballast/v1/discovery.proto`), the admin API on 9990 and the
+//! rest of `ballastctl`.
 
 pub mod demo;
+pub mod keys;
+pub mod mesh;
+pub mod store;

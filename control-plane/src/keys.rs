@@ -1,0 +1,126 @@
+//! The store's key layout (DESIGN §3), under a configurable prefix (default `/ballast`):
+//!
+//! ```text
+//! <prefix>/policies/<namespace>/<name>                  a ResiliencePolicy as JSON
+//! <prefix>/services/<namespace>/<name>                  a Service as JSON
+//! <prefix>/endpoints/<namespace>/<service>/<id>         one endpoint, under a lease
+//! ```
+//!
+//! Namespaces, names and endpoint ids never contain `/` (names are DNS labels, ids are
+//! made here), so a key splits back into its parts unambiguously.
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "/ballast";
+
+/// What a key names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    Policy { namespace: String, name: String },
+    Service { namespace: String, name: String },
+    Endpoint { namespace: String, service: String, id: String },
+}
+
+/// Builds and parses the keys under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Self::new(DEFAULT_PREFIX)
+    }
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.trim_end_matches('/').to_owned() }
+    }
+
+    /// Everything Ballast keeps, for one list and one watch.
+    pub fn root(&self) -> String {
+        format!("{}/", self.prefix)
+    }
+
+    pub fn policies(&self) -> String {
+        format!("{}/policies/", self.prefix)
+    }
+
+    pub fn services(&self) -> String {
+        format!("{}/services/", self.prefix)
+    }
+
+    pub fn endpoints(&self) -> String {
+        format!("{}/endpoints/", self.prefix)
+    }
+
+    /// Where the control-plane replicas' locks live.
+    pub fn lock(&self, name: &str) -> String {
+        format!("{}/locks/{name}", self.prefix)
+    }
+
+    pub fn key(&self, key: &Key) -> String {
+        match key {
+            Key::Policy { namespace, name } => format!("{}/policies/{namespace}/{name}", self.prefix),
+            Key::Service { namespace, name } => format!("{}/services/{namespace}/{name}", self.prefix),
+            Key::Endpoint { namespace, service, id } => {
+                format!("{}/endpoints/{namespace}/{service}/{id}", self.prefix)
+            }
+        }
+    }
+
+    /// What `key` names, or `None` for keys that are not Ballast resources (locks,
+    /// anything else under the prefix).
+    pub fn parse(&self, key: &str) -> Option<Key> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return None;
+        }
+        let s = |i: usize| parts[i].to_owned();
+        match parts.as_slice() {
+            ["policies", _, _] => Some(Key::Policy { namespace: s(1), name: s(2) }),
+            ["services", _, _] => Some(Key::Service { namespace: s(1), name: s(2) }),
+            ["endpoints", _, _, _] => Some(Key::Endpoint { namespace: s(1), service: s(2), id: s(3) }),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        let keys = Keys::new("/ballast/");
+        for k in [
+            Key::Policy { namespace: "default".into(), name: "payments".into() },
+            Key::Service { namespace: "shop".into(), name: "catalog".into() },
+            Key::Endpoint { namespace: "shop".into(), service: "catalog".into(), id: "10.0.0.1-4143".into() },
+        ] {
+            let s = keys.key(&k);
+            assert!(s.starts_with("/ballast/"), "{s}");
+            assert_eq!(keys.parse(&s), Some(k));
+        }
+        assert_eq!(
+            keys.key(&Key::Policy { namespace: "a".into(), name: "b".into() }),
+            "/ballast/policies/a/b"
+        );
+    }
+
+    #[test]
+    fn foreign_keys_are_not_resources() {
+        let keys = Keys::default();
+        for k in [
+            "/ballast/locks/sync/1",
+            "/ballast/policies/a",
+            "/ballast/policies/a/b/c",
+            "/other/policies/a/b",
+            "/ballast/services//x",
+            "/ballastx/services/a/b",
+        ] {
+            assert_eq!(keys.parse(k), None, "{k}");
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! The mesh as the store holds it, in memory: services, policies and registered
+//! endpoints, kept current from one watch on the whole prefix, and the slice of it each
+//! sidecar needs.
+//!
+//! A sidecar's view ([`Mesh::view`]) is what DESIGN §3 asks to push and no more: the
+//! services it calls (with their endpoints, the static ones of the Service document
+//! plus those registered by live sidecars), the policies targeting them, and the policy
+//! of its own service, whose `inbound` section it enforces. A policy whose
+//! `inbound.rateLimit.scope` is `global` is rewritten for the target's sidecars to
+//! `limit / N`, N being the live registered endpoints of the target: the shares follow
+//! replicas as they come and go because the view is recomputed when they do.
+//!
+//! A resource that does not decode or validate is kept out of every view and listed in
+//! [`Mesh::invalid`]: one bad write must not take the rest of the mesh with it. The API
+//! refuses such writes; this guards against whatever else writes to etcd.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ballast_api::policy::RateLimitScope;
+use ballast_api::service::Endpoint;
+use ballast_api::{ResiliencePolicy, Service};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{Key, Keys};
+use crate::store::{Event, KeyValue, Revision};
+
+/// `namespace`, `name`.
+pub type Name = (String, String);
+
+/// An endpoint a sidecar registered for its service, as stored under its lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Registration {
+    /// `ip:port` other sidecars send to (the registering sidecar's inbound listener).
+    pub address: String,
+    /// The pod (or host) the sidecar runs in.
+    pub pod: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// What a sidecar is, for the slice of the mesh it gets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    pub namespace: String,
+    /// The service it fronts, if any.
+    pub service: Option<String>,
+    /// The services it calls; empty: those of its own namespace.
+    pub calls: Vec<Name>,
+}
+
+/// A resource as pushed: its key (`Kind/namespace/name`) and JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    pub kind: &'static str,
+    pub json: Vec<u8>,
+}
+
+/// Resource key → resource: one sidecar's whole configuration.
+pub type View = BTreeMap<String, Resource>;
+
+#[derive(Debug, Default)]
+pub struct Mesh {
+    pub revision: Revision,
+    services: BTreeMap<Name, Service>,
+    policies: BTreeMap<Name, ResiliencePolicy>,
+    /// Registered endpoints by service, then by id.
+    endpoints: BTreeMap<Name, BTreeMap<String, Registration>>,
+    /// Store keys whose value is not a valid resource, with why.
+    invalid: BTreeMap<String, String>,
+}
+
+impl Mesh {
+    /// The mesh from a full read of the prefix at `revision`.
+    pub fn load(keys: &Keys, kvs: &[KeyValue], revision: Revision) -> Self {
+        let mut mesh = Mesh { revision, ..Default::default() };
+        for kv in kvs {
+            mesh.put(keys, kv);
+        }
+        mesh
+    }
+
+    /// Applies one batch of watch events; returns the services whose views changed (a
+    /// policy changes its target's).
+    pub fn apply(&mut self, keys: &Keys, events: &[Event]) -> BTreeSet<Name> {
+        let mut changed = BTreeSet::new();
+        for event in events {
+            self.revision = self.revision.max(event.revision());
+            let touched = match event {
+                Event::Put(kv) => self.put(keys, kv),
+                Event::Delete { key, .. } => self.delete(keys, key),
+            };
+            changed.extend(touched);
+        }
+        changed
+    }
+
+    /// Stores one key; returns the services it affects (two when a policy moved target).
+    fn put(&mut self, keys: &Keys, kv: &KeyValue) -> Vec<Name> {
+        let Some(key) = keys.parse(&kv.key) else { return Vec::new() };
+        self.invalid.remove(&kv.key);
+        let before = self.affected(&key);
+        let result = match &key {
+            Key::Service { namespace, name } => decode::<Service>(&kv.value)
+                .and_then(|s| check_name(s, namespace, name, |s| &s.metadata, |s| s.validate()))
+                .map(|s| {
+                    self.services.insert((namespace.clone(), name.clone()), s);
+                }),
+            Key::Policy { namespace, name } => decode::<ResiliencePolicy>(&kv.value)
+                .and_then(|p| check_name(p, namespace, name, |p| &p.metadata, |p| p.validate()))
+                .map(|p| {
+                    self.policies.insert((namespace.clone(), name.clone()), p);
+                }),
+            Key::Endpoint { namespace, service, id } => decode::<Registration>(&kv.value).map(|r| {
+                self.endpoints.entry((namespace.clone(), service.clone())).or_default().insert(id.clone(), r);
+            }),
+        };
+        if let Err(why) = result {
+            tracing::warn!(key = %kv.key, error = %why, "ignoring an invalid resource in the store");
+            self.invalid.insert(kv.key.clone(), why);
+            self.remove(&key);
+        }
+        let mut touched = before;
+        touched.extend(self.affected(&key));
+        touched
+    }
+
+    fn delete(&mut self, keys: &Keys, key: &str) -> Vec<Name> {
+        self.invalid.remove(key);
+        let Some(key) = keys.parse(key) else { return Vec::new() };
+        let touched = self.affected(&key);
+        self.remove(&key);
+        touched
+    }
+
+    fn remove(&mut self, key: &Key) {
+        match key {
+            Key::Service { namespace, name } => {
+                self.services.remove(&(namespace.clone(), name.clone()));
+            }
+            Key::Policy { namespace, name } => {
+                self.policies.remove(&(namespace.clone(), name.clone()));
+            }
+            Key::Endpoint { namespace, service, id } => {
+                let name = (namespace.clone(), service.clone());
+                if let Some(eps) = self.endpoints.get_mut(&name) {
+                    eps.remove(id);
+                    if eps.is_empty() {
+                        self.endpoints.remove(&name);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The services whose views depend on `key` as the mesh is now.
+    fn affected(&self, key: &Key) -> Vec<Name> {
+        match key {
+            Key::Service { namespace, name } => vec![(namespace.clone(), name.clone())],
+            Key::Endpoint { namespace, service, .. } => vec![(namespace.clone(), service.clone())],
+            Key::Policy { namespace, name } => self
+                .policies
+                .get(&(namespace.clone(), name.clone()))
+                .map(|p| vec![(p.target_namespace().to_owned(), p.spec.target_ref.service.clone())])
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = (&Name, &Service)> {
+        self.services.iter()
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = (&Name, &ResiliencePolicy)> {
+        self.policies.iter()
+    }
+
+    pub fn registrations(&self, service: &Name) -> impl Iterator<Item = (&String, &Registration)> {
+        self.endpoints.get(service).into_iter().flatten()
+    }
+
+    pub fn invalid(&self) -> &BTreeMap<String, String> {
+        &self.invalid
+    }
+
+    /// The policy targeting `service`. Two policies for one target are refused by the API;
+    /// should the store hold two anyway, the first by namespace and name wins, every time.
+    pub fn policy_for(&self, service: &Name) -> Option<&ResiliencePolicy> {
+        self.policies
+            .values()
+            .find(|p| p.spec.target_ref.service == service.1 && p.target_namespace() == service.0)
+    }
+
+    /// `service` with the registered endpoints added to its own static ones.
+    pub fn service_with_endpoints(&self, service: &Name) -> Option<Service> {
+        let mut s = self.services.get(service)?.clone();
+        let known: BTreeSet<String> = s.spec.endpoints.iter().map(|e| e.address.clone()).collect();
+        for r in self.registrations(service).map(|(_, r)| r) {
+            if !known.contains(&r.address) {
+                s.spec.endpoints.push(Endpoint { address: r.address.clone(), weight: r.weight });
+            }
+        }
+        Some(s)
+    }
+
+    /// The services a sidecar of `scope` calls.
+    pub fn called(&self, scope: &Scope) -> Vec<Name> {
+        if scope.calls.is_empty() {
+            self.services.keys().filter(|(ns, _)| *ns == scope.namespace).cloned().collect()
+        } else {
+            scope.calls.clone()
+        }
+    }
+
+    /// Everything a sidecar of `scope` is sent.
+    pub fn view(&self, scope: &Scope) -> View {
+        let mut view = View::new();
+        let add_policy = |view: &mut View, p: &ResiliencePolicy| {
+            let key = format!("ResiliencePolicy/{}/{}", p.metadata.namespace_or_default(), p.metadata.name);
+            view.insert(key, Resource { kind: "ResiliencePolicy", json: to_json(p) });
+        };
+        for name in self.called(scope) {
+            if let Some(s) = self.service_with_endpoints(&name) {
+                view.insert(
+                    format!("Service/{}/{}", name.0, name.1),
+                    Resource { kind: "Service", json: to_json(&s) },
+                );
+            }
+            if let Some(p) = self.policy_for(&name) {
+                add_policy(&mut view, p);
+            }
+        }
+        if let Some(own) = &scope.service {
+            let own = (scope.namespace.clone(), own.clone());
+            if let Some(p) = self.policy_for(&own) {
+                let p = self.with_global_shares(&own, p);
+                add_policy(&mut view, &p);
+            }
+        }
+        view
+    }
+
+    /// `p` as the sidecars of its target enforce it: a global inbound rate limit becomes
+    /// each live replica's share (a lone or unregistered replica gets it all).
+    fn with_global_shares(&self, target: &Name, p: &ResiliencePolicy) -> ResiliencePolicy {
+        let mut p = p.clone();
+        let replicas = self.registrations(target).count().max(1);
+        if let Some(rl) = p.spec.inbound.as_mut().and_then(|i| i.rate_limit.as_mut())
+            && rl.scope == Some(RateLimitScope::Global)
+        {
+            rl.requests_per_second /= replicas as f64;
+            rl.burst = rl.burst.map(|b| b.div_ceil(replicas as u32).max(1));
+        }
+        p
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(value: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(value).map_err(|e| format!("not valid JSON for its kind: {e}"))
+}
+
+/// The resource is valid and stored under its own name.
+fn check_name<T>(
+    r: T,
+    namespace: &str,
+    name: &str,
+    meta: impl Fn(&T) -> &ballast_api::ObjectMeta,
+    validate: impl Fn(&T) -> Result<(), Vec<ballast_api::FieldError>>,
+) -> Result<T, String> {
+    let m = meta(&r);
+    if m.name != name || m.namespace_or_default() != namespace {
+        return Err(format!(
+            "stored under {namespace}/{name} but names itself {}/{}",
+            m.namespace_or_default(),
+            m.name
+        ));
+    }
+    validate(&r).map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))?;
+    Ok(r)
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing our own types to JSON cannot fail: no maps with non-string keys.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, json: serde_json::Value, revision: Revision) -> KeyValue {
+        KeyValue {
+            key: key.to_owned(),
+            value: serde_json::to_vec(&json).expect("json"),
+            create_revision: revision,
+            mod_revision: revision,
+            lease: None,
+        }
+    }
+
+    fn service(ns: &str, name: &str, endpoints: &[&str]) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "ballast.io/v1alpha1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"ports": [{"port": 80}], "endpoints": endpoints.iter().map(|a| serde_json::json!({"address": a})).collect::<Vec<_>>()}
+        })
+    }
+
+    fn policy(ns: &str, name: &str, target: &str, global_rps: Option<f64>) -> serde_json::Value {
+        let mut p = serde_json::json!({
+            "apiVersion": "ballast.io/v1alpha1", "kind": "ResiliencePolicy",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"targetRef": {"service": target}, "timeouts": {"request": "2s"}}
+        });
+        if let Some(rps) = global_rps {
+            p["spec"]["inbound"] =
+                serde_json::json!({"rateLimit": {"requestsPerSecond": rps, "burst": 10, "scope": "global"}});
+        }
+        p
+    }
+
+    fn registration(address: &str) -> serde_json::Value {
+        serde_json::json!({"address": address, "pod": "p"})
+    }
+
+    fn mesh() -> (Keys, Mesh) {
+        let keys = Keys::default();
+        let kvs = vec![
+            kv("/ballast/services/shop/catalog", service("shop", "catalog", &["10.0.0.1:80"]), 2),
+            kv("/ballast/services/shop/payments", service("shop", "payments", &[]), 3),
+            kv("/ballast/services/other/search", service("other", "search", &[]), 4),
+            kv(
+                "/ballast/policies/shop/payments-policy",
+                policy("shop", "payments-policy", "payments", Some(90.0)),
+                5,
+            ),
+            kv("/ballast/endpoints/shop/payments/a", registration("10.0.1.1:4143"), 6),
+            kv("/ballast/endpoints/shop/payments/b", registration("10.0.1.2:4143"), 7),
+            kv("/ballast/locks/sync/1", serde_json::json!({}), 8),
+        ];
+        let mesh = Mesh::load(&keys, &kvs, 8);
+        (keys, mesh)
+    }
+
+    fn decode_view<T: serde::de::DeserializeOwned>(view: &View, key: &str) -> T {
+        serde_json::from_slice(&view.get(key).unwrap_or_else(|| panic!("{key} in {:?}", view.keys())).json)
+            .expect("decodes")
+    }
+
+    #[test]
+    fn a_client_sees_its_namespace_with_registered_endpoints() {
+        let (_, mesh) = mesh();
+        let scope = Scope { namespace: "shop".into(), service: None, calls: vec![] };
+        let view = mesh.view(&scope);
+        assert_eq!(
+            view.keys().collect::<Vec<_>>(),
+            ["ResiliencePolicy/shop/payments-policy", "Service/shop/catalog", "Service/shop/payments"]
+        );
+        let payments: Service = decode_view(&view, "Service/shop/payments");
+        let addrs: Vec<&str> = payments.spec.endpoints.iter().map(|e| e.address.as_str()).collect();
+        assert_eq!(addrs, ["10.0.1.1:4143", "10.0.1.2:4143"]);
+        // A caller gets the policy as written: the global limit is for the target's sidecars.
+        let p: ResiliencePolicy = decode_view(&view, "ResiliencePolicy/shop/payments-policy");
+        assert_eq!(p.spec.inbound.and_then(|i| i.rate_limit).map(|r| r.requests_per_second), Some(90.0));
+    }
+
+    #[test]
+    fn calls_narrow_the_view() {
+        let (_, mesh) = mesh();
+        let scope =
+            Scope { namespace: "shop".into(), service: None, calls: vec![("other".into(), "search".into())] };
+        assert_eq!(mesh.view(&scope).keys().collect::<Vec<_>>(), ["Service/other/search"]);
+    }
+
+    #[test]
+    fn global_rate_limit_is_shared_among_live_replicas() {
+        let (keys, mut mesh) = mesh();
+        let own = Scope {
+            namespace: "shop".into(),
+            service: Some("payments".into()),
+            calls: vec![("other".into(), "search".into())],
+        };
+        let share = |mesh: &Mesh| {
+            let p: ResiliencePolicy = decode_view(&mesh.view(&own), "ResiliencePolicy/shop/payments-policy");
+            let rl = p.spec.inbound.and_then(|i| i.rate_limit).expect("rate limit");
+            (rl.requests_per_second, rl.burst)
+        };
+        assert_eq!(share(&mesh), (45.0, Some(5)));
+        let changed = mesh.apply(
+            &keys,
+            &[Event::Put(kv("/ballast/endpoints/shop/payments/c", registration("10.0.1.3:4143"), 9))],
+        );
+        assert_eq!(changed, BTreeSet::from([("shop".to_owned(), "payments".to_owned())]));
+        assert_eq!(share(&mesh), (30.0, Some(4)));
+        mesh.apply(
+            &keys,
+            &[
+                Event::Delete { key: "/ballast/endpoints/shop/payments/a".into(), revision: 10 },
+                Event::Delete { key: "/ballast/endpoints/shop/payments/b".into(), revision: 10 },
+                Event::Delete { key: "/ballast/endpoints/shop/payments/c".into(), revision: 10 },
+            ],
+        );
+        assert_eq!(share(&mesh), (90.0, Some(10)), "no live replica: the whole limit");
+        assert_eq!(mesh.revision, 10);
+    }
+
+    #[test]
+    fn a_policy_change_touches_its_old_and_new_targets() {
+        let (keys, mut mesh) = mesh();
+        let moved = kv(
+            "/ballast/policies/shop/payments-policy",
+            policy("shop", "payments-policy", "catalog", None),
+            9,
+        );
+        let changed = mesh.apply(&keys, &[Event::Put(moved)]);
+        assert_eq!(
+            changed,
+            BTreeSet::from([
+                ("shop".to_owned(), "catalog".to_owned()),
+                ("shop".to_owned(), "payments".to_owned())
+            ])
+        );
+        assert!(mesh.policy_for(&("shop".into(), "payments".into())).is_none());
+    }
+
+    #[test]
+    fn an_invalid_resource_is_set_aside_and_reported() {
+        let (keys, mut mesh) = mesh();
+        let mut bad = policy("shop", "payments-policy", "payments", None);
+        bad["spec"]["retries"] = serde_json::json!({"attempts": 3, "budget": {"ratio": 7.0}});
+        mesh.apply(&keys, &[Event::Put(kv("/ballast/policies/shop/payments-policy", bad, 9))]);
+        assert!(mesh.policy_for(&("shop".into(), "payments".into())).is_none());
+        let why = &mesh.invalid()["/ballast/policies/shop/payments-policy"];
+        assert!(why.contains("spec.retries.budget.ratio"), "{why}");
+        let misnamed = service("shop", "elsewhere", &[]);
+        mesh.apply(&keys, &[Event::Put(kv("/ballast/services/shop/catalog", misnamed, 10))]);
+        assert!(mesh.service_with_endpoints(&("shop".into(), "catalog".into())).is_none());
+        assert!(mesh.invalid()["/ballast/services/shop/catalog"].contains("names itself shop/elsewhere"));
+    }
+}

@@ -1,0 +1,260 @@
+//! The control plane's store (DESIGN §3): etcd, or an embedded store with the same
+//! semantics when no `--etcd` is given.
+//!
+//! What the control plane needs from a store, and both backends provide:
+//!
+//! * **Revisions.** Every write gets the next revision of the whole store, as in etcd; a
+//!   read returns the revision it saw. Sidecars are told a configuration's version as
+//!   the revision it was built from.
+//! * **Watch from a revision.** A watch replays every change after the given revision,
+//!   then follows new ones, in revision order. If that history is gone (compacted), the
+//!   watch ends with [`StoreError::Compacted`]: the watcher must re-read and watch again
+//!   from the revision of that read. It never silently skips changes.
+//! * **Leases.** A key written under a lease is deleted, with a watch event, when the
+//!   lease expires (no keep-alive within its TTL) or is revoked. Endpoints registered for
+//!   a sidecar's stream live under such a lease.
+//! * **Locks.** Work that must run once across control-plane replicas holds a named lock,
+//!   itself tied to a lease so a crashed holder releases it.
+//!
+//! The backends are one enum rather than a trait object: there are two, they are known,
+//! and async methods on an enum need no boxing.
+
+pub mod etcd;
+pub mod memory;
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+/// A store revision: 1 for an empty store, +1 per write.
+pub type Revision = i64;
+
+/// A lease, by its store-assigned id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseId(pub i64);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    /// Revision of the write that created the key (since it last did not exist).
+    pub create_revision: Revision,
+    /// Revision of the last write to the key.
+    pub mod_revision: Revision,
+    pub lease: Option<LeaseId>,
+}
+
+/// One change, as a watch reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Put(KeyValue),
+    /// The key was deleted (or its lease ended) at `revision`.
+    Delete {
+        key: String,
+        revision: Revision,
+    },
+}
+
+impl Event {
+    pub fn key(&self) -> &str {
+        match self {
+            Event::Put(kv) => &kv.key,
+            Event::Delete { key, .. } => key,
+        }
+    }
+
+    pub fn revision(&self) -> Revision {
+        match self {
+            Event::Put(kv) => kv.mod_revision,
+            Event::Delete { revision, .. } => *revision,
+        }
+    }
+}
+
+/// A watch: batches of events in revision order (all events of one revision in one
+/// batch), until an error ends it. Dropping it cancels the watch.
+pub struct Watch {
+    rx: mpsc::Receiver<Result<Vec<Event>, StoreError>>,
+    /// Keeps the backend's side of the watch alive (the etcd watcher); dropped with it.
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl Watch {
+    pub(crate) fn new(
+        rx: mpsc::Receiver<Result<Vec<Event>, StoreError>>,
+        guard: Option<Box<dyn Send + Sync>>,
+    ) -> Self {
+        Self { rx, _guard: guard }
+    }
+
+    /// The next batch; `None` once the store closed the watch without an error (the
+    /// store is shutting down). After an `Err` the watch is over.
+    pub async fn next(&mut self) -> Option<Result<Vec<Event>, StoreError>> {
+        self.rx.recv().await
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the store's history before revision {compact_revision} was compacted; re-read everything and watch from the read's revision"
+    )]
+    Compacted { compact_revision: Revision },
+    #[error("revision {revision} is in the future (the store is at {current})")]
+    FutureRevision { revision: Revision, current: Revision },
+    #[error("lease {0} does not exist (it expired or was revoked)")]
+    LeaseNotFound(i64),
+    #[error("cannot reach etcd at {endpoints}: {message}; check --etcd and that etcd is running")]
+    Unavailable { endpoints: String, message: String },
+    #[error("etcd answered with an error: {0}")]
+    Backend(String),
+}
+
+/// Where keys and leases live.
+#[derive(Clone)]
+pub enum Store {
+    Memory(memory::MemoryStore),
+    Etcd(etcd::EtcdStore),
+}
+
+impl Store {
+    /// The embedded store, empty.
+    pub fn memory() -> Self {
+        Store::Memory(memory::MemoryStore::new())
+    }
+
+    /// A store on the etcd cluster at `endpoints` (`http://host:2379`), connected.
+    pub async fn etcd(endpoints: &[String]) -> Result<Self, StoreError> {
+        Ok(Store::Etcd(etcd::EtcdStore::connect(endpoints).await?))
+    }
+
+    /// What kind of store this is, for logs and `/ready`.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Memory(_) => "embedded store".to_owned(),
+            Store::Etcd(s) => format!("etcd at {}", s.endpoints()),
+        }
+    }
+
+    /// Writes `key`, under `lease` if given; returns the write's revision.
+    pub async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision, StoreError> {
+        match self {
+            Store::Memory(s) => s.put(key, value, lease),
+            Store::Etcd(s) => s.put(key, value, lease).await,
+        }
+    }
+
+    /// The value of `key`, and the store's revision at the read.
+    pub async fn get(&self, key: &str) -> Result<(Option<KeyValue>, Revision), StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.get(key)),
+            Store::Etcd(s) => s.get(key).await,
+        }
+    }
+
+    /// Every key under `prefix`, in key order, and the store's revision at the read.
+    pub async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.list(prefix)),
+            Store::Etcd(s) => s.list(prefix).await,
+        }
+    }
+
+    /// Deletes `key`; returns the delete's revision, or `None` if there was no such key.
+    pub async fn delete(&self, key: &str) -> Result<Option<Revision>, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.delete(key)),
+            Store::Etcd(s) => s.delete(key).await,
+        }
+    }
+
+    /// A new lease that expires `ttl` (whole seconds, at least 1) after its last
+    /// keep-alive.
+    pub async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.grant(ttl)),
+            Store::Etcd(s) => s.grant(ttl).await,
+        }
+    }
+
+    /// Renews `lease` for another TTL; [`StoreError::LeaseNotFound`] once it is gone.
+    pub async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => s.keep_alive(lease),
+            Store::Etcd(s) => s.keep_alive(lease).await,
+        }
+    }
+
+    /// Ends `lease` now, deleting its keys. Revoking a lease that is already gone is not
+    /// an error.
+    pub async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => {
+                s.revoke(lease);
+                Ok(())
+            }
+            Store::Etcd(s) => s.revoke(lease).await,
+        }
+    }
+
+    /// Watches keys under `prefix`, from the changes after `after` (a revision returned
+    /// by a read or write) onwards.
+    pub async fn watch(&self, prefix: &str, after: Revision) -> Result<Watch, StoreError> {
+        match self {
+            Store::Memory(s) => s.watch(prefix, after),
+            Store::Etcd(s) => s.watch(prefix, after).await,
+        }
+    }
+
+    /// Drops the history before `revision`; watches from before it then fail with
+    /// [`StoreError::Compacted`].
+    pub async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => s.compact(revision),
+            Store::Etcd(s) => s.compact(revision).await,
+        }
+    }
+
+    /// Takes the lock `name`, waiting while another holder has it, and returns the
+    /// lock's key for [`Store::unlock`]. The lock is held until then or until `lease`
+    /// ends, so a crashed holder's lock frees itself within the lease's TTL.
+    ///
+    /// The recipe of etcd's own lock service, on the primitives above so both backends
+    /// share it: each contender writes `name/<lease>` under its lease, and the key with
+    /// the lowest create revision holds the lock; the others wait for a deletion.
+    pub async fn lock(&self, name: &str, lease: LeaseId) -> Result<String, StoreError> {
+        let prefix = format!("{name}/");
+        let key = format!("{prefix}{:016x}", lease.0);
+        self.put(&key, Vec::new(), Some(lease)).await?;
+        loop {
+            let (held, revision) = self.list(&prefix).await?;
+            if !held.iter().any(|kv| kv.key == key) {
+                // Our key went with its lease while we waited.
+                return Err(StoreError::LeaseNotFound(lease.0));
+            }
+            if held.iter().min_by_key(|kv| kv.create_revision).is_some_and(|first| first.key == key) {
+                return Ok(key);
+            }
+            let mut watch = self.watch(&prefix, revision).await?;
+            loop {
+                match watch.next().await {
+                    Some(Ok(events)) if events.iter().any(|e| matches!(e, Event::Delete { .. })) => break,
+                    Some(Ok(_)) => continue,
+                    // History gone: look again.
+                    Some(Err(StoreError::Compacted { .. })) => break,
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(StoreError::Backend("the store closed the lock's watch".into())),
+                }
+            }
+        }
+    }
+
+    pub async fn unlock(&self, key: &str) -> Result<(), StoreError> {
+        self.delete(key).await.map(|_| ())
+    }
+}

@@ -6,6 +6,7 @@
 //!   the file, line and field, and [`document::Config`], the set a sidecar applies.
 //! * [`duration`]: the `2s` / `500ms` durations used throughout.
 //! * [`names`]: ports, headers and other well-known names that are public interface.
+//! * [`proto`]: the push protocol between sidecars and the control plane (gRPC).
 //!
 //! Nothing here does I/O beyond reading a file: the sidecar, control plane and injector
 //! all depend on this crate, and the sidecar must stay small.
@@ -14,6 +15,7 @@ pub mod document;
 pub mod duration;
 pub mod names;
 pub mod policy;
+pub mod proto;
 pub mod service;
 
 pub use document::{Config, ConfigError, Document};

@@ -1,0 +1,17 @@
+//! Compiles the push protocol (`proto/ballast/v1/discovery.proto`) with tonic.
+//!
+//! protoc: `PROTOC` when set (the workspace's `.cargo/config.toml` points it at
+//! `scripts/protoc`), else the binary the `protoc-bin-vendored` crate carries, so a build
+//! never needs a system protoc.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    if std::env::var_os("PROTOC").is_none() {
+        let protoc = protoc_bin_vendored::protoc_bin_path()?;
+        // SAFETY: the build script is single-threaded; nothing reads the environment
+        // concurrently. prost-build reads `PROTOC` from it.
+        unsafe { std::env::set_var("PROTOC", protoc) };
+    }
+    tonic_prost_build::configure().compile_protos(&["proto/ballast/v1/discovery.proto"], &["proto"])?;
+    Ok(())
+}

@@ -4,6 +4,7 @@
 //! * [`store`]: etcd, or the embedded store with the same semantics, behind one type;
 //! * [`keys`]: where policies, services and endpoints live in it;
 //! * [`mesh`]: the store's content in memory and the slice of it each sidecar gets;
+//! * [`sync`]: keeps that mesh current (one read, one watch, a full re-read on a gap);
 //! * [`demo`]: `ballastctl demo`, the local mesh on one machine (still on a static
 //!   sidecar configuration).
 //!
@@ -15,3 +16,4 @@ pub mod demo;
 pub mod keys;
 pub mod mesh;
 pub mod store;
+pub mod sync;

@@ -1,0 +1,175 @@
+//! Keeps the in-memory [`Mesh`] current with the store: one full read of the prefix,
+//! then one watch from that read's revision, applying each batch as it comes.
+//!
+//! When the watch ends (the store compacted past it, etcd restarted, the connection
+//! broke), the whole prefix is read again and the mesh replaced, then watched from the
+//! new read: a resync, never a gap. Reads that fail are retried with jittered
+//! exponential backoff (100 ms up to 5 s), and meanwhile the last mesh stays in place, so
+//! sidecars keep what they have while etcd is down.
+//!
+//! Consumers learn of changes through a `tokio::sync::watch` of the mesh's revision; a
+//! slow consumer sees only the latest revision, which is what a per-sidecar diff against
+//! the current mesh needs.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::keys::Keys;
+use crate::mesh::Mesh;
+use crate::store::{Revision, Store, StoreError};
+
+/// The shared, current mesh.
+pub type SharedMesh = Arc<RwLock<Mesh>>;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A running sync: the mesh it keeps, and the revision it last applied.
+pub struct MeshSync {
+    pub mesh: SharedMesh,
+    pub revision: watch::Receiver<Revision>,
+    /// Whether the mesh has been read from the store at least once (`/ready`).
+    pub loaded: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MeshSync {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl MeshSync {
+    /// Starts following `store` under `keys`.
+    pub fn start(store: Store, keys: Keys) -> Self {
+        let mesh: SharedMesh = Arc::default();
+        let (revision_tx, revision) = watch::channel(0);
+        let (loaded_tx, loaded) = watch::channel(false);
+        let task = tokio::spawn(run(store, keys, mesh.clone(), revision_tx, loaded_tx));
+        Self { mesh, revision, loaded, task }
+    }
+
+    /// Waits until the mesh has applied `revision` (or a later one), at most `within`.
+    pub async fn caught_up(&self, revision: Revision, within: Duration) -> bool {
+        let mut rx = self.revision.clone();
+        tokio::time::timeout(within, rx.wait_for(|r| *r >= revision)).await.is_ok_and(|r| r.is_ok())
+    }
+}
+
+async fn run(
+    store: Store,
+    keys: Keys,
+    mesh: SharedMesh,
+    revision: watch::Sender<Revision>,
+    loaded: watch::Sender<bool>,
+) {
+    let mut delay = BACKOFF_MIN;
+    loop {
+        match follow(&store, &keys, &mesh, &revision, &loaded).await {
+            // A compaction needs an immediate re-read, not a pause.
+            StoreError::Compacted { compact_revision } => {
+                tracing::info!(
+                    compact_revision,
+                    "store history compacted under the watch; reading everything again"
+                );
+                delay = BACKOFF_MIN;
+                continue;
+            }
+            e => {
+                tracing::warn!(error = %e, retry_in = ?delay, "lost the store; keeping the last mesh and retrying");
+            }
+        }
+        tokio::time::sleep(jitter(delay)).await;
+        delay = (delay * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Reads everything, then applies the watch until it ends; returns why it ended.
+async fn follow(
+    store: &Store,
+    keys: &Keys,
+    mesh: &SharedMesh,
+    revision: &watch::Sender<Revision>,
+    loaded: &watch::Sender<bool>,
+) -> StoreError {
+    let (kvs, at) = match store.list(&keys.root()).await {
+        Ok(read) => read,
+        Err(e) => return e,
+    };
+    let mut watch = match store.watch(&keys.root(), at).await {
+        Ok(w) => w,
+        Err(e) => return e,
+    };
+    let fresh = Mesh::load(keys, &kvs, at);
+    for (key, why) in fresh.invalid() {
+        tracing::warn!(%key, error = %why, "invalid resource in the store; it is left out");
+    }
+    *mesh.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+    revision.send_replace(at);
+    loaded.send_replace(true);
+    loop {
+        match watch.next().await {
+            Some(Ok(batch)) => {
+                let now = {
+                    let mut m = mesh.write().unwrap_or_else(|p| p.into_inner());
+                    m.apply(keys, &batch);
+                    m.revision
+                };
+                revision.send_replace(now);
+            }
+            Some(Err(e)) => return e,
+            None => return StoreError::Backend("the store closed the watch".into()),
+        }
+    }
+}
+
+/// `d` ± 20%, so replicas that lost etcd together do not retry in step.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(rand::random_range(0.8..1.2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::Name;
+
+    fn service_json(ns: &str, name: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "ballast.io/v1alpha1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"ports": [{"port": 80}]}
+        }))
+        .expect("json")
+    }
+
+    fn names(sync: &MeshSync) -> Vec<Name> {
+        sync.mesh.read().expect("lock").services().map(|(n, _)| n.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn follows_the_store_from_a_full_read() {
+        let store = Store::memory();
+        let keys = Keys::default();
+        store
+            .put("/ballast/services/shop/catalog", service_json("shop", "catalog"), None)
+            .await
+            .expect("put");
+        let sync = MeshSync::start(store.clone(), keys);
+        assert!(sync.caught_up(2, Duration::from_secs(5)).await);
+        assert!(*sync.loaded.borrow());
+        assert_eq!(names(&sync), [("shop".to_owned(), "catalog".to_owned())]);
+
+        let r = store
+            .put("/ballast/services/shop/payments", service_json("shop", "payments"), None)
+            .await
+            .expect("put");
+        assert!(sync.caught_up(r, Duration::from_secs(5)).await);
+        assert_eq!(names(&sync).len(), 2);
+        let r = store.delete("/ballast/services/shop/catalog").await.expect("delete").expect("deleted");
+        assert!(sync.caught_up(r, Duration::from_secs(5)).await);
+        assert_eq!(names(&sync), [("shop".to_owned(), "payments".to_owned())]);
+        assert_eq!(sync.mesh.read().expect("lock").revision, r);
+    }
+}

@@ -12,6 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // concurrently. prost-build reads `PROTOC` from it.
         unsafe { std::env::set_var("PROTOC", protoc) };
     }
-    tonic_prost_build::configure().compile_protos(&["proto/ballast/v1/discovery.proto"], &["proto"])?;
+    // No transport helpers (`connect`): they would pull tonic's channel into every crate
+    // that depends on the api, the sidecar among them (DESIGN §1: the sidecar stays small).
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .compile_protos(&["proto/ballast/v1/discovery.proto"], &["proto"])?;
     Ok(())
 }

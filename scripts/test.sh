@@ -15,7 +15,10 @@ have promtool  || need+=(prometheus)
 have h2load    || need+=(nghttp2-client)
 have nghttpd   || need+=(nghttp2-server)
 have haproxy   || need+=(haproxy)
-have etcd      || need+=(etcd-server)   # the etcd store backend's tests run a real etcd
+# The etcd store backend's tests run a real etcd, at the path Debian's package uses
+# (control-plane/tests/support/etcd.rs looks there, not on PATH).
+[ -x /usr/bin/etcd ] || need+=(etcd-server)
+python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   if [ "$(id -u)" != 0 ]; then
     echo "missing test tools: ${need[*]}; run as root or: apt-get install -y ${need[*]}" >&2

@@ -137,9 +137,9 @@ fn sigterm_drains_in_flight_requests_without_failures() {
     // Wait until all 20 requests reached the upstream, then ask the sidecar to stop.
     wait_until("all 20 requests reach the upstream", || up.requests() >= 20);
     sc.signal(libc::SIGTERM);
-    std::thread::sleep(Duration::from_millis(200));
-    let refused = std::net::TcpStream::connect(sc.outbound);
-    assert!(refused.is_err(), "new connections must be refused while draining");
+    wait_until("new connections are refused while draining", || {
+        std::net::TcpStream::connect(sc.outbound).is_err()
+    });
     let code = sc.wait_exit(Duration::from_secs(15));
     for t in threads {
         t.join().unwrap();

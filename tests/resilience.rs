@@ -78,11 +78,12 @@ fn h2load(sc: &Sidecar, authority: &str, path: &str, args: &[&str]) -> Load {
     Load { output: format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr)) }
 }
 
-/// 50 concurrent requests to an upstream that takes 1 s, `maxConcurrent: 10`,
-/// `maxPending: 0`: exactly 10 reach it, 40 are rejected with `bulkhead-full`.
+/// 50 concurrent requests to an upstream that takes 3 s, `maxConcurrent: 10`,
+/// `maxPending: 0`: exactly 10 reach it, 40 are rejected with `bulkhead-full`. (3 s: all
+/// 50 curl processes must arrive while the first 10 are held, even on a busy machine.)
 #[test]
 fn bulkhead_admits_max_concurrent_and_rejects_the_rest() {
-    let up = Upstream::start_with_delay("slow", Duration::from_secs(1));
+    let up = Upstream::start_with_delay("slow", Duration::from_secs(3));
     let sc = Sidecar::start(
         &service_with_policy("slow", &up, "  bulkhead: {maxConcurrent: 10, maxPending: 0}\n"),
         &[],
@@ -224,10 +225,12 @@ fn policy_change_applies_and_a_bad_policy_keeps_the_old_one() {
 /// the rate limit and the concurrency limit are one per pod.
 #[test]
 fn inbound_rate_and_concurrency_limits_protect_the_app() {
-    let app = Upstream::start_with_delay("app", Duration::from_millis(600));
+    // Margins for a busy machine: the 6 concurrent curls arrive within the app's 1 s, and
+    // the bucket (one token per 10 s) does not refill during the test.
+    let app = Upstream::start_with_delay("app", Duration::from_secs(1));
     let policy = policy(
         "web",
-        "  inbound:\n    rateLimit: {requestsPerSecond: 0.2, burst: 8}\n    maxConcurrent: 3\n",
+        "  inbound:\n    rateLimit: {requestsPerSecond: 0.1, burst: 8}\n    maxConcurrent: 3\n",
     );
     let sc = Sidecar::start(&policy, &["--service", "web", "--app-addr", &app.addr.to_string()]);
     let inbound = format!("http://{}/name", sc.inbound);
@@ -248,7 +251,7 @@ fn inbound_rate_and_concurrency_limits_protect_the_app() {
     let r = results.lock().unwrap().clone();
     assert_eq!(r.iter().filter(|t| t.starts_with("HTTP/1.1 200")).count(), 3, "{r:?}");
     assert_eq!(r.iter().filter(|t| t.contains("ballast-rejected: bulkhead-full")).count(), 3, "{r:?}");
-    // The bucket (8, refilling every 5 s) had 6 tokens taken; after 2 more, 429s follow.
+    // The bucket (8, refilling every 10 s) had 6 tokens taken; after 2 more, 429s follow.
     let codes: Vec<String> = (0..4)
         .map(|_| stdout(&run(curl().args(["-o", "/dev/null", "-w", "%{http_code}", &inbound]))))
         .collect();
@@ -352,7 +355,9 @@ fn duration_bucket(sc: &Sidecar, service: &str, le: &str) -> (f64, f64) {
 fn circuit_opens_fails_fast_and_recovers_through_half_open() {
     let up = Upstream::start("breaking");
     up.set_fault(Fault::Always(500));
-    let spec = "  circuitBreaker: {consecutiveFailures: 5, openFor: 1s, halfOpenRequests: 1}\n";
+    // openFor 5 s: the 300 rejections below and their scrapes must all fall inside it,
+    // or a half-open probe would reach the upstream.
+    let spec = "  circuitBreaker: {consecutiveFailures: 5, openFor: 5s, halfOpenRequests: 1}\n";
     let sc = Sidecar::start(&service_with_policy("breaking", &up, spec), &[]);
     let state = || sc.metric(r#"ballast_circuit_state{service="breaking.default"}"#);
     for _ in 0..5 {
@@ -372,8 +377,7 @@ fn circuit_opens_fails_fast_and_recovers_through_half_open() {
     assert_eq!(up.requests(), 5, "nothing reached the upstream while open");
     // Back up: after openFor, one probe goes through and closes the circuit.
     up.set_fault(Fault::None);
-    std::thread::sleep(Duration::from_millis(1100));
-    assert_eq!(fetch(&sc, &["http://breaking/name"]).0, 200);
+    wait_until("the half-open probe succeeds", || fetch(&sc, &["http://breaking/name"]).0 == 200);
     assert_eq!(state(), 0.0, "closed after the probe succeeded");
     assert_eq!(fetch(&sc, &["http://breaking/name"]).0, 200);
     assert!(sc.log().contains("circuit breaker state changed"));

@@ -20,3 +20,9 @@ pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Response header set on every response the mesh itself generates instead of the upstream.
 pub const HEADER_REJECTED: &str = "ballast-rejected";
+/// Response header on an answer the sidecar made for an upstream that failed (`upstream`:
+/// refused, reset or broken; `per-try-timeout`): not a rejection by policy, so no
+/// `ballast-rejected`.
+pub const HEADER_ERROR: &str = "ballast-error";
+/// Response header on an answer made by a policy's fault injection (`abort`).
+pub const HEADER_FAULT: &str = "ballast-fault";

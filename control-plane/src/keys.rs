@@ -42,23 +42,6 @@ impl Keys {
         format!("{}/", self.prefix)
     }
 
-    pub fn policies(&self) -> String {
-        format!("{}/policies/", self.prefix)
-    }
-
-    pub fn services(&self) -> String {
-        format!("{}/services/", self.prefix)
-    }
-
-    pub fn endpoints(&self) -> String {
-        format!("{}/endpoints/", self.prefix)
-    }
-
-    /// Where the control-plane replicas' locks live.
-    pub fn lock(&self, name: &str) -> String {
-        format!("{}/locks/{name}", self.prefix)
-    }
-
     pub fn key(&self, key: &Key) -> String {
         match key {
             Key::Policy { namespace, name } => format!("{}/policies/{namespace}/{name}", self.prefix),

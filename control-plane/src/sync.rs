@@ -29,9 +29,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A running sync: the mesh it keeps, and the revision it last applied.
 pub struct MeshSync {
     pub mesh: SharedMesh,
+    /// 0 until the first read of the store; a store's revisions start at 1.
     pub revision: watch::Receiver<Revision>,
-    /// Whether the mesh has been read from the store at least once (`/ready`).
-    pub loaded: watch::Receiver<bool>,
+    /// Whether the sync is following the store now (read done, watch open); false while
+    /// it retries, for `/ready` and the store-error metrics.
+    pub connected: watch::Receiver<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -46,9 +48,14 @@ impl MeshSync {
     pub fn start(store: Store, keys: Keys) -> Self {
         let mesh: SharedMesh = Arc::default();
         let (revision_tx, revision) = watch::channel(0);
-        let (loaded_tx, loaded) = watch::channel(false);
-        let task = tokio::spawn(run(store, keys, mesh.clone(), revision_tx, loaded_tx));
-        Self { mesh, revision, loaded, task }
+        let (connected_tx, connected) = watch::channel(false);
+        let task = tokio::spawn(run(store, keys, mesh.clone(), revision_tx, connected_tx));
+        Self { mesh, revision, connected, task }
+    }
+
+    /// Whether the mesh has been read from the store at least once (`/ready`).
+    pub fn is_loaded(&self) -> bool {
+        *self.revision.borrow() > 0
     }
 
     /// Waits until the mesh has applied `revision` (or a later one), at most `within`.
@@ -63,11 +70,13 @@ async fn run(
     keys: Keys,
     mesh: SharedMesh,
     revision: watch::Sender<Revision>,
-    loaded: watch::Sender<bool>,
+    connected: watch::Sender<bool>,
 ) {
     let mut delay = BACKOFF_MIN;
     loop {
-        match follow(&store, &keys, &mesh, &revision, &loaded).await {
+        let ended = follow(&store, &keys, &mesh, &revision, &connected).await;
+        connected.send_replace(false);
+        match ended {
             // A compaction needs an immediate re-read, not a pause.
             StoreError::Compacted { compact_revision } => {
                 tracing::info!(
@@ -92,7 +101,7 @@ async fn follow(
     keys: &Keys,
     mesh: &SharedMesh,
     revision: &watch::Sender<Revision>,
-    loaded: &watch::Sender<bool>,
+    connected: &watch::Sender<bool>,
 ) -> StoreError {
     let (kvs, at) = match store.list(&keys.root()).await {
         Ok(read) => read,
@@ -108,7 +117,7 @@ async fn follow(
     }
     *mesh.write().unwrap_or_else(|p| p.into_inner()) = fresh;
     revision.send_replace(at);
-    loaded.send_replace(true);
+    connected.send_replace(true);
     loop {
         match watch.next().await {
             Some(Ok(batch)) => {
@@ -158,7 +167,7 @@ mod tests {
             .expect("put");
         let sync = MeshSync::start(store.clone(), keys);
         assert!(sync.caught_up(2, Duration::from_secs(5)).await);
-        assert!(*sync.loaded.borrow());
+        assert!(sync.is_loaded());
         assert_eq!(names(&sync), [("shop".to_owned(), "catalog".to_owned())]);
 
         let r = store

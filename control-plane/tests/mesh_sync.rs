@@ -32,15 +32,24 @@ async fn keeps_the_last_mesh_while_etcd_is_down_and_catches_up_after() {
     assert!(sync.caught_up(r, Duration::from_secs(5)).await, "first read");
 
     etcd.stop();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Once the sync has noticed (its watch broke), the mesh it keeps is still the last one.
+    let mut connected = sync.connected.clone();
+    tokio::time::timeout(Duration::from_secs(20), connected.wait_for(|c| !*c))
+        .await
+        .expect("the sync notices that etcd is gone")
+        .expect("sync running");
     assert_eq!(service_names(&sync), ["catalog"], "the last mesh stays while etcd is down");
 
     etcd.restart();
     // Written after the restart: the sync must re-read and watch again to see it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let r = loop {
         match store.put("/ballast/services/shop/payments", service_json("payments"), None).await {
             Ok(r) => break r,
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "etcd is back within 20 s: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     };
     assert!(

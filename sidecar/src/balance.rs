@@ -31,7 +31,6 @@ use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -47,7 +46,7 @@ use crate::metrics::Metrics;
 use crate::outcome::{self, Avoid, Deadline, PerTryTimeout, ServedBy};
 use crate::rejection::{self, Reason};
 use crate::resilience::ResponseFuture;
-use crate::stack::{HttpRequest, HttpResponse};
+use crate::stack::HttpRequest;
 
 /// Default RTT assumed for an endpoint that has no latency history yet, and how fast
 /// peak-EWMA forgets: Linkerd's values, which suit in-cluster calls.
@@ -420,26 +419,11 @@ impl Drop for InFlight {
     }
 }
 
-impl Service<HttpRequest> for Balancer {
-    type Response = HttpResponse;
-    type Error = BoxError;
-    type Future = ResponseFuture;
-
-    /// Always ready: the endpoint clients queue in their pools.
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
-        self.request(req)
-    }
-}
-
 impl Balancer {
     /// Sends `req` to the endpoint the algorithm picks; see the `Service` impl.
     pub fn request(&self, req: HttpRequest) -> ResponseFuture {
         let shared = self.shared.clone();
-        let set = shared.set.load_full();
+        let set = shared.set.load();
         if set.endpoints.is_empty() {
             let rsp =
                 rejection::response(Reason::NoEndpoints, rejection::is_grpc(&req), &shared.no_endpoints);

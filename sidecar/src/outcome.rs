@@ -104,7 +104,7 @@ pub fn upstream_error_response(err: &BoxError) -> HttpResponse {
         ),
     };
     rsp.extensions_mut().insert(failure);
-    rsp.headers_mut().insert("ballast-error", HeaderValue::from_static("upstream"));
+    rsp.headers_mut().insert(ballast_api::names::HEADER_ERROR, HeaderValue::from_static("upstream"));
     rsp
 }
 
@@ -115,7 +115,7 @@ pub fn per_try_timeout_response(timeout: Duration, endpoint: SocketAddr) -> Http
         format!("ballast: no response from {endpoint} within the per-try timeout of {timeout:?}"),
     );
     rsp.extensions_mut().insert(UpstreamFailure::Timeout);
-    rsp.headers_mut().insert("ballast-error", HeaderValue::from_static("per-try-timeout"));
+    rsp.headers_mut().insert(ballast_api::names::HEADER_ERROR, HeaderValue::from_static("per-try-timeout"));
     rsp
 }
 

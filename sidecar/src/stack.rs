@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use http::{Request, Response, StatusCode};
 use prometheus::{Histogram, IntCounter};
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use ballast_api::policy::PolicySpec;
 
@@ -53,8 +53,8 @@ pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<HttpResponse, BoxEr
 /// policy that was 56 of the 81 allocations per request (counted with a uprobe on
 /// `malloc`, see benches/README.md). Every service erased here is always ready (the
 /// guards decide per request, the balancer and the pools queue), so there is no
-/// `poll_ready` to carry either; [`HttpService::new`] drives a tower service to readiness
-/// itself for the rare one that is not.
+/// `poll_ready` to carry either: wrap a tower service that needs one in
+/// `oneshot` inside [`HttpService::from_fn`].
 #[derive(Clone)]
 pub struct HttpService(Arc<dyn Fn(HttpRequest) -> ResponseFuture + Send + Sync>);
 
@@ -62,16 +62,6 @@ impl HttpService {
     /// A stack answering through `f`; `f` must not block.
     pub fn from_fn(f: impl Fn(HttpRequest) -> ResponseFuture + Send + Sync + 'static) -> Self {
         Self(Arc::new(f))
-    }
-
-    /// Erases a tower service. Each call clones it and drives the clone to readiness, so
-    /// its clone should be cheap.
-    pub fn new<S>(svc: S) -> Self
-    where
-        S: Service<HttpRequest, Response = HttpResponse, Error = BoxError> + Clone + Send + Sync + 'static,
-        S::Future: Send + 'static,
-    {
-        Self::from_fn(move |req| Box::pin(svc.clone().oneshot(req)))
     }
 
     pub fn call(&self, req: HttpRequest) -> ResponseFuture {

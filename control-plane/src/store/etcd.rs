@@ -286,7 +286,7 @@ impl EtcdStore {
         }
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let task = tokio::spawn(forward(stream, first, after, tx, self.endpoints.clone()));
-        Ok(Watch::new(rx, Some(Box::new(AbortOnDrop(task.abort_handle())))))
+        Ok(Watch::fed_by(rx, task.abort_handle()))
     }
 
     pub async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
@@ -336,15 +336,6 @@ impl EtcdStore {
 
     fn error(&self, doing: &str, e: EtcdError) -> StoreError {
         map_error(&self.endpoints, doing, &e)
-    }
-}
-
-/// Aborts a watch's forwarding task (and so drops its gRPC stream) with the [`Watch`].
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -162,7 +162,7 @@ impl MemoryStore {
     }
 
     pub fn watch(&self, prefix: &str, after: Revision) -> Result<Watch, StoreError> {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         let mut s = self.lock();
         if after < s.compacted {
             let _ = tx.send(Err(StoreError::Compacted { compact_revision: s.compacted }));
@@ -180,18 +180,7 @@ impl MemoryStore {
             }
             s.watchers.push(Watcher { prefix: prefix.to_owned(), tx });
         }
-        drop(s);
-        // `Watch` wants a bounded receiver; bridge the unbounded one (see the module docs
-        // for why it is unbounded) through a task that ends with either side.
-        let (btx, brx) = mpsc::channel(64);
-        let task = tokio::spawn(async move {
-            while let Some(batch) = rx.recv().await {
-                if btx.send(batch).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Watch::new(brx, Some(Box::new(AbortOnDrop(task.abort_handle())))))
+        Ok(Watch::unbounded(rx))
     }
 
     pub fn compact(&self, revision: Revision) -> Result<(), StoreError> {
@@ -217,14 +206,6 @@ impl MemoryStore {
                 }
             });
         });
-    }
-}
-
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -74,23 +74,44 @@ impl Event {
 /// A watch: batches of events in revision order (all events of one revision in one
 /// batch), until an error ends it. Dropping it cancels the watch.
 pub struct Watch {
-    rx: mpsc::Receiver<Result<Vec<Event>, StoreError>>,
-    /// Keeps the backend's side of the watch alive (the etcd watcher); dropped with it.
-    _guard: Option<Box<dyn Send + Sync>>,
+    rx: WatchRx,
+    /// The backend's task feeding the watch (etcd's stream reader), ended with it.
+    feeder: Option<tokio::task::AbortHandle>,
+}
+
+type Batch = Result<Vec<Event>, StoreError>;
+
+/// Bounded for etcd, so a slow consumer holds back the gRPC stream; unbounded for the
+/// embedded store, whose writers must never wait for a watcher (see `memory`).
+enum WatchRx {
+    Bounded(mpsc::Receiver<Batch>),
+    Unbounded(mpsc::UnboundedReceiver<Batch>),
 }
 
 impl Watch {
-    pub(crate) fn new(
-        rx: mpsc::Receiver<Result<Vec<Event>, StoreError>>,
-        guard: Option<Box<dyn Send + Sync>>,
-    ) -> Self {
-        Self { rx, _guard: guard }
+    pub(crate) fn fed_by(rx: mpsc::Receiver<Batch>, feeder: tokio::task::AbortHandle) -> Self {
+        Self { rx: WatchRx::Bounded(rx), feeder: Some(feeder) }
+    }
+
+    pub(crate) fn unbounded(rx: mpsc::UnboundedReceiver<Batch>) -> Self {
+        Self { rx: WatchRx::Unbounded(rx), feeder: None }
     }
 
     /// The next batch; `None` once the store closed the watch without an error (the
     /// store is shutting down). After an `Err` the watch is over.
-    pub async fn next(&mut self) -> Option<Result<Vec<Event>, StoreError>> {
-        self.rx.recv().await
+    pub async fn next(&mut self) -> Option<Batch> {
+        match &mut self.rx {
+            WatchRx::Bounded(rx) => rx.recv().await,
+            WatchRx::Unbounded(rx) => rx.recv().await,
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(feeder) = &self.feeder {
+            feeder.abort();
+        }
     }
 }
 

@@ -379,13 +379,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Compile-time check: hyper's HTTP/2 server needs the handler's future to be `Send`.
-#[allow(dead_code)]
-fn _assert_send(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) {
-    fn is_send<T: Send>(_: T) {}
-    is_send(handle(shared, conn, req));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use super::{Guard, ResponseFuture};
 use crate::rejection;
 use crate::stack::{HttpRequest, HttpService};
 
-pub const HEADER_FAULT: &str = "ballast-fault";
+pub use ballast_api::names::HEADER_FAULT;
 
 #[derive(Clone)]
 pub struct Faults {

@@ -4,10 +4,17 @@
 //! <prefix>/policies/<namespace>/<name>                  a ResiliencePolicy as JSON
 //! <prefix>/services/<namespace>/<name>                  a Service as JSON
 //! <prefix>/endpoints/<namespace>/<service>/<id>         one endpoint, under a lease
+//! <prefix>/proxies/<namespace>/<pod>                    a connected sidecar's status
 //! ```
 //!
-//! Namespaces, names and endpoint ids never contain `/` (names are DNS labels, ids are
-//! made here), so a key splits back into its parts unambiguously.
+//! The `proxies` keys are Ballast's addition to DESIGN §3: what each connected sidecar
+//! acked or refused, written by the replica serving its stream under that replica's
+//! lease. They live in the store, not in the replica, so that `ballastctl get proxies`
+//! and `apply --wait` see every sidecar whichever replica they ask.
+//!
+//! Namespaces, names, pods and endpoint ids never contain `/` (names are DNS labels,
+//! pods are checked, ids are the endpoint's `ip:port`), so a key splits back into its
+//! parts unambiguously.
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/ballast";
@@ -18,6 +25,7 @@ pub enum Key {
     Policy { namespace: String, name: String },
     Service { namespace: String, name: String },
     Endpoint { namespace: String, service: String, id: String },
+    Proxy { namespace: String, pod: String },
 }
 
 /// Builds and parses the keys under one prefix.
@@ -49,6 +57,7 @@ impl Keys {
             Key::Endpoint { namespace, service, id } => {
                 format!("{}/endpoints/{namespace}/{service}/{id}", self.prefix)
             }
+            Key::Proxy { namespace, pod } => format!("{}/proxies/{namespace}/{pod}", self.prefix),
         }
     }
 
@@ -65,6 +74,7 @@ impl Keys {
             ["policies", _, _] => Some(Key::Policy { namespace: s(1), name: s(2) }),
             ["services", _, _] => Some(Key::Service { namespace: s(1), name: s(2) }),
             ["endpoints", _, _, _] => Some(Key::Endpoint { namespace: s(1), service: s(2), id: s(3) }),
+            ["proxies", _, _] => Some(Key::Proxy { namespace: s(1), pod: s(2) }),
             _ => None,
         }
     }
@@ -80,7 +90,8 @@ mod tests {
         for k in [
             Key::Policy { namespace: "default".into(), name: "payments".into() },
             Key::Service { namespace: "shop".into(), name: "catalog".into() },
-            Key::Endpoint { namespace: "shop".into(), service: "catalog".into(), id: "10.0.0.1-4143".into() },
+            Key::Endpoint { namespace: "shop".into(), service: "catalog".into(), id: "10.0.0.1:4143".into() },
+            Key::Proxy { namespace: "shop".into(), pod: "catalog-7d9f".into() },
         ] {
             let s = keys.key(&k);
             assert!(s.starts_with("/ballast/"), "{s}");

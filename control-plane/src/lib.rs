@@ -12,8 +12,15 @@
 //! protocol is `api/proto/ballast/v1/discovery.proto`), the admin API on 9990 and the
 //! rest of `ballastctl`.
 
+pub mod admin;
+pub mod api;
+pub mod ctl;
 pub mod demo;
 pub mod keys;
 pub mod mesh;
+pub mod metrics;
+pub mod push;
+pub mod server;
+pub mod session;
 pub mod store;
 pub mod sync;

@@ -15,10 +15,11 @@
 //! refuses such writes; this guards against whatever else writes to etcd.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use ballast_api::policy::RateLimitScope;
-use ballast_api::service::Endpoint;
-use ballast_api::{ResiliencePolicy, Service};
+use ballast_api::service::{Endpoint, ServiceSpec};
+use ballast_api::{ObjectMeta, ResiliencePolicy, Service};
 use serde::{Deserialize, Serialize};
 
 use crate::keys::{Key, Keys};
@@ -43,6 +44,62 @@ fn one() -> u32 {
     1
 }
 
+/// A connected sidecar as the replica serving it records it (`ballastctl get proxies`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyStatus {
+    pub pod: String,
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Services it asked for, `name.namespace`; empty: its namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<String>,
+    #[serde(default)]
+    pub proxy_version: String,
+    /// The control-plane replica serving its stream.
+    #[serde(default)]
+    pub replica: String,
+    /// Unix seconds.
+    #[serde(default)]
+    pub connected_at: u64,
+    /// The last version pushed to it, and the last it applied (0: none yet).
+    #[serde(default)]
+    pub sent: Revision,
+    #[serde(default)]
+    pub acked: Revision,
+    /// The last version it refused, while that is the latest it was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nack: Option<Nack>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Nack {
+    pub version: Revision,
+    pub reason: String,
+}
+
+impl ProxyStatus {
+    /// The sidecar's view as it asked for it.
+    pub fn scope(&self) -> Scope {
+        Scope {
+            namespace: self.namespace.clone(),
+            service: self.service.clone(),
+            calls: self.calls.iter().filter_map(|c| parse_call(c, &self.namespace)).collect(),
+        }
+    }
+}
+
+/// `name.namespace` (or a bare `name`, in `namespace`) as a service name.
+pub fn parse_call(call: &str, namespace: &str) -> Option<Name> {
+    let (name, ns) = call.split_once('.').unwrap_or((call, namespace));
+    let ok = |s: &str| ballast_api::policy::dns_label(s);
+    (ok(name) && ok(ns)).then(|| (ns.to_owned(), name.to_owned()))
+}
+
 /// What a sidecar is, for the slice of the mesh it gets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Scope {
@@ -53,15 +110,35 @@ pub struct Scope {
     pub calls: Vec<Name>,
 }
 
-/// A resource as pushed: its key (`Kind/namespace/name`) and JSON.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A resource as pushed. The JSON is rendered once per change of the resource and
+/// shared by every view that holds it: a thousand sidecars calling one service do not
+/// serialize it a thousand times, and comparing two views is mostly pointer compares.
+#[derive(Debug, Clone)]
 pub struct Resource {
     pub kind: &'static str,
-    pub json: Vec<u8>,
+    pub json: Arc<[u8]>,
 }
 
-/// Resource key → resource: one sidecar's whole configuration.
-pub type View = BTreeMap<String, Resource>;
+impl PartialEq for Resource {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && (Arc::ptr_eq(&self.json, &other.json) || self.json == other.json)
+    }
+}
+
+impl Eq for Resource {}
+
+/// Resource key (`Kind/namespace/name`) → resource: one sidecar's whole configuration.
+pub type View = BTreeMap<Arc<str>, Resource>;
+
+/// One service's resources, rendered.
+#[derive(Debug, Default)]
+struct Rendered {
+    service: Option<(Arc<str>, Resource)>,
+    /// The policy targeting it as callers get it ...
+    policy: Option<(Arc<str>, Resource)>,
+    /// ... and as its own sidecars get it (a global inbound rate limit's share).
+    own_policy: Option<Resource>,
+}
 
 #[derive(Debug, Default)]
 pub struct Mesh {
@@ -70,22 +147,28 @@ pub struct Mesh {
     policies: BTreeMap<Name, ResiliencePolicy>,
     /// Registered endpoints by service, then by id.
     endpoints: BTreeMap<Name, BTreeMap<String, Registration>>,
+    proxies: BTreeMap<Name, ProxyStatus>,
     /// Store keys whose value is not a valid resource, with why.
     invalid: BTreeMap<String, String>,
+    rendered: BTreeMap<Name, Rendered>,
 }
 
 impl Mesh {
     /// The mesh from a full read of the prefix at `revision`.
     pub fn load(keys: &Keys, kvs: &[KeyValue], revision: Revision) -> Self {
         let mut mesh = Mesh { revision, ..Default::default() };
+        let mut touched = BTreeSet::new();
         for kv in kvs {
-            mesh.put(keys, kv);
+            touched.extend(mesh.put(keys, kv));
+        }
+        for name in &touched {
+            mesh.render(name);
         }
         mesh
     }
 
     /// Applies one batch of watch events; returns the services whose views changed (a
-    /// policy changes its target's).
+    /// policy changes its target's). Proxy statuses change no view.
     pub fn apply(&mut self, keys: &Keys, events: &[Event]) -> BTreeSet<Name> {
         let mut changed = BTreeSet::new();
         for event in events {
@@ -95,6 +178,9 @@ impl Mesh {
                 Event::Delete { key, .. } => self.delete(keys, key),
             };
             changed.extend(touched);
+        }
+        for name in &changed {
+            self.render(name);
         }
         changed
     }
@@ -117,6 +203,9 @@ impl Mesh {
                 }),
             Key::Endpoint { namespace, service, id } => decode::<Registration>(&kv.value).map(|r| {
                 self.endpoints.entry((namespace.clone(), service.clone())).or_default().insert(id.clone(), r);
+            }),
+            Key::Proxy { namespace, pod } => decode::<ProxyStatus>(&kv.value).map(|p| {
+                self.proxies.insert((namespace.clone(), pod.clone()), p);
             }),
         };
         if let Err(why) = result {
@@ -154,6 +243,9 @@ impl Mesh {
                     }
                 }
             }
+            Key::Proxy { namespace, pod } => {
+                self.proxies.remove(&(namespace.clone(), pod.clone()));
+            }
         }
     }
 
@@ -167,10 +259,50 @@ impl Mesh {
                 .get(&(namespace.clone(), name.clone()))
                 .map(|p| vec![(p.target_namespace().to_owned(), p.spec.target_ref.service.clone())])
                 .unwrap_or_default(),
+            Key::Proxy { .. } => Vec::new(),
         }
     }
 
-    pub fn services(&self) -> impl Iterator<Item = (&Name, &Service)> {
+    /// Renders `name`'s resources again after a change.
+    fn render(&mut self, name: &Name) {
+        let service = self.service_with_endpoints(name).map(|s| {
+            (format!("Service/{}/{}", name.0, name.1).into(), Resource { kind: "Service", json: to_json(&s) })
+        });
+        let (policy, own_policy) = match self.policy_for(name) {
+            Some(p) => {
+                let key: Arc<str> =
+                    format!("ResiliencePolicy/{}/{}", p.metadata.namespace_or_default(), p.metadata.name)
+                        .into();
+                let as_written = Resource { kind: "ResiliencePolicy", json: to_json(p) };
+                let shared = self.with_global_shares(name, p);
+                let own = match shared.as_ref() {
+                    Some(shared) => Resource { kind: "ResiliencePolicy", json: to_json(shared) },
+                    None => as_written.clone(),
+                };
+                (Some((key, as_written)), Some(own))
+            }
+            None => (None, None),
+        };
+        if service.is_none() && policy.is_none() {
+            self.rendered.remove(name);
+        } else {
+            self.rendered.insert(name.clone(), Rendered { service, policy, own_policy });
+        }
+    }
+
+    /// Services: those with a document, and those only sidecars registered for (a
+    /// `--service` with no Service applied is still a destination, with its ports
+    /// detected).
+    pub fn services(&self) -> impl Iterator<Item = Name> + '_ {
+        let documented = self.services.keys();
+        let registered = self.endpoints.keys().filter(|n| !self.services.contains_key(*n));
+        let mut all: Vec<&Name> = documented.chain(registered).collect();
+        all.sort();
+        all.into_iter().cloned()
+    }
+
+    /// The Service documents as stored (without registrations).
+    pub fn service_documents(&self) -> impl Iterator<Item = (&Name, &Service)> {
         self.services.iter()
     }
 
@@ -178,8 +310,20 @@ impl Mesh {
         self.policies.iter()
     }
 
+    pub fn policy(&self, name: &Name) -> Option<&ResiliencePolicy> {
+        self.policies.get(name)
+    }
+
     pub fn registrations(&self, service: &Name) -> impl Iterator<Item = (&String, &Registration)> {
         self.endpoints.get(service).into_iter().flatten()
+    }
+
+    pub fn all_registrations(&self) -> impl Iterator<Item = (&Name, &String, &Registration)> {
+        self.endpoints.iter().flat_map(|(n, eps)| eps.iter().map(move |(id, r)| (n, id, r)))
+    }
+
+    pub fn proxies(&self) -> impl Iterator<Item = (&Name, &ProxyStatus)> {
+        self.proxies.iter()
     }
 
     pub fn invalid(&self) -> &BTreeMap<String, String> {
@@ -194,9 +338,23 @@ impl Mesh {
             .find(|p| p.spec.target_ref.service == service.1 && p.target_namespace() == service.0)
     }
 
-    /// `service` with the registered endpoints added to its own static ones.
+    /// `service` with the registered endpoints added to its own static ones; a service
+    /// known only from registrations gets a document made for it.
     pub fn service_with_endpoints(&self, service: &Name) -> Option<Service> {
-        let mut s = self.services.get(service)?.clone();
+        let mut s = match self.services.get(service) {
+            Some(s) => s.clone(),
+            None if self.endpoints.contains_key(service) => Service {
+                api_version: ballast_api::API_VERSION.to_owned(),
+                kind: "Service".to_owned(),
+                metadata: ObjectMeta {
+                    name: service.1.clone(),
+                    namespace: Some(service.0.clone()),
+                    ..Default::default()
+                },
+                spec: ServiceSpec::default(),
+            },
+            None => return None,
+        };
         let known: BTreeSet<String> = s.spec.endpoints.iter().map(|e| e.address.clone()).collect();
         for r in self.registrations(service).map(|(_, r)| r) {
             if !known.contains(&r.address) {
@@ -209,7 +367,7 @@ impl Mesh {
     /// The services a sidecar of `scope` calls.
     pub fn called(&self, scope: &Scope) -> Vec<Name> {
         if scope.calls.is_empty() {
-            self.services.keys().filter(|(ns, _)| *ns == scope.namespace).cloned().collect()
+            self.services().filter(|(ns, _)| *ns == scope.namespace).collect()
         } else {
             scope.calls.clone()
         }
@@ -218,43 +376,46 @@ impl Mesh {
     /// Everything a sidecar of `scope` is sent.
     pub fn view(&self, scope: &Scope) -> View {
         let mut view = View::new();
-        let add_policy = |view: &mut View, p: &ResiliencePolicy| {
-            let key = format!("ResiliencePolicy/{}/{}", p.metadata.namespace_or_default(), p.metadata.name);
-            view.insert(key, Resource { kind: "ResiliencePolicy", json: to_json(p) });
-        };
         for name in self.called(scope) {
-            if let Some(s) = self.service_with_endpoints(&name) {
-                view.insert(
-                    format!("Service/{}/{}", name.0, name.1),
-                    Resource { kind: "Service", json: to_json(&s) },
-                );
+            let Some(r) = self.rendered.get(&name) else { continue };
+            if let Some((key, res)) = &r.service {
+                view.insert(key.clone(), res.clone());
             }
-            if let Some(p) = self.policy_for(&name) {
-                add_policy(&mut view, p);
+            if let Some((key, res)) = &r.policy {
+                view.insert(key.clone(), res.clone());
             }
         }
         if let Some(own) = &scope.service {
             let own = (scope.namespace.clone(), own.clone());
-            if let Some(p) = self.policy_for(&own) {
-                let p = self.with_global_shares(&own, p);
-                add_policy(&mut view, &p);
+            if let Some(Rendered { policy: Some((key, _)), own_policy: Some(res), .. }) =
+                self.rendered.get(&own)
+            {
+                view.insert(key.clone(), res.clone());
             }
         }
         view
     }
 
-    /// `p` as the sidecars of its target enforce it: a global inbound rate limit becomes
-    /// each live replica's share (a lone or unregistered replica gets it all).
-    fn with_global_shares(&self, target: &Name, p: &ResiliencePolicy) -> ResiliencePolicy {
+    /// `p` as the sidecars of its target enforce it, if that differs from `p`: a global
+    /// inbound rate limit becomes each live replica's share (a lone or unregistered
+    /// replica gets it all).
+    fn with_global_shares(&self, target: &Name, p: &ResiliencePolicy) -> Option<ResiliencePolicy> {
+        let global = p
+            .spec
+            .inbound
+            .as_ref()
+            .and_then(|i| i.rate_limit.as_ref())
+            .is_some_and(|rl| rl.scope == Some(RateLimitScope::Global));
+        let replicas = self.registrations(target).count();
+        if !global || replicas <= 1 {
+            return None;
+        }
         let mut p = p.clone();
-        let replicas = self.registrations(target).count().max(1);
-        if let Some(rl) = p.spec.inbound.as_mut().and_then(|i| i.rate_limit.as_mut())
-            && rl.scope == Some(RateLimitScope::Global)
-        {
+        if let Some(rl) = p.spec.inbound.as_mut().and_then(|i| i.rate_limit.as_mut()) {
             rl.requests_per_second /= replicas as f64;
             rl.burst = rl.burst.map(|b| b.div_ceil(replicas as u32).max(1));
         }
-        p
+        Some(p)
     }
 }
 
@@ -282,9 +443,9 @@ fn check_name<T>(
     Ok(r)
 }
 
-fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+fn to_json<T: Serialize>(v: &T) -> Arc<[u8]> {
     // Serializing our own types to JSON cannot fail: no maps with non-string keys.
-    serde_json::to_vec(v).unwrap_or_default()
+    serde_json::to_vec(v).unwrap_or_default().into()
 }
 
 #[cfg(test)]
@@ -350,13 +511,75 @@ mod tests {
             .expect("decodes")
     }
 
+    fn keys_of(view: &View) -> Vec<&str> {
+        view.keys().map(|k| &**k).collect()
+    }
+
+    #[test]
+    fn a_service_known_only_from_registrations_is_a_destination() {
+        let (keys, mut mesh) = mesh();
+        mesh.apply(
+            &keys,
+            &[Event::Put(kv(
+                "/ballast/endpoints/shop/reviews/10.0.2.1:4143",
+                registration("10.0.2.1:4143"),
+                9,
+            ))],
+        );
+        let view = mesh.view(&Scope { namespace: "shop".into(), ..Default::default() });
+        let reviews: Service = decode_view(&view, "Service/shop/reviews");
+        assert_eq!(reviews.spec.endpoints.len(), 1);
+        assert!(reviews.spec.ports.is_empty(), "ports are detected");
+        assert!(reviews.validate().is_ok());
+        mesh.apply(
+            &keys,
+            &[Event::Delete { key: "/ballast/endpoints/shop/reviews/10.0.2.1:4143".into(), revision: 10 }],
+        );
+        let view = mesh.view(&Scope { namespace: "shop".into(), ..Default::default() });
+        assert!(!view.contains_key("Service/shop/reviews"));
+    }
+
+    #[test]
+    fn proxy_statuses_change_no_view_and_views_share_rendered_json() {
+        let (keys, mut mesh) = mesh();
+        let scope = Scope { namespace: "shop".into(), ..Default::default() };
+        let before = mesh.view(&scope);
+        let status = serde_json::json!({"pod": "web-1", "namespace": "shop", "acked": 8});
+        let changed = mesh.apply(&keys, &[Event::Put(kv("/ballast/proxies/shop/web-1", status, 9))]);
+        assert!(changed.is_empty());
+        assert_eq!(mesh.proxies().count(), 1);
+        let after = mesh.view(&scope);
+        assert_eq!(before, after);
+        let (a, b) = (&before["Service/shop/catalog"].json, &after["Service/shop/catalog"].json);
+        assert!(Arc::ptr_eq(a, b), "rendered once, shared");
+    }
+
+    #[test]
+    fn reaches_follows_calls_and_own_service() {
+        let set = |n: &[(&str, &str)]| n.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let ns_wide = Scope { namespace: "shop".into(), ..Default::default() };
+        assert!(ns_wide.reaches(&set(&[("shop", "catalog")])));
+        assert!(!ns_wide.reaches(&set(&[("other", "search")])));
+        let narrow = Scope {
+            namespace: "other".into(),
+            service: Some("search".into()),
+            calls: vec![("shop".into(), "catalog".into())],
+        };
+        assert!(narrow.reaches(&set(&[("shop", "catalog")])));
+        assert!(narrow.reaches(&set(&[("other", "search")])));
+        assert!(!narrow.reaches(&set(&[("shop", "payments")])));
+        assert_eq!(parse_call("catalog.shop", "x"), Some(("shop".into(), "catalog".into())));
+        assert_eq!(parse_call("catalog", "x"), Some(("x".into(), "catalog".into())));
+        assert_eq!(parse_call("Bad_Name", "x"), None);
+    }
+
     #[test]
     fn a_client_sees_its_namespace_with_registered_endpoints() {
         let (_, mesh) = mesh();
         let scope = Scope { namespace: "shop".into(), service: None, calls: vec![] };
         let view = mesh.view(&scope);
         assert_eq!(
-            view.keys().collect::<Vec<_>>(),
+            keys_of(&view),
             ["ResiliencePolicy/shop/payments-policy", "Service/shop/catalog", "Service/shop/payments"]
         );
         let payments: Service = decode_view(&view, "Service/shop/payments");
@@ -372,7 +595,7 @@ mod tests {
         let (_, mesh) = mesh();
         let scope =
             Scope { namespace: "shop".into(), service: None, calls: vec![("other".into(), "search".into())] };
-        assert_eq!(mesh.view(&scope).keys().collect::<Vec<_>>(), ["Service/other/search"]);
+        assert_eq!(keys_of(&mesh.view(&scope)), ["Service/other/search"]);
     }
 
     #[test]

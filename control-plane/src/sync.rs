@@ -7,17 +7,21 @@
 //! exponential backoff (100 ms up to 5 s), and meanwhile the last mesh stays in place, so
 //! sidecars keep what they have while etcd is down.
 //!
-//! Consumers learn of changes through a `tokio::sync::watch` of the mesh's revision; a
-//! slow consumer sees only the latest revision, which is what a per-sidecar diff against
-//! the current mesh needs.
+//! Consumers learn of changes through `tokio::sync::watch`es: the mesh's revision, and
+//! [`Change`], published only when some view may differ (a proxy status written on every
+//! ack changes none, and must not wake a thousand push streams). A slow consumer sees
+//! only the latest of each, which is what a per-sidecar diff against the current mesh
+//! needs; [`Change::generation`] tells it whether it missed any, and so whether the
+//! services named are all that changed.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::keys::Keys;
-use crate::mesh::Mesh;
+use crate::mesh::{Mesh, Name};
 use crate::store::{Revision, Store, StoreError};
 
 /// The shared, current mesh.
@@ -26,11 +30,33 @@ pub type SharedMesh = Arc<RwLock<Mesh>>;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// A change of the mesh that may change views.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Change {
+    /// +1 per change: a consumer that saw `generation - 1` missed nothing.
+    pub generation: u64,
+    pub revision: Revision,
+    /// The services whose views changed; empty with `everything`.
+    pub services: BTreeSet<Name>,
+    /// The whole mesh was (re-)read.
+    pub everything: bool,
+}
+
+impl Change {
+    /// Whether a consumer that last saw generation `seen` must look at `services`
+    /// (`Some`), or at everything (`None`).
+    pub fn since(&self, seen: u64) -> Option<&BTreeSet<Name>> {
+        (!self.everything && self.generation == seen + 1).then_some(&self.services)
+    }
+}
+
 /// A running sync: the mesh it keeps, and the revision it last applied.
 pub struct MeshSync {
     pub mesh: SharedMesh,
     /// 0 until the first read of the store; a store's revisions start at 1.
     pub revision: watch::Receiver<Revision>,
+    /// The last change that may change views (generation 0: none yet).
+    pub changes: watch::Receiver<Arc<Change>>,
     /// Whether the sync is following the store now (read done, watch open); false while
     /// it retries, for `/ready` and the store-error metrics.
     pub connected: watch::Receiver<bool>,
@@ -49,8 +75,10 @@ impl MeshSync {
         let mesh: SharedMesh = Arc::default();
         let (revision_tx, revision) = watch::channel(0);
         let (connected_tx, connected) = watch::channel(false);
-        let task = tokio::spawn(run(store, keys, mesh.clone(), revision_tx, connected_tx));
-        Self { mesh, revision, connected, task }
+        let (changes_tx, changes) = watch::channel(Arc::default());
+        let tx = Senders { revision: revision_tx, connected: connected_tx, changes: changes_tx };
+        let task = tokio::spawn(run(store, keys, mesh.clone(), tx));
+        Self { mesh, revision, changes, connected, task }
     }
 
     /// Whether the mesh has been read from the store at least once (`/ready`).
@@ -65,17 +93,24 @@ impl MeshSync {
     }
 }
 
-async fn run(
-    store: Store,
-    keys: Keys,
-    mesh: SharedMesh,
+struct Senders {
     revision: watch::Sender<Revision>,
     connected: watch::Sender<bool>,
-) {
+    changes: watch::Sender<Arc<Change>>,
+}
+
+impl Senders {
+    fn change(&self, revision: Revision, services: BTreeSet<Name>, everything: bool) {
+        let generation = self.changes.borrow().generation + 1;
+        self.changes.send_replace(Arc::new(Change { generation, revision, services, everything }));
+    }
+}
+
+async fn run(store: Store, keys: Keys, mesh: SharedMesh, tx: Senders) {
     let mut delay = BACKOFF_MIN;
     loop {
-        let ended = follow(&store, &keys, &mesh, &revision, &connected).await;
-        connected.send_replace(false);
+        let ended = follow(&store, &keys, &mesh, &tx).await;
+        tx.connected.send_replace(false);
         match ended {
             // A compaction needs an immediate re-read, not a pause.
             StoreError::Compacted { compact_revision } => {
@@ -96,13 +131,7 @@ async fn run(
 }
 
 /// Reads everything, then applies the watch until it ends; returns why it ended.
-async fn follow(
-    store: &Store,
-    keys: &Keys,
-    mesh: &SharedMesh,
-    revision: &watch::Sender<Revision>,
-    connected: &watch::Sender<bool>,
-) -> StoreError {
+async fn follow(store: &Store, keys: &Keys, mesh: &SharedMesh, tx: &Senders) -> StoreError {
     let (kvs, at) = match store.list(&keys.root()).await {
         Ok(read) => read,
         Err(e) => return e,
@@ -116,17 +145,21 @@ async fn follow(
         tracing::warn!(%key, error = %why, "invalid resource in the store; it is left out");
     }
     *mesh.write().unwrap_or_else(|p| p.into_inner()) = fresh;
-    revision.send_replace(at);
-    connected.send_replace(true);
+    tx.change(at, BTreeSet::new(), true);
+    tx.revision.send_replace(at);
+    tx.connected.send_replace(true);
     loop {
         match watch.next().await {
             Some(Ok(batch)) => {
-                let now = {
+                let (now, changed) = {
                     let mut m = mesh.write().unwrap_or_else(|p| p.into_inner());
-                    m.apply(keys, &batch);
-                    m.revision
+                    let changed = m.apply(keys, &batch);
+                    (m.revision, changed)
                 };
-                revision.send_replace(now);
+                if !changed.is_empty() {
+                    tx.change(now, changed, false);
+                }
+                tx.revision.send_replace(now);
             }
             Some(Err(e)) => return e,
             None => return StoreError::Backend("the store closed the watch".into()),
@@ -154,7 +187,7 @@ mod tests {
     }
 
     fn names(sync: &MeshSync) -> Vec<Name> {
-        sync.mesh.read().expect("lock").services().map(|(n, _)| n.clone()).collect()
+        sync.mesh.read().expect("lock").services().collect()
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ fn service_json(name: &str) -> Vec<u8> {
 }
 
 fn service_names(sync: &MeshSync) -> Vec<String> {
-    sync.mesh.read().expect("lock").services().map(|((_, n), _)| n.clone()).collect()
+    sync.mesh.read().expect("lock").services().map(|(_, n)| n).collect()
 }
 
 #[tokio::test]

@@ -50,6 +50,7 @@ macro_rules! conformance {
 
 conformance!(
     put_get_delete_with_revisions,
+    delete_if_leaves_a_newer_write,
     list_is_by_prefix_in_key_order,
     watch_replays_from_a_revision_then_follows,
     watch_sees_only_its_prefix,
@@ -102,6 +103,18 @@ async fn put_get_delete_with_revisions(store: &Store) {
     let r4 = store.put("/t/a", b"three".to_vec(), None).await.expect("put");
     let kv = store.get("/t/a").await.expect("get").0.expect("exists");
     assert_eq!((kv.create_revision, kv.mod_revision), (r4, r4));
+}
+
+async fn delete_if_leaves_a_newer_write(store: &Store) {
+    let r1 = store.put("/t/reg", b"old stream".to_vec(), None).await.expect("put");
+    let r2 = store.put("/t/reg", b"new stream".to_vec(), None).await.expect("put");
+    assert_eq!(store.delete_if("/t/reg", r1).await.expect("delete_if"), None, "written since r1");
+    let kv = store.get("/t/reg").await.expect("get").0.expect("still there");
+    assert_eq!(kv.value, b"new stream");
+    let r3 = store.delete_if("/t/reg", r2).await.expect("delete_if").expect("deleted");
+    assert!(r3 > r2);
+    assert_eq!(store.get("/t/reg").await.expect("get").0, None);
+    assert_eq!(store.delete_if("/t/reg", r2).await.expect("delete_if"), None, "already gone");
 }
 
 async fn list_is_by_prefix_in_key_order(store: &Store) {

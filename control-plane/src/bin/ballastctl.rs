@@ -2,39 +2,101 @@
 
 use std::process::ExitCode;
 
+use ballast_control_plane::ctl::{self, Api, ApplyArgs, DeleteKind, Kind, Output};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "ballastctl", version, about = "Operate a Ballast mesh")]
 struct Cli {
+    /// The control plane's admin API.
+    #[arg(long, env = "BALLAST_CONTROL_PLANE", default_value = "http://127.0.0.1:9990", global = true)]
+    control_plane: String,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a local mesh demo: sample services, a sidecar, and traffic with and without it.
+    /// Create or update policies and services from a YAML file.
+    Apply {
+        #[command(flatten)]
+        args: ApplyArgs,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// List policies, services, endpoints or connected sidecars (proxies).
+    Get {
+        #[arg(value_enum)]
+        kind: Kind,
+        /// Only this namespace (default: all).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Delete a policy or a service.
+    Delete {
+        #[arg(value_enum)]
+        kind: DeleteKind,
+        name: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+    /// A service's endpoints and policy, and what each sidecar reports.
+    Describe {
+        /// Only `service` can be described.
+        #[arg(value_parser = ["service", "svc"])]
+        kind: String,
+        name: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Run the local mesh demo: a control plane, sample services behind sidecars, traffic.
     Demo(ballast_control_plane::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Demo(args) => {
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("ballastctl: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(ballast_control_plane::demo::run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("ballastctl demo: {e}");
-                    ExitCode::FAILURE
-                }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ballastctl: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Command::Demo(args) = cli.command {
+        return match rt.block_on(ballast_control_plane::demo::run(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ballastctl demo: {e}");
+                ExitCode::FAILURE
             }
+        };
+    }
+    let api = Api::new(&cli.control_plane);
+    let result = rt.block_on(async {
+        match &cli.command {
+            Command::Apply { args, output } => ctl::apply(&api, args, *output).await,
+            Command::Get { kind, namespace, output } => {
+                ctl::get(&api, *kind, namespace.as_deref(), *output).await
+            }
+            Command::Delete { kind, name, namespace } => ctl::delete(&api, *kind, namespace, name).await,
+            Command::Describe { name, namespace, output, .. } => {
+                ctl::describe(&api, namespace, name, *output).await
+            }
+            Command::Demo(_) => unreachable!("handled above"),
+        }
+    });
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ballastctl: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -50,8 +50,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, ConnectOptions, Error as EtcdError, EventType, GetOptions, PutOptions, WatchOptions,
-    WatchResponse,
+    Client, Compare, CompareOp, ConnectOptions, Error as EtcdError, EventType, GetOptions, PutOptions, Txn,
+    TxnOp, WatchOptions, WatchResponse,
 };
 use tokio::sync::mpsc;
 use tonic::Code;
@@ -220,6 +220,18 @@ impl EtcdStore {
             Ok(resp) if resp.deleted() > 0 => self.revision_of(resp.header()).map(Some),
             Ok(_) => Ok(None),
             Err(e) => Err(self.error("deleting a key", e)),
+        }
+    }
+
+    pub async fn delete_if(&self, key: &str, mod_revision: Revision) -> Result<Option<Revision>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
+            .and_then([TxnOp::delete(key, None)]);
+        match self.timed("deleting a key if unchanged", kv.txn(txn)).await? {
+            Ok(resp) if resp.succeeded() => self.revision_of(resp.header()).map(Some),
+            Ok(_) => Ok(None),
+            Err(e) => Err(self.error("deleting a key if unchanged", e)),
         }
     }
 

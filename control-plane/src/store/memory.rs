@@ -135,6 +135,15 @@ impl MemoryStore {
         s.delete_keys([key.to_owned()])
     }
 
+    pub fn delete_if(&self, key: &str, mod_revision: Revision) -> Option<Revision> {
+        let mut s = self.lock();
+        if s.kvs.get(key).is_some_and(|kv| kv.mod_revision == mod_revision) {
+            s.delete_keys([key.to_owned()])
+        } else {
+            None
+        }
+    }
+
     pub fn grant(&self, ttl: Duration) -> LeaseId {
         self.start_reaper();
         // Whole seconds, as etcd.

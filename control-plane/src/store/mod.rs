@@ -194,6 +194,19 @@ impl Store {
         }
     }
 
+    /// Deletes `key` only if its last write was at `mod_revision`; returns the delete's
+    /// revision, or `None` if the key is gone or was written since.
+    ///
+    /// How a stream's registration is removed without taking a newer one with it: when a
+    /// sidecar reconnects (to this replica or another) its new stream writes the key
+    /// again, and the old stream's late clean-up must leave that write alone.
+    pub async fn delete_if(&self, key: &str, mod_revision: Revision) -> Result<Option<Revision>, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.delete_if(key, mod_revision)),
+            Store::Etcd(s) => s.delete_if(key, mod_revision).await,
+        }
+    }
+
     /// A new lease that expires `ttl` (whole seconds, at least 1) after its last
     /// keep-alive.
     pub async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {

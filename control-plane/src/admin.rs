@@ -1,0 +1,224 @@
+//! The admin listener (DESIGN §3, port 9990): `/metrics`, `/live`, `/ready`, and the
+//! API `ballastctl` uses under `/api/v1/` ([`crate::api`]):
+//!
+//! ```text
+//! GET    /api/v1/{policies|services|endpoints|proxies}
+//! GET    /api/v1/services/NAMESPACE/NAME          describe
+//! POST   /api/v1/apply                            body: YAML documents
+//! DELETE /api/v1/{policies|services}/NAMESPACE/NAME
+//! POST   /api/v1/wait                             {"revision", "services", "timeoutMs"}
+//! ```
+//!
+//! Answers are JSON; errors are `{"error": MESSAGE, ...}` with a 4xx/5xx status. It is
+//! plain HTTP/1.1 on the control plane's runtime: nothing here is on a sidecar's data
+//! path, and the push streams are on their own listener.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiError};
+use crate::keys::Keys;
+use crate::metrics::Metrics;
+use crate::store::{LeaseId, Store};
+use crate::sync::MeshSync;
+
+/// Largest `apply` body.
+const MAX_BODY: usize = 4 << 20;
+
+pub struct AdminContext {
+    pub store: Store,
+    pub keys: Keys,
+    pub sync: Arc<MeshSync>,
+    pub lease: watch::Receiver<Option<LeaseId>>,
+    pub metrics: Metrics,
+}
+
+pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, stopping: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stopping.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let ctx = ctx.clone();
+        let stopping = stopping.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
+            });
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stopping.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    body.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error_response(e: ApiError) -> Response<Body> {
+    let mut v = json!({"error": e.message});
+    if let Some(Value::Object(details)) = e.details {
+        for (k, d) in details {
+            v[k] = d;
+        }
+    }
+    json_response(StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), &v)
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::new(413, format!("request body over {} MiB", MAX_BODY >> 20)))
+        }
+        Err(e) => Err(ApiError::new(400, format!("cannot read the request body: {e}"))),
+    }
+}
+
+async fn handle(ctx: &AdminContext, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let method = req.method().clone();
+    let result: Result<Value, ApiError> = match (&method, segments.as_slice()) {
+        (&Method::GET, ["live"]) => return text(StatusCode::OK, "live\n"),
+        (&Method::GET, ["ready"]) => {
+            return match api::readiness(ctx) {
+                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+            };
+        }
+        (&Method::GET, ["metrics"]) => {
+            let mut r = text(StatusCode::OK, ctx.metrics.encode());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            return r;
+        }
+        (&Method::GET, ["api", "v1", kind]) => api::list(ctx, kind),
+        (&Method::GET, ["api", "v1", "services", ns, name]) => api::describe(ctx, ns, name),
+        (&Method::POST, ["api", "v1", "apply"]) => {
+            let source = query(&req, "source").unwrap_or_else(|| "-".to_owned());
+            match read_body(req).await {
+                Ok(body) => match std::str::from_utf8(&body) {
+                    Ok(text) => api::apply(ctx, text, &source).await,
+                    Err(_) => Err(ApiError::new(400, format!("{source}: not UTF-8 text"))),
+                },
+                Err(e) => Err(e),
+            }
+        }
+        (&Method::DELETE, ["api", "v1", kind, ns, name]) => api::delete(ctx, kind, ns, name).await,
+        (&Method::POST, ["api", "v1", "wait"]) => match read_body(req).await {
+            Ok(body) => match serde_json::from_slice::<api::WaitRequest>(&body) {
+                Ok(w) => api::wait(ctx, w).await,
+                Err(e) => Err(ApiError::new(400, format!("wait: {e}"))),
+            },
+            Err(e) => Err(e),
+        },
+        (_, ["live" | "ready" | "metrics"]) | (_, ["api", ..]) => {
+            Err(ApiError::new(405, format!("{method} is not allowed on {path}")))
+        }
+        _ => Err(ApiError::new(404, format!("no such endpoint: {path}"))),
+    };
+    match result {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e) => error_response(e),
+    }
+}
+
+/// A query parameter, percent-decoded.
+fn query(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decodes() {
+        assert_eq!(percent_decode("shop%2Fpolicy.yaml"), "shop/policy.yaml");
+        assert_eq!(percent_decode("a+b"), "a b");
+        assert_eq!(percent_decode("bad%zz"), "bad%zz");
+        assert_eq!(percent_decode("end%2"), "end%2");
+    }
+}

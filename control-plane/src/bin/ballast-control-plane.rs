@@ -1,0 +1,116 @@
+//! `ballast-control-plane` (DESIGN §3, §5): endpoints and policy in etcd (or the
+//! embedded store), pushed to every sidecar.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ballast_control_plane::keys::DEFAULT_PREFIX;
+use ballast_control_plane::server::{self, ControlPlane, Options};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "ballast-control-plane", version, about = "The Ballast control plane")]
+struct Cli {
+    /// etcd endpoints (comma-separated URLs). Without it, an embedded in-process store:
+    /// one replica, state lost on restart; for a single machine and the demo.
+    #[arg(long, env = "BALLAST_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Where sidecars open their push stream.
+    #[arg(long, env = "BALLAST_GRPC_ADDR", default_value = "0.0.0.0:8086")]
+    grpc_addr: SocketAddr,
+    /// `/metrics`, `/live`, `/ready` and the API `ballastctl` uses.
+    #[arg(long, env = "BALLAST_ADMIN_ADDR", default_value = "0.0.0.0:9990")]
+    admin_addr: SocketAddr,
+    /// Mirror Kubernetes ResiliencePolicies, Services and EndpointSlices into the store.
+    #[arg(long, env = "BALLAST_KUBERNETES")]
+    kubernetes: bool,
+    /// Key prefix in the store.
+    #[arg(long, env = "BALLAST_PREFIX", default_value = DEFAULT_PREFIX)]
+    prefix: String,
+    /// TTL of this replica's lease: how long its sidecars' registrations outlive it if it
+    /// crashes.
+    #[arg(long, env = "BALLAST_LEASE_TTL", default_value = "10s", value_parser = duration)]
+    lease_ttl: Duration,
+    /// This replica's name in `ballastctl get proxies` (default: POD_NAME, else host-pid).
+    #[arg(long, env = "BALLAST_REPLICA")]
+    replica: Option<String>,
+    /// Log format.
+    #[arg(long, env = "BALLAST_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    let d = s.parse::<ballast_api::Duration>().map(|d| d.get()).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(2) {
+        return Err("must be at least 2s (the lease is renewed every third of it)".into());
+    }
+    Ok(d)
+}
+
+fn init_logging(format: &str) {
+    let filter = std::env::var("BALLAST_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+        eprintln!("ignoring invalid log filter {filter:?}: {e}");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    if cli.kubernetes {
+        eprintln!(
+            "ballast-control-plane: --kubernetes is not in this build yet (it comes with the Kubernetes integration); apply resources with ballastctl"
+        );
+        return ExitCode::FAILURE;
+    }
+    let opts = Options {
+        etcd: cli.etcd,
+        grpc_addr: cli.grpc_addr,
+        admin_addr: cli.admin_addr,
+        prefix: cli.prefix,
+        lease_ttl: cli.lease_ttl,
+        replica: cli.replica.unwrap_or_else(server::default_replica_name),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ballast-control-plane: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let cp = match ControlPlane::start(opts).await {
+            Ok(cp) => cp,
+            Err(e) => {
+                eprintln!("ballast-control-plane: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            eprintln!("ballast-control-plane: cannot install signal handlers");
+            return ExitCode::FAILURE;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping; sidecars move to another replica"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+        cp.stop().await;
+        ExitCode::SUCCESS
+    })
+}

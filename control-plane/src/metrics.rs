@@ -1,0 +1,152 @@
+//! The control plane's Prometheus metrics (`/metrics` on the admin port).
+//!
+//! Named like the sidecars' (DESIGN §7: `ballast_` prefix, base units, counters ending
+//! `_total`), under `ballast_control_plane_` so one Prometheus can scrape both without
+//! the names colliding.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+pub struct Inner {
+    registry: Registry,
+    /// Sidecar streams open on this replica.
+    pub proxies_connected: IntGauge,
+    /// Configurations pushed, by kind (`full` or `incremental`).
+    pub pushes: IntCounterVec,
+    /// From sending a version to its ack.
+    pub push_ack_seconds: Histogram,
+    pub nacks: IntCounter,
+    /// Failed store operations, by operation.
+    pub store_errors: IntCounterVec,
+    /// 1 while the mesh follows the store (read done, watch open).
+    pub store_connected: IntGauge,
+    /// The store revision the mesh has applied.
+    pub mesh_revision: IntGauge,
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// From 1 ms (a push on loopback) to 10 s (a sidecar stuck applying).
+const PUSH_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            // Only a duplicate or inconsistent descriptor fails, a programming error that
+            // the unit test below catches.
+            r.register(Box::new(c.clone())).expect("metric descriptors are valid and unique");
+            c
+        }
+        let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).expect("valid gauge"));
+        let inner = Inner {
+            proxies_connected: gauge(
+                "ballast_control_plane_proxies_connected",
+                "Sidecar streams open on this control-plane replica.",
+            ),
+            pushes: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ballast_control_plane_pushes_total",
+                        "Configurations pushed to sidecars, by kind (full snapshot or incremental).",
+                    ),
+                    &["kind"],
+                )
+                .expect("valid counter"),
+            ),
+            push_ack_seconds: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "ballast_control_plane_push_ack_seconds",
+                        "Time from pushing a configuration version to the sidecar's ack.",
+                    )
+                    .buckets(PUSH_BUCKETS.to_vec()),
+                )
+                .expect("valid histogram"),
+            ),
+            nacks: reg(
+                &registry,
+                IntCounter::new(
+                    "ballast_control_plane_nacks_total",
+                    "Configuration versions sidecars refused (they keep their previous one).",
+                )
+                .expect("valid counter"),
+            ),
+            store_errors: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ballast_control_plane_store_errors_total",
+                        "Failed store (etcd) operations, by operation.",
+                    ),
+                    &["operation"],
+                )
+                .expect("valid counter"),
+            ),
+            store_connected: gauge(
+                "ballast_control_plane_store_connected",
+                "1 while the mesh follows the store (read done, watch open), 0 while it retries.",
+            ),
+            mesh_revision: gauge(
+                "ballast_control_plane_mesh_revision",
+                "The store revision the in-memory mesh has applied.",
+            ),
+            registry,
+        };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec only fails on a metric family that cannot be encoded,
+        // which the registry does not produce.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_registers_and_encodes() {
+        let m = Metrics::new();
+        m.pushes.with_label_values(&["full"]).inc();
+        m.store_errors.with_label_values(&["put"]).inc();
+        let text = String::from_utf8(m.encode()).expect("utf-8");
+        for name in [
+            "ballast_control_plane_proxies_connected",
+            "ballast_control_plane_pushes_total",
+            "ballast_control_plane_push_ack_seconds_bucket",
+            "ballast_control_plane_nacks_total",
+            "ballast_control_plane_store_errors_total",
+            "ballast_control_plane_store_connected",
+            "ballast_control_plane_mesh_revision",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! `ballast-control-plane`: the store, the mesh sync, the replica's session, the push
+//! stream on `--grpc-addr` and the admin API on `--admin-addr`, wired together.
+//!
+//! Stopping (SIGTERM, or [`ControlPlane::stop`]) ends every sidecar stream without
+//! deregistering anything, so the sidecars move to another replica and re-register
+//! there while their callers notice nothing; then the servers stop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminContext};
+use crate::keys::Keys;
+use crate::metrics::Metrics;
+use crate::push::{Push, PushContext};
+use crate::session::Session;
+use crate::store::{Store, StoreError};
+use crate::sync::MeshSync;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// etcd endpoints; empty: the embedded store.
+    pub etcd: Vec<String>,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub prefix: String,
+    pub lease_ttl: Duration,
+    /// This replica's name in proxy statuses.
+    pub replica: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error(
+        "cannot listen on {addr} ({role}): {source}; is another process using it? pass --{role}-addr to choose another"
+    )]
+    Bind { role: &'static str, addr: SocketAddr, source: std::io::Error },
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub store: Store,
+    stopping: CancellationToken,
+    grpc: tokio::task::JoinHandle<()>,
+    admin: tokio::task::JoinHandle<()>,
+    _sync: Arc<MeshSync>,
+    _session: Session,
+}
+
+impl ControlPlane {
+    /// Connects to the store and starts serving.
+    pub async fn start(opts: Options) -> Result<Self, ServeError> {
+        let store = if opts.etcd.is_empty() { Store::memory() } else { Store::etcd(&opts.etcd).await? };
+        Self::start_on(store, opts).await
+    }
+
+    /// Starts serving on `store` (the demo and tests share an embedded store this way).
+    pub async fn start_on(store: Store, opts: Options) -> Result<Self, ServeError> {
+        let bind = |role, addr| async move {
+            TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { role, addr, source })
+        };
+        let grpc_listener = bind("grpc", opts.grpc_addr).await?;
+        let admin_listener = bind("admin", opts.admin_addr).await?;
+        let grpc_addr = grpc_listener.local_addr().unwrap_or(opts.grpc_addr);
+        let admin_addr = admin_listener.local_addr().unwrap_or(opts.admin_addr);
+
+        let keys = Keys::new(&opts.prefix);
+        let metrics = Metrics::new();
+        let sync = Arc::new(MeshSync::start(store.clone(), keys.clone()));
+        let session = Session::start(store.clone(), opts.lease_ttl, metrics.clone());
+        let stopping = CancellationToken::new();
+        tokio::spawn(watch_health(sync.clone(), metrics.clone(), stopping.clone()));
+
+        let push = Push::new(Arc::new(PushContext {
+            store: store.clone(),
+            keys: keys.clone(),
+            mesh: sync.mesh.clone(),
+            revision: sync.revision.clone(),
+            changes: sync.changes.clone(),
+            lease: session.lease.clone(),
+            metrics: metrics.clone(),
+            replica: opts.replica.clone(),
+            stopping: stopping.clone(),
+        }));
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+        let grpc_stop = stopping.clone();
+        let grpc = tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                // A sidecar whose host vanished sends no FIN: pings find it, and its
+                // stream ends (and its endpoint goes) within about the lease TTL.
+                .http2_keepalive_interval(Some(Duration::from_secs(5)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+                .add_service(push.into_server())
+                .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the push server failed");
+            }
+        });
+        let admin = tokio::spawn(admin::serve(
+            admin_listener,
+            Arc::new(AdminContext {
+                store: store.clone(),
+                keys,
+                sync: sync.clone(),
+                lease: session.lease.clone(),
+                metrics,
+            }),
+            stopping.clone(),
+        ));
+        tracing::info!(%grpc_addr, %admin_addr, store = %store.describe(), replica = %opts.replica, "ballast-control-plane started");
+        Ok(Self { grpc_addr, admin_addr, store, stopping, grpc, admin, _sync: sync, _session: session })
+    }
+
+    /// Ends every sidecar stream (their registrations stay for the next replica) and
+    /// stops serving.
+    pub async fn stop(self) {
+        self.stopping.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.grpc).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.admin).await;
+    }
+}
+
+/// Mirrors the sync's state into metrics.
+async fn watch_health(sync: Arc<MeshSync>, metrics: Metrics, stopping: CancellationToken) {
+    let mut connected = sync.connected.clone();
+    let mut revision = sync.revision.clone();
+    loop {
+        metrics.store_connected.set(i64::from(*connected.borrow_and_update()));
+        metrics.mesh_revision.set(*revision.borrow_and_update());
+        tokio::select! {
+            _ = stopping.cancelled() => return,
+            r = connected.changed() => if r.is_err() { return },
+            r = revision.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// The default replica name: the pod's (`POD_NAME`), else `<host>-<pid>`.
+pub fn default_replica_name() -> String {
+    if let Ok(pod) = std::env::var("POD_NAME")
+        && !pod.is_empty()
+    {
+        return pod;
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "control-plane".into());
+    format!("{host}-{}", std::process::id())
+}

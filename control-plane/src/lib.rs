@@ -22,5 +22,6 @@ pub mod metrics;
 pub mod push;
 pub mod server;
 pub mod session;
+pub mod sim;
 pub mod store;
 pub mod sync;

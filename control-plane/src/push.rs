@@ -391,6 +391,8 @@ async fn register(
     let mut lease_rx = ctx.lease.clone();
     let mut endpoint_done: Option<LeaseId> = None;
     let mut retry = RETRY_MIN;
+    // `changed()` marks the value seen, so whether it is written yet is tracked here.
+    let mut status_dirty = true;
     let why = loop {
         let lease = *lease_rx.borrow_and_update();
         let mut failed = false;
@@ -411,12 +413,13 @@ async fn register(
                     }
                 }
             }
-            if !failed
-                && (status.has_changed().unwrap_or(false) || !written.iter().any(|(k, _)| *k == status_key))
-            {
+            if !failed && status_dirty {
                 let value = serde_json::to_vec(&*status.borrow_and_update()).unwrap_or_default();
                 match ctx.store.put(&status_key, value, Some(lease)).await {
-                    Ok(rev) => remember(&mut written, &status_key, rev),
+                    Ok(rev) => {
+                        remember(&mut written, &status_key, rev);
+                        status_dirty = false;
+                    }
                     Err(e) => {
                         ctx.metrics.store_errors.with_label_values(&["proxy_status"]).inc();
                         tracing::warn!(key = %status_key, error = %e, "cannot record a proxy status; retrying");
@@ -436,13 +439,19 @@ async fn register(
         retry = RETRY_MIN;
         tokio::select! {
             e = &mut end => break e.unwrap_or(End::Sidecar),
-            r = status.changed() => if r.is_err() { break End::Sidecar },
+            r = status.changed() => {
+                if r.is_err() {
+                    break End::Sidecar;
+                }
+                status_dirty = true;
+            }
             r = lease_rx.changed() => {
                 if r.is_err() {
                     break End::Stopping;
                 }
                 // A new lease: everything is written again under it.
                 written.clear();
+                status_dirty = true;
             }
         }
     };

@@ -2,6 +2,8 @@
 //!
 //! Read it top to bottom:
 //! * [`run`] wires everything together: configuration, listeners, admin, drain.
+//! * [`control`] is the control plane client: it announces the sidecar, applies the
+//!   configuration the control plane pushes, and acks or nacks each version.
 //! * [`server`] accepts connections, recovers the original destination ([`orig_dst`]),
 //!   detects the protocol ([`detect`]) and hands the connection to [`proxy`].
 //! * [`proxy::http`] decides where each request goes and keeps it faithful; [`proxy::tcp`]
@@ -18,6 +20,7 @@ pub mod admin;
 pub mod balance;
 pub mod body;
 pub mod client;
+pub mod control;
 pub mod detect;
 pub mod drain;
 pub mod init;

@@ -1,11 +1,11 @@
 //! `ballast-sidecar`: `run` the proxy, or `init` the pod's iptables rules.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ballast_api::names;
-use ballast_sidecar::{init, run};
+use ballast_sidecar::{control, init, run};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -35,9 +35,19 @@ struct RunArgs {
     /// Static configuration: ResiliencePolicy and Service YAML documents. Reloaded when it changes.
     #[arg(long, env = "BALLAST_CONFIG")]
     config: Option<PathBuf>,
-    /// Control plane URL (not supported by this build yet).
-    #[arg(long, env = "BALLAST_CONTROL_PLANE")]
-    control_plane: Option<String>,
+    /// Control plane gRPC URLs, comma-separated (http://HOST:8086,...): the sidecar gets
+    /// its configuration from there and is ready once the first one is applied. A random
+    /// one is tried first, the next after each failure. Excludes --config: two sources
+    /// would overwrite each other.
+    #[arg(
+        long,
+        env = "BALLAST_CONTROL_PLANE",
+        value_delimiter = ',',
+        value_parser = control::parse_url,
+        conflicts_with = "config",
+        value_name = "URL"
+    )]
+    control_plane: Vec<String>,
     /// This pod's namespace: short host names are resolved in it.
     #[arg(long, env = "BALLAST_NAMESPACE", default_value = names::DEFAULT_NAMESPACE)]
     namespace: String,
@@ -53,9 +63,21 @@ struct RunArgs {
     /// Where inbound connections go when they were not redirected by iptables.
     #[arg(long, env = "BALLAST_APP_ADDR", default_value = "127.0.0.1:8080")]
     app_addr: SocketAddr,
-    /// The endpoint registered for --service (used with the control plane).
+    /// The endpoint the control plane registers for --service, which other sidecars send
+    /// to. Default: the pod IP (BALLAST_POD_IP or POD_IP) with the inbound listener's
+    /// port; else the inbound address if it names an IP; else 127.0.0.1 with the inbound
+    /// port.
     #[arg(long, env = "BALLAST_ADVERTISE_ADDR")]
     advertise_addr: Option<SocketAddr>,
+    /// This sidecar's name in the control plane (`ballastctl get proxies`); unique per
+    /// sidecar within a namespace. Default: env POD_NAME, else HOSTNAME-PID.
+    #[arg(long, env = "BALLAST_POD", value_name = "NAME")]
+    pod: Option<String>,
+    /// The services this sidecar calls, comma-separated NAME or NAME.NAMESPACE (a short
+    /// name is in --namespace); the control plane sends only those (and this pod's own
+    /// service's policy). Default: every service of --namespace.
+    #[arg(long, env = "BALLAST_CALLS", value_delimiter = ',', value_name = "NAME[.NAMESPACE]")]
+    calls: Vec<String>,
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "BALLAST_DRAIN_DEADLINE", default_value = "30s", value_parser = duration)]
     drain_deadline: std::time::Duration,
@@ -121,6 +143,47 @@ struct InitArgs {
     dry_run: bool,
 }
 
+/// The first set and non-empty of these environment variables.
+fn env_first(names: &[&str]) -> Option<(String, String)> {
+    names.iter().find_map(|n| {
+        std::env::var(n)
+            .ok()
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .map(|v| (n.to_string(), v))
+    })
+}
+
+/// The pod IP, from the downward API (`BALLAST_POD_IP` or `POD_IP`), if set.
+fn pod_ip() -> Result<Option<IpAddr>, String> {
+    match env_first(&["BALLAST_POD_IP", "POD_IP"]) {
+        None => Ok(None),
+        Some((name, v)) => v.parse().map(Some).map_err(|_| format!("{name}={v:?} is not an IP address")),
+    }
+}
+
+/// `--pod` when not given: `POD_NAME` (downward API), else `HOSTNAME-PID` (outside
+/// Kubernetes; the PID keeps two sidecars on one machine apart).
+fn default_pod_name() -> String {
+    if let Some((_, name)) = env_first(&["POD_NAME"]) {
+        return name;
+    }
+    format!("{}-{}", hostname().unwrap_or_else(|| "ballast-sidecar".into()), std::process::id())
+}
+
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is valid for writes of its whole length, which is what is passed.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    // A name that fills the buffer may come without its NUL.
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = std::str::from_utf8(&buf[..end]).ok()?.trim();
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
 fn init_logging(format: &str) {
     let filter = std::env::var("BALLAST_LOG")
         .ok()
@@ -169,12 +232,37 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(a) => {
-            let _ = a.advertise_addr; // registered with the control plane (next issues)
+            let calls = match control::parse_calls(&a.calls, &a.namespace) {
+                Ok(calls) => calls,
+                Err(e) => {
+                    eprintln!("ballast-sidecar: --calls: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let pod_ip = match pod_ip() {
+                Ok(ip) => ip,
+                Err(e) => {
+                    eprintln!("ballast-sidecar: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let pod = a.pod.clone().unwrap_or_else(default_pod_name);
+            if let Err(e) = control::check_pod(&pod) {
+                eprintln!("ballast-sidecar: --pod: {e}");
+                return ExitCode::FAILURE;
+            }
+            if a.control_plane.is_empty() && !calls.is_empty() {
+                tracing::warn!("--calls has no effect without --control-plane");
+            }
             let opts = run::RunOptions {
                 config: a.config,
                 control_plane: a.control_plane,
                 namespace: a.namespace,
                 service: a.service,
+                pod,
+                calls,
+                advertise_addr: a.advertise_addr,
+                pod_ip,
                 outbound_addr: a.outbound_addr,
                 inbound_addr: a.inbound_addr,
                 admin_addr: a.admin_addr,

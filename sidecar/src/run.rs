@@ -1,6 +1,6 @@
 //! `ballast-sidecar run`: wires the parts together and runs until drained.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::admin::{self, Admin};
 use crate::client::Clients;
+use crate::control::{self, ControlOptions};
 use crate::drain::Shutdown;
 use crate::metrics::Metrics;
 use crate::proxy::{Settings, Shared};
@@ -21,9 +22,20 @@ use crate::stack::{Direction, StackContext};
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub config: Option<PathBuf>,
-    pub control_plane: Option<String>,
+    /// Control plane URLs (`http://host:8086`); empty: no control plane. Exclusive with
+    /// `config` (see [`control`]).
+    pub control_plane: Vec<String>,
     pub namespace: String,
     pub service: Option<String>,
+    /// This sidecar's name in the control plane (`ballastctl get proxies`).
+    pub pod: String,
+    /// Services this sidecar calls, `name.namespace`; empty: every service of its
+    /// namespace.
+    pub calls: Vec<String>,
+    /// The endpoint registered for `service`; `None`: [`control::default_advertise_addr`].
+    pub advertise_addr: Option<SocketAddr>,
+    /// This pod's IP (`BALLAST_POD_IP`/`POD_IP`), for the default advertised address.
+    pub pod_ip: Option<IpAddr>,
     pub outbound_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -43,10 +55,8 @@ pub enum RunError {
         "cannot listen on {addr} ({role}): {source}; is another process using it? pass --{role}-addr to choose another"
     )]
     Bind { role: &'static str, addr: SocketAddr, source: std::io::Error },
-    #[error(
-        "--control-plane is not supported by this build yet: the control plane client lands with the control-plane issue; run with --config FILE"
-    )]
-    ControlPlaneUnsupported,
+    #[error("--config and --control-plane are mutually exclusive: give one source of configuration")]
+    TwoSources,
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("cannot start the admin server: {0}")]
@@ -54,13 +64,17 @@ pub enum RunError {
 }
 
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
-    if opts.control_plane.is_some() {
-        return Err(RunError::ControlPlaneUnsupported);
+    let use_control_plane = !opts.control_plane.is_empty();
+    if use_control_plane && opts.config.is_some() {
+        return Err(RunError::TwoSources);
     }
     let metrics = Metrics::new();
     let ctx = StackContext::new(Clients::new(opts.connect_timeout), metrics.clone());
     let store = ConfigStore::new(ctx.clone(), &opts.namespace, opts.service.as_deref());
     let source: Arc<str> = match &opts.config {
+        // Nothing is applied until the control plane's first snapshot: until then the
+        // sidecar is not ready (`/ready` 503).
+        None if use_control_plane => format!("control-plane:{}", opts.control_plane.join(",")).into(),
         Some(path) => {
             store.apply(Config::load(path)?);
             format!("file:{}", path.display()).into()
@@ -81,6 +95,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         addr: opts.admin_addr,
         source,
     })?;
+    let inbound_local = inbound.local_addr().ok();
     let own_ports = [&outbound, &inbound]
         .iter()
         .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
@@ -116,6 +131,26 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     if let Some(path) = opts.config.clone() {
         tokio::spawn(watch_file(path, store.clone(), metrics.clone(), opts.config_poll, shutdown.clone()));
     }
+    // Started once the inbound listener accepts, since it registers this pod's endpoint.
+    let control_task = use_control_plane.then(|| {
+        let inbound = inbound_local.unwrap_or(opts.inbound_addr);
+        let address =
+            opts.advertise_addr.unwrap_or_else(|| control::default_advertise_addr(inbound, opts.pod_ip));
+        let control = ControlOptions {
+            endpoints: opts.control_plane.clone(),
+            pod: opts.pod.clone(),
+            namespace: opts.namespace.clone(),
+            service: opts.service.clone(),
+            address: Some(address),
+            ports: vec![u32::from(opts.app_addr.port())],
+            calls: opts.calls.clone(),
+        };
+        tracing::info!(
+            control_plane = %opts.control_plane.join(","), pod = %control.pod, advertise = %address,
+            "waiting for the control plane's first configuration"
+        );
+        tokio::spawn(control::run(control, store.clone(), metrics.clone(), shutdown.clone()))
+    });
 
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
@@ -131,6 +166,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         tracing::warn!(open = left, deadline = ?opts.drain_deadline, "drain deadline passed; closing remaining connections");
     } else {
         tracing::info!("drained");
+    }
+    // The control client ended its stream when the drain started (deregistering this
+    // pod); let it finish saying so before the runtime goes away.
+    if let Some(task) = control_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
     Ok(())
 }

@@ -98,6 +98,15 @@ pub fn curl() -> Command {
     c
 }
 
+/// Where a test sidecar's configuration comes from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// A static file with this content (`--config`).
+    File(&'a str),
+    /// The control plane at this gRPC URL (`--control-plane`).
+    ControlPlane(&'a str),
+}
+
 /// A running `ballast-sidecar run`, killed when dropped.
 pub struct Sidecar {
     pub child: Option<Child>,
@@ -117,8 +126,18 @@ impl Sidecar {
     /// bind (tests run in parallel and open many connections); that one case is retried
     /// with fresh ports, any other start-up failure fails the test.
     pub fn start(config_yaml: &str, extra: &[&str]) -> Sidecar {
+        Self::start_from(Source::File(config_yaml), extra)
+    }
+
+    /// Starts a sidecar on the control plane at `grpc` (its configuration is pushed; it is
+    /// ready once the first snapshot is applied).
+    pub fn start_meshed(grpc: &str, extra: &[&str]) -> Sidecar {
+        Self::start_from(Source::ControlPlane(grpc), extra)
+    }
+
+    fn start_from(source: Source, extra: &[&str]) -> Sidecar {
         for _ in 0..3 {
-            let mut s = Self::spawn(config_yaml, extra);
+            let mut s = Self::spawn_from(source, extra);
             if s.ready_within(Duration::from_secs(15)) {
                 return s;
             }
@@ -133,6 +152,18 @@ impl Sidecar {
     }
 
     pub fn spawn(config_yaml: &str, extra: &[&str]) -> Sidecar {
+        Self::spawn_from(Source::File(config_yaml), extra)
+    }
+
+    fn spawn_from(source: Source, extra: &[&str]) -> Sidecar {
+        let config_yaml = match source {
+            Source::File(yaml) => yaml,
+            Source::ControlPlane(_) => "",
+        };
+        let source_args = match source {
+            Source::File(_) => Vec::new(),
+            Source::ControlPlane(url) => vec!["--control-plane".to_owned(), url.to_owned()],
+        };
         let mut config = tempfile::Builder::new().suffix(".yaml").tempfile().expect("temp config");
         config.write_all(config_yaml.as_bytes()).unwrap();
         config.flush().unwrap();
@@ -144,8 +175,11 @@ impl Sidecar {
         let admin: SocketAddr = format!("127.0.0.1:{a}").parse().unwrap();
         let child = Command::new(binary("ballast-sidecar"))
             .arg("run")
-            .arg("--config")
-            .arg(config.path())
+            .args(if source_args.is_empty() {
+                vec!["--config".to_owned(), config.path().display().to_string()]
+            } else {
+                source_args
+            })
             .args(["--outbound-addr", &outbound.to_string()])
             .args(["--inbound-addr", &inbound.to_string()])
             .args(["--admin-addr", &admin.to_string()])

@@ -1,0 +1,297 @@
+//! Sidecars configured by the control plane, all real processes: `ballast-control-plane`
+//! (on its embedded store, or replicas on a real etcd), `ballast-sidecar`s with
+//! `--control-plane`, `ballastctl`, and HTTP traffic through them.
+
+mod support;
+
+#[path = "../control-plane/tests/support/etcd.rs"]
+mod etcd;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// A `ballast-control-plane` process, killed when dropped.
+struct ControlPlane {
+    child: Option<Child>,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+    etcd: Option<String>,
+    name: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    fn start(name: &str, etcd: Option<&str>) -> ControlPlane {
+        let dir = tempfile::tempdir().expect("tmp");
+        let grpc = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let mut cp = ControlPlane {
+            child: None,
+            grpc,
+            admin,
+            etcd: etcd.map(str::to_owned),
+            name: name.to_owned(),
+            log: dir.path().join("cp.log"),
+            _dir: dir,
+        };
+        cp.spawn();
+        cp
+    }
+
+    /// (Re)starts the process on the same ports and waits for `/ready`.
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let mut cmd = Command::new(binary("ballast-control-plane"));
+        cmd.args(["--grpc-addr", &self.grpc.to_string(), "--admin-addr", &self.admin.to_string()])
+            .args(["--replica", &self.name])
+            .env("BALLAST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(etcd) = &self.etcd {
+            cmd.args(["--etcd", etcd]);
+        }
+        self.child = Some(cmd.spawn().expect("spawn ballast-control-plane"));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !matches!(http_get(self.admin, "/ready"), Ok((200, _))) {
+            assert!(Instant::now() < deadline, "control plane not ready; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&mut self, sig: i32) {
+        let Some(mut child) = self.child.take() else { return };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as i32, sig);
+        }
+        let _ = child.wait();
+    }
+
+    /// `ballastctl ARGS` against this replica: (success, stdout + stderr).
+    fn ctl(&self, args: &[&str]) -> (bool, String) {
+        let out = run(Command::new(binary("ballastctl"))
+            .args(["--control-plane", &format!("http://{}", self.admin)])
+            .args(args)
+            .stdin(Stdio::null()));
+        (out.status.success(), format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr)))
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let (ok, out) = self.ctl(args);
+        assert!(ok, "ballastctl {args:?}: {out}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.signal(libc::SIGKILL);
+    }
+}
+
+fn apply_file(yaml: &str) -> tempfile::NamedTempFile {
+    let f = tempfile::Builder::new().suffix(".yaml").tempfile().expect("tmp");
+    std::fs::write(f.path(), yaml).expect("write");
+    f
+}
+
+/// GET through a sidecar's outbound listener, to `host`: (status, `ballast-rejected`).
+fn call(client: &Sidecar, host: &str) -> (u16, String) {
+    let raw = format!("GET /name HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    match http_request(client.outbound, &raw) {
+        Ok((status, body)) => (status, body),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+fn pods(proxies: &serde_json::Value, state: &str) -> Vec<String> {
+    let mut v: Vec<String> = proxies
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["state"] == state)
+        .filter_map(|p| p["pod"].as_str().map(str::to_owned))
+        .collect();
+    v.sort();
+    v
+}
+
+const RATE_LIMITED: &str = "apiVersion: ballast.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: payments, namespace: shop}
+spec:
+  targetRef: {service: payments}
+  rateLimit: {requestsPerSecond: 0.1, burst: 2}
+";
+
+#[test]
+fn sidecars_get_their_configuration_and_endpoints_from_the_control_plane() {
+    let cp = ControlPlane::start("cp-a", None);
+    let app = Upstream::start("payments-app");
+    // The server sidecar forwards inbound requests to the app.
+    let app_arg = app.addr.to_string();
+    let server = Sidecar::start_meshed(
+        &cp.url(),
+        &[
+            "--namespace",
+            "shop",
+            "--service",
+            "payments",
+            "--pod",
+            "payments-1",
+            "--advertise-addr",
+            "{inbound}",
+            "--app-addr",
+            &app_arg,
+        ],
+    );
+    let client = Sidecar::start_meshed(&cp.url(), &["--namespace", "shop", "--pod", "web-1"]);
+
+    // The registered endpoint reached the client's sidecar: requests by name get through.
+    wait_until("payments answers through the mesh", || call(&client, "payments").0 == 200);
+    let (status, body) = call(&client, "payments.shop.svc.cluster.local");
+    assert_eq!(status, 200, "{body}");
+    let proxies = cp.json(&["get", "proxies", "-o", "json"]);
+    assert_eq!(pods(&proxies, "SYNCED"), ["payments-1", "web-1"], "{proxies}");
+    assert_eq!(client.metric("ballast_control_plane_connected"), 1.0);
+    let endpoints = cp.json(&["get", "endpoints", "-o", "json"]);
+    assert_eq!(endpoints[0]["address"], server.inbound.to_string());
+    assert_eq!(endpoints[0]["source"], "registered");
+
+    // A policy applied with --wait is enforced when the command returns.
+    let policy = apply_file(RATE_LIMITED);
+    let (ok, out) = cp.ctl(&["apply", "-f", &policy.path().display().to_string(), "--wait"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("acked by 2 sidecar(s)"), "both shop sidecars are reached: {out}");
+    let statuses: Vec<u16> = (0..5).map(|_| call(&client, "payments").0).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 3, "burst 2 then limited: {statuses:?}");
+
+    // A bad policy is refused naming the field, and the working one stays.
+    let bad = apply_file(&format!("{RATE_LIMITED}  retries: {{attempts: 3, budget: {{ratio: 4}}}}\n"));
+    let (ok, out) = cp.ctl(&["apply", "-f", &bad.path().display().to_string()]);
+    assert!(!ok && out.contains("spec.retries.budget.ratio"), "{out}");
+    assert_eq!(call(&client, "payments").0, 429, "the old policy is still enforced");
+    let (ok, out) = cp.ctl(&["describe", "service", "payments", "-n", "shop"]);
+    assert!(ok && out.contains("rateLimit") && out.contains("payments-1") && out.contains("web-1"), "{out}");
+
+    // A sidecar that stops deregisters at once.
+    server.signal(libc::SIGTERM);
+    wait_until("the endpoint is gone", || {
+        cp.json(&["get", "endpoints", "-o", "json"]).as_array().is_some_and(Vec::is_empty)
+    });
+    let proxies = cp.json(&["get", "proxies", "-o", "json"]);
+    assert_eq!(pods(&proxies, "SYNCED"), ["web-1"]);
+}
+
+/// Replicas on one etcd: one stopped, one crashed, etcd itself down for a while; the
+/// sidecars keep serving every request on their last configuration, move between
+/// replicas, and resync.
+#[test]
+fn no_request_fails_while_replicas_restart_and_etcd_is_down() {
+    let mut etcd = etcd::EtcdServer::start();
+    let endpoint = etcd.endpoint();
+    let mut a = ControlPlane::start("cp-a", Some(&endpoint));
+    let mut b = ControlPlane::start("cp-b", Some(&endpoint));
+    let both = format!("{},{}", a.url(), b.url());
+    let app = Upstream::start("payments-app");
+    let app_arg = app.addr.to_string();
+    let _server = Sidecar::start_meshed(
+        &both,
+        &[
+            "--namespace",
+            "shop",
+            "--service",
+            "payments",
+            "--pod",
+            "payments-1",
+            "--advertise-addr",
+            "{inbound}",
+            "--app-addr",
+            &app_arg,
+        ],
+    );
+    let client = Arc::new(Sidecar::start_meshed(&both, &["--namespace", "shop", "--pod", "web-1"]));
+    wait_until("payments answers through the mesh", || call(&client, "payments").0 == 200);
+
+    // Bounded traffic: at most 20,000 requests or 60 s, stopped by the test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let traffic = {
+        let (client, stop, sent, failed) = (client.clone(), stop.clone(), sent.clone(), failed.clone());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed)
+                && sent.load(Ordering::Relaxed) < 20_000
+                && started.elapsed() < Duration::from_secs(60)
+            {
+                let (status, body) = call(&client, "payments");
+                sent.fetch_add(1, Ordering::Relaxed);
+                if status != 200 {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    failures.push(format!("{status} {body}"));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            failures
+        })
+    };
+    let connected_to = |cp: &ControlPlane| -> Vec<String> {
+        let v = cp.json(&["get", "proxies", "-o", "json"]);
+        let mut on: Vec<String> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| format!("{}@{}", p["pod"].as_str().unwrap_or("?"), p["replica"].as_str().unwrap_or("?")))
+            .collect();
+        on.sort();
+        on
+    };
+
+    // a stops cleanly: whatever it served moves to b.
+    a.signal(libc::SIGTERM);
+    wait_until("both sidecars are on cp-b", || connected_to(&b) == ["payments-1@cp-b", "web-1@cp-b"]);
+    a.spawn();
+    // b crashes: they move back to a; b's lease still holds their old keys meanwhile.
+    b.signal(libc::SIGKILL);
+    wait_until("both sidecars are on cp-a", || connected_to(&a) == ["payments-1@cp-a", "web-1@cp-a"]);
+    // etcd goes away for two seconds.
+    etcd.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    etcd.restart();
+    wait_until("cp-a is ready again", || matches!(http_get(a.admin, "/ready"), Ok((200, _))));
+
+    // Resynced without a gap: a change made now reaches both sidecars.
+    let policy = apply_file(RATE_LIMITED);
+    let (ok, out) =
+        a.ctl(&["apply", "-f", &policy.path().display().to_string(), "--wait", "--timeout", "10s"]);
+    stop.store(true, Ordering::Relaxed);
+    let failures = traffic.join().expect("traffic thread");
+    assert!(ok, "{out}\n{}", a.log());
+    assert!(out.contains("acked by 2 sidecar(s)"), "{out}");
+    let sent = sent.load(Ordering::Relaxed);
+    assert!(sent > 100, "traffic ran: {sent}");
+    // Requests sent after the rate limit was applied may be refused by it (429); no
+    // other failure is allowed.
+    let other: Vec<&String> = failures.iter().filter(|f| !f.starts_with("429")).collect();
+    assert!(other.is_empty(), "{} of {sent} requests failed: {other:?}", other.len());
+    assert!(failed.load(Ordering::Relaxed) >= other.len());
+    let (kv_ok, endpoints) = a.ctl(&["get", "endpoints"]);
+    assert!(kv_ok && endpoints.contains("payments-1"), "{endpoints}");
+}

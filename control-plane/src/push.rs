@@ -22,6 +22,9 @@
 //!   replica stops, they are left for the sidecar's next replica to take over: deleting
 //!   them would make its callers drop a healthy endpoint for the time of a reconnect.
 //! * **Status writes** are coalesced: one in flight per stream, the latest status next.
+//!   Across streams they are batched ([`Writer`]): a thousand sidecars acking one change
+//!   make a handful of etcd transactions, not a thousand writes, each waiting its turn
+//!   for an fsync ahead of the next `ballastctl apply`.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -38,7 +41,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::keys::{Key, Keys};
 use crate::mesh::{Name, ProxyStatus, Registration, Scope, View, parse_call};
 use crate::metrics::Metrics;
-use crate::store::{LeaseId, Revision, Store};
+use crate::store::{LeaseId, MAX_WRITES, Revision, Store, StoreError};
 use crate::sync::{Change, SharedMesh};
 
 /// How long a stream waits for this replica's mesh to reach the version a reconnecting
@@ -49,9 +52,69 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
+/// Batches the streams' registration and status writes into store transactions.
+///
+/// While one transaction is in flight, the writes that arrive wait and go together in
+/// the next (up to [`MAX_WRITES`]); a key queued twice is written once, with its last
+/// value. Nothing waits on a timer: one lone write goes at once.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::UnboundedSender<Write>,
+}
+
+struct Write {
+    key: String,
+    value: Vec<u8>,
+    lease: LeaseId,
+    done: oneshot::Sender<Result<Revision, StoreError>>,
+}
+
+impl Writer {
+    /// Starts the writer's task on `store`; it ends when every `Writer` is dropped.
+    pub fn start(store: Store) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Write>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_WRITES {
+                    match rx.try_recv() {
+                        Ok(w) => batch.push(w),
+                        Err(_) => break,
+                    }
+                }
+                let mut writes: Vec<(String, Vec<u8>, Option<LeaseId>)> = Vec::with_capacity(batch.len());
+                let mut waiting = Vec::with_capacity(batch.len());
+                for w in batch {
+                    match writes.iter_mut().find(|(k, _, _)| *k == w.key) {
+                        Some(slot) => *slot = (w.key, w.value, Some(w.lease)),
+                        None => writes.push((w.key, w.value, Some(w.lease))),
+                    }
+                    waiting.push(w.done);
+                }
+                let result = store.put_many(writes).await;
+                for done in waiting {
+                    let _ = done.send(result.clone());
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Writes `key` under `lease`; the revision it was written at.
+    pub async fn put(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<Revision, StoreError> {
+        let (done, result) = oneshot::channel();
+        let w = Write { key: key.to_owned(), value, lease, done };
+        if self.tx.send(w).is_err() {
+            return Err(StoreError::Backend("the control plane is stopping".into()));
+        }
+        result.await.unwrap_or_else(|_| Err(StoreError::Backend("the control plane is stopping".into())))
+    }
+}
+
 /// What the push streams share: the mesh and the means to register.
 pub struct PushContext {
     pub store: Store,
+    pub writer: Writer,
     pub keys: Keys,
     pub mesh: SharedMesh,
     pub revision: watch::Receiver<Revision>,
@@ -401,7 +464,7 @@ async fn register(
             if let Some((key, value)) = &endpoint
                 && endpoint_done != Some(lease)
             {
-                match ctx.store.put(key, value.clone(), Some(lease)).await {
+                match ctx.writer.put(key, value.clone(), lease).await {
                     Ok(rev) => {
                         remember(&mut written, key, rev);
                         endpoint_done = Some(lease);
@@ -415,7 +478,7 @@ async fn register(
             }
             if !failed && status_dirty {
                 let value = serde_json::to_vec(&*status.borrow_and_update()).unwrap_or_default();
-                match ctx.store.put(&status_key, value, Some(lease)).await {
+                match ctx.writer.put(&status_key, value, lease).await {
                     Ok(rev) => {
                         remember(&mut written, &status_key, rev);
                         status_dirty = false;

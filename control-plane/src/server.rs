@@ -80,6 +80,7 @@ impl ControlPlane {
 
         let push = Push::new(Arc::new(PushContext {
             store: store.clone(),
+            writer: crate::push::Writer::start(store.clone()),
             keys: keys.clone(),
             mesh: sync.mesh.clone(),
             revision: sync.revision.clone(),

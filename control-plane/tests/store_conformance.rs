@@ -51,6 +51,7 @@ macro_rules! conformance {
 conformance!(
     put_get_delete_with_revisions,
     delete_if_leaves_a_newer_write,
+    put_many_writes_at_one_revision_or_not_at_all,
     list_is_by_prefix_in_key_order,
     watch_replays_from_a_revision_then_follows,
     watch_sees_only_its_prefix,
@@ -115,6 +116,28 @@ async fn delete_if_leaves_a_newer_write(store: &Store) {
     assert!(r3 > r2);
     assert_eq!(store.get("/t/reg").await.expect("get").0, None);
     assert_eq!(store.delete_if("/t/reg", r2).await.expect("delete_if"), None, "already gone");
+}
+
+async fn put_many_writes_at_one_revision_or_not_at_all(store: &Store) {
+    let lease = store.grant(Duration::from_secs(30)).await.expect("grant");
+    let mut watch = store.watch("/t/", store.get("/t/x").await.expect("get").1).await.expect("watch");
+    let writes =
+        vec![("/t/m/a".to_owned(), b"1".to_vec(), Some(lease)), ("/t/m/b".to_owned(), b"2".to_vec(), None)];
+    let r = store.put_many(writes).await.expect("put_many");
+    let batch = next_batch(&mut watch, Duration::from_secs(5)).await.expect("one batch");
+    assert_eq!(batch.len(), 2, "one revision, both events: {batch:?}");
+    assert!(batch.iter().all(|e| e.revision() == r));
+    let (kvs, _) = store.list("/t/m/").await.expect("list");
+    assert_eq!(
+        kvs.iter().map(|kv| (kv.mod_revision, kv.lease)).collect::<Vec<_>>(),
+        [(r, Some(lease)), (r, None)]
+    );
+    // A missing lease fails the whole write.
+    store.revoke(lease).await.expect("revoke");
+    let writes =
+        vec![("/t/m/c".to_owned(), b"3".to_vec(), None), ("/t/m/d".to_owned(), b"4".to_vec(), Some(lease))];
+    assert!(matches!(store.put_many(writes).await, Err(StoreError::LeaseNotFound(_))));
+    assert_eq!(store.get("/t/m/c").await.expect("get").0, None, "nothing written");
 }
 
 async fn list_is_by_prefix_in_key_order(store: &Store) {

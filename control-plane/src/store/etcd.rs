@@ -158,6 +158,25 @@ impl EtcdStore {
         }
     }
 
+    pub async fn put_many(
+        &self,
+        writes: Vec<(String, Vec<u8>, Option<LeaseId>)>,
+    ) -> Result<Revision, StoreError> {
+        let lease = writes.iter().find_map(|w| w.2).map_or(0, |l| l.0);
+        let ops: Vec<TxnOp> = writes
+            .into_iter()
+            .map(|(key, value, lease)| {
+                TxnOp::put(key, value, lease.map(|l| PutOptions::new().with_lease(l.0)))
+            })
+            .collect();
+        let mut kv = self.client.kv_client();
+        match self.timed("writing keys", kv.txn(Txn::new().and_then(ops))).await? {
+            Ok(resp) => self.revision_of(resp.header()),
+            Err(e) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound(lease)),
+            Err(e) => Err(self.error("writing keys", e)),
+        }
+    }
+
     pub async fn get(&self, key: &str) -> Result<(Option<KeyValue>, Revision), StoreError> {
         let mut kv = self.client.kv_client().max_decoding_message_size(MAX_MESSAGE);
         let mut resp = match self.timed("reading a key", kv.get(key, None)).await? {

@@ -85,33 +85,44 @@ impl MemoryStore {
     }
 
     pub fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
+        self.put_many(vec![(key.to_owned(), value, lease)])
+    }
+
+    /// Every write at one revision, or none (a missing lease fails them all), as an
+    /// etcd transaction.
+    pub fn put_many(&self, writes: Vec<(String, Vec<u8>, Option<LeaseId>)>) -> Result<Revision, StoreError> {
         let mut s = self.lock();
-        if lease.is_some() {
+        if writes.iter().any(|w| w.2.is_some()) {
             // A lease past its deadline is gone even if the reaper has not run yet.
             s.expire(Instant::now());
         }
-        if let Some(l) = lease
-            && !s.leases.contains_key(&l.0)
-        {
+        if let Some(l) = writes.iter().filter_map(|w| w.2).find(|l| !s.leases.contains_key(&l.0)) {
             return Err(StoreError::LeaseNotFound(l.0));
         }
         let revision = s.revision + 1;
-        let create_revision = s.kvs.get(key).map_or(revision, |kv| kv.create_revision);
-        let previous_lease = s.kvs.get(key).and_then(|kv| kv.lease);
-        if let Some(old) = previous_lease
-            && Some(old) != lease
-            && let Some(l) = s.leases.get_mut(&old.0)
-        {
-            l.keys.remove(key);
+        let mut events = Vec::with_capacity(writes.len());
+        for (key, value, lease) in writes {
+            let create_revision = s.kvs.get(&key).map_or(revision, |kv| kv.create_revision);
+            let previous_lease = s.kvs.get(&key).and_then(|kv| kv.lease);
+            if let Some(old) = previous_lease
+                && Some(old) != lease
+                && let Some(l) = s.leases.get_mut(&old.0)
+            {
+                l.keys.remove(&key);
+            }
+            if let Some(l) = lease
+                && let Some(l) = s.leases.get_mut(&l.0)
+            {
+                l.keys.insert(key.clone());
+            }
+            let kv = KeyValue { key: key.clone(), value, create_revision, mod_revision: revision, lease };
+            s.kvs.insert(key, kv.clone());
+            events.push(Event::Put(kv));
         }
-        if let Some(l) = lease
-            && let Some(l) = s.leases.get_mut(&l.0)
-        {
-            l.keys.insert(key.to_owned());
+        if events.is_empty() {
+            return Ok(s.revision);
         }
-        let kv = KeyValue { key: key.to_owned(), value, create_revision, mod_revision: revision, lease };
-        s.kvs.insert(key.to_owned(), kv.clone());
-        s.commit(revision, vec![Event::Put(kv)]);
+        s.commit(revision, events);
         Ok(revision)
     }
 

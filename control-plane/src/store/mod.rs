@@ -26,6 +26,9 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+/// Most writes in one [`Store::put_many`]: etcd's default `--max-txn-ops`.
+pub const MAX_WRITES: usize = 128;
+
 /// A store revision: 1 for an empty store, +1 per write.
 pub type Revision = i64;
 
@@ -167,6 +170,25 @@ impl Store {
         match self {
             Store::Memory(s) => s.put(key, value, lease),
             Store::Etcd(s) => s.put(key, value, lease).await,
+        }
+    }
+
+    /// Writes every `(key, value, lease)` at one revision, all or none (an etcd
+    /// transaction; at most [`MAX_WRITES`] at once, etcd's default `--max-txn-ops`).
+    /// Each key at most once: etcd refuses a transaction that names one twice.
+    pub async fn put_many(
+        &self,
+        writes: Vec<(String, Vec<u8>, Option<LeaseId>)>,
+    ) -> Result<Revision, StoreError> {
+        if writes.len() > MAX_WRITES {
+            return Err(StoreError::Backend(format!(
+                "{} writes in one transaction; at most {MAX_WRITES}",
+                writes.len()
+            )));
+        }
+        match self {
+            Store::Memory(s) => s.put_many(writes),
+            Store::Etcd(s) => s.put_many(writes).await,
         }
     }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmarks, side by side in one run: direct, one and two Ballast sidecars, and
-# HAProxy, on loopback (benches/mesh), then the Criterion micro-benchmarks
-# (benches/hot_paths). Installs HAProxy when missing. Extra arguments go to the harness,
+# HAProxy, on loopback (benches/mesh), the control plane's convergence on a real etcd
+# (benches/convergence), then the Criterion micro-benchmarks (benches/hot_paths).
+# Installs HAProxy and etcd when missing. Extra arguments go to the harness,
 # e.g. `scripts/bench.sh --quick` or `scripts/bench.sh --protocols http1 --repeats 5`.
 # Tables are printed; the harness's JSON lands in target/bench/mesh.json.
 set -euo pipefail
@@ -16,7 +17,18 @@ if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null
 fi
 
+if [ ! -x /usr/bin/etcd ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "etcd is missing; run as root or: apt-get install -y etcd-server" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
+fi
+
 cargo bench --locked --bench mesh -- "$@"
+# The control plane: 1,000 simulated sidecars on a real etcd (test.sh installs etcd-server).
+cargo bench --locked --bench convergence
 if [[ " $* " != *" --quick "* ]]; then
   cargo bench --locked --bench hot_paths
 fi

@@ -190,6 +190,13 @@ fn sidecars_get_their_configuration_and_endpoints_from_the_control_plane() {
     let (ok, out) = cp.ctl(&["describe", "service", "payments", "-n", "shop"]);
     assert!(ok && out.contains("rateLimit") && out.contains("payments-1") && out.contains("web-1"), "{out}");
 
+    let (status, metrics) = http_get(cp.admin, "/metrics").expect("scrape");
+    assert_eq!(status, 200);
+    assert_eq!(metric_value(&metrics, "ballast_control_plane_proxies_connected"), 2.0, "{metrics}");
+    assert!(metric_value(&metrics, r#"ballast_control_plane_pushes_total{kind="full"}"#) >= 2.0, "{metrics}");
+    assert!(metric_value(&metrics, "ballast_control_plane_push_ack_seconds_count") >= 2.0, "{metrics}");
+    promtool_check(&metrics);
+
     // A sidecar that stops deregisters at once.
     server.signal(libc::SIGTERM);
     wait_until("the endpoint is gone", || {

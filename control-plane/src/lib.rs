@@ -1,16 +1,18 @@
 //! The Ballast control plane (DESIGN §3) and `ballastctl`.
 //!
-//! Built so far:
+//! Read it top to bottom:
+//! * [`server`] wires a replica together: the store, the sync, the session lease, the
+//!   push stream and the admin API;
 //! * [`store`]: etcd, or the embedded store with the same semantics, behind one type;
-//! * [`keys`]: where policies, services and endpoints live in it;
+//! * [`keys`]: where policies, services, endpoints and proxy statuses live in it;
 //! * [`mesh`]: the store's content in memory and the slice of it each sidecar gets;
 //! * [`sync`]: keeps that mesh current (one read, one watch, a full re-read on a gap);
-//! * [`demo`]: `ballastctl demo`, the local mesh on one machine (still on a static
-//!   sidecar configuration).
-//!
-//! To come with the rest of the control-plane issue: the gRPC push stream on 8086 (its
-//! protocol is `api/proto/ballast/v1/discovery.proto`), the admin API on 9990 and the
-//! rest of `ballastctl`.
+//! * [`session`]: the replica's lease, under which its sidecars' keys live;
+//! * [`push`]: the gRPC stream to each sidecar (`api/proto/ballast/v1/discovery.proto`);
+//! * [`admin`] and [`api`]: `/metrics`, `/live`, `/ready` and the API of `ballastctl`;
+//!   [`metrics`] names the metrics;
+//! * [`ctl`]: `ballastctl`'s commands; [`demo`]: `ballastctl demo`;
+//! * [`sim`]: a simulated sidecar, for the convergence benchmark and the tests.
 
 pub mod admin;
 pub mod api;

@@ -629,3 +629,20 @@ pub fn spawn_python_server(script: &str, port: u16) -> ChildGuard {
     assert!(line.starts_with("READY"), "{script} did not start: {line:?}");
     ChildGuard(child)
 }
+
+/// `promtool check metrics` on an exposition; fails the test on any complaint.
+pub fn promtool_check(text: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new(require_tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn promtool");
+    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool");
+    let complaints =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && complaints.trim().is_empty(), "promtool: {complaints}\n{text}");
+}

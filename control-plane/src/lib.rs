@@ -8,6 +8,7 @@
 //! * [`mesh`]: the store's content in memory and the slice of it each sidecar gets;
 //! * [`sync`]: keeps that mesh current (one read, one watch, a full re-read on a gap);
 //! * [`session`]: the replica's lease, under which its sidecars' keys live;
+//! * [`compactor`]: etcd's history compacted by one replica, under a lock;
 //! * [`push`]: the gRPC stream to each sidecar (`api/proto/ballast/v1/discovery.proto`);
 //! * [`admin`] and [`api`]: `/metrics`, `/live`, `/ready` and the API of `ballastctl`;
 //!   [`metrics`] names the metrics;
@@ -16,6 +17,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod compactor;
 pub mod ctl;
 pub mod demo;
 pub mod keys;

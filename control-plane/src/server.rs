@@ -30,6 +30,8 @@ pub struct Options {
     pub lease_ttl: Duration,
     /// This replica's name in proxy statuses.
     pub replica: String,
+    /// How often the store's history is compacted (by one replica; etcd only).
+    pub compact_every: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,7 @@ pub struct ControlPlane {
     stopping: CancellationToken,
     grpc: tokio::task::JoinHandle<()>,
     admin: tokio::task::JoinHandle<()>,
+    compactor: tokio::task::AbortHandle,
     _sync: Arc<MeshSync>,
     _session: Session,
 }
@@ -77,6 +80,13 @@ impl ControlPlane {
         let session = Session::start(store.clone(), opts.lease_ttl, metrics.clone());
         let stopping = CancellationToken::new();
         tokio::spawn(watch_health(sync.clone(), metrics.clone(), stopping.clone()));
+        let compactor = tokio::spawn(crate::compactor::run(
+            store.clone(),
+            opts.prefix.clone(),
+            session.lease.clone(),
+            opts.compact_every,
+            metrics.clone(),
+        ));
 
         let push = Push::new(Arc::new(PushContext {
             store: store.clone(),
@@ -117,13 +127,24 @@ impl ControlPlane {
             stopping.clone(),
         ));
         tracing::info!(%grpc_addr, %admin_addr, store = %store.describe(), replica = %opts.replica, "ballast-control-plane started");
-        Ok(Self { grpc_addr, admin_addr, store, stopping, grpc, admin, _sync: sync, _session: session })
+        Ok(Self {
+            grpc_addr,
+            admin_addr,
+            store,
+            stopping,
+            grpc,
+            admin,
+            compactor: compactor.abort_handle(),
+            _sync: sync,
+            _session: session,
+        })
     }
 
     /// Ends every sidecar stream (their registrations stay for the next replica) and
     /// stops serving.
     pub async fn stop(self) {
         self.stopping.cancel();
+        self.compactor.abort();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.grpc).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.admin).await;
     }

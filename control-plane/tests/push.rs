@@ -24,6 +24,7 @@ fn options() -> Options {
         prefix: "/ballast".into(),
         lease_ttl: Duration::from_secs(10),
         replica: "cp-test".into(),
+        compact_every: Duration::from_secs(300),
     }
 }
 
@@ -342,4 +343,39 @@ async fn a_replica_restart_moves_sidecars_without_dropping_their_endpoints() {
     assert_eq!(gone.removals, ["Service/shop/payments"]);
     b.stop().await;
     let _ = json!(null);
+}
+
+/// Compaction is work for one replica: the lock has one holder, the other waits, and
+/// etcd's history is compacted.
+#[tokio::test]
+async fn one_replica_compacts_the_history_under_a_lock() {
+    let etcd = support::etcd::EtcdServer::start();
+    let every = Duration::from_millis(200);
+    let mut replicas = Vec::new();
+    for name in ["cp-a", "cp-b"] {
+        let store = Store::etcd(&[etcd.endpoint()]).await.expect("etcd");
+        let opts = Options { replica: name.into(), compact_every: every, ..options() };
+        replicas.push(ControlPlane::start_on(store, opts).await.expect("starts"));
+    }
+    let store = Store::etcd(&[etcd.endpoint()]).await.expect("etcd");
+    // History to compact.
+    for i in 0..20 {
+        store.put("/ballast/x", vec![i], None).await.expect("put");
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let contenders = store.list("/ballast/locks/compactor/").await.expect("list").0;
+        let compacted = matches!(
+            store.watch("/ballast/", 1).await.expect("watch").next().await,
+            Some(Err(ballast_control_plane::store::StoreError::Compacted { .. }))
+        );
+        if contenders.len() == 2 && compacted {
+            break;
+        }
+        assert!(Instant::now() < deadline, "contenders {contenders:?}, compacted {compacted}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for cp in replicas {
+        cp.stop().await;
+    }
 }

@@ -32,6 +32,10 @@ struct Cli {
     /// crashes.
     #[arg(long, env = "BALLAST_LEASE_TTL", default_value = "10s", value_parser = duration)]
     lease_ttl: Duration,
+    /// How often etcd's history is compacted (by one replica, under a lock), keeping at
+    /// least this much of it.
+    #[arg(long, env = "BALLAST_COMPACT_EVERY", default_value = "5m", value_parser = interval)]
+    compact_every: Duration,
     /// This replica's name in `ballastctl get proxies` (default: POD_NAME, else host-pid).
     #[arg(long, env = "BALLAST_REPLICA")]
     replica: Option<String>,
@@ -44,6 +48,14 @@ fn duration(s: &str) -> Result<Duration, String> {
     let d = s.parse::<ballast_api::Duration>().map(|d| d.get()).map_err(|e| e.to_string())?;
     if d < Duration::from_secs(2) {
         return Err("must be at least 2s (the lease is renewed every third of it)".into());
+    }
+    Ok(d)
+}
+
+fn interval(s: &str) -> Result<Duration, String> {
+    let d = s.parse::<ballast_api::Duration>().map(|d| d.get()).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be more than 0".into());
     }
     Ok(d)
 }
@@ -84,6 +96,7 @@ fn main() -> ExitCode {
         prefix: cli.prefix,
         lease_ttl: cli.lease_ttl,
         replica: cli.replica.unwrap_or_else(server::default_replica_name),
+        compact_every: cli.compact_every,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -302,3 +302,66 @@ fn no_request_fails_while_replicas_restart_and_etcd_is_down() {
     let (kv_ok, endpoints) = a.ctl(&["get", "endpoints"]);
     assert!(kv_ok && endpoints.contains("payments-1"), "{endpoints}");
 }
+
+/// What the API would refuse can still reach the store (another writer, an older
+/// control plane); the sidecar then refuses it, says why, and keeps what works.
+#[test]
+fn a_sidecar_nacks_what_it_cannot_apply_and_keeps_its_configuration() {
+    use ballast_control_plane::server::{ControlPlane as InProcess, Options};
+    use ballast_control_plane::store::Store;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let store = Store::memory();
+    let opts = Options {
+        etcd: Vec::new(),
+        grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+        admin_addr: "127.0.0.1:0".parse().expect("addr"),
+        prefix: "/ballast".into(),
+        lease_ttl: Duration::from_secs(10),
+        replica: "in-process".into(),
+        compact_every: Duration::from_secs(300),
+    };
+    let cp = rt.block_on(InProcess::start_on(store.clone(), opts)).expect("starts");
+    let app = Upstream::start("web-app");
+    let service = |name: &str| {
+        serde_json::json!({
+            "apiVersion": "ballast.io/v1alpha1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"ports": [{"port": 80}], "addresses": ["10.96.0.10"], "endpoints": [{"address": app.addr.to_string()}]}
+        })
+    };
+    let put = |name: &str| {
+        let value = serde_json::to_vec(&service(name)).expect("json");
+        rt.block_on(store.put(&format!("/ballast/services/shop/{name}"), value, None)).expect("put")
+    };
+    put("web");
+    let client = Sidecar::start_meshed(
+        &format!("http://{}", cp.grpc_addr),
+        &["--namespace", "shop", "--pod", "web-1"],
+    );
+    assert_eq!(call(&client, "web").0, 200);
+
+    // A second Service claiming the same virtual address and port: refused as a whole.
+    let bad = put("web-copy");
+    let admin = cp.admin_addr;
+    wait_until("the sidecar's refusal is reported", || {
+        let (_, body) = http_get(admin, "/api/v1/proxies").unwrap_or_default();
+        body.contains("NACKED")
+    });
+    let (_, body) = http_get(admin, "/api/v1/proxies").expect("proxies");
+    let proxies: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(proxies[0]["nack"]["version"], bad, "{proxies}");
+    assert!(proxies[0]["nack"]["reason"].as_str().unwrap_or("").contains("10.96.0.10"), "{proxies}");
+    assert_eq!(client.metric(r#"ballast_config_rejected_total{source="control-plane"}"#), 1.0);
+    assert_eq!(call(&client, "web").0, 200, "the previous configuration still serves");
+    assert!(client.metric("ballast_config_version") < bad as f64);
+
+    // Fixed in the store: the next (full) push is applied and the refusal clears.
+    let fixed =
+        rt.block_on(store.delete("/ballast/services/shop/web-copy")).expect("delete").expect("deleted");
+    wait_until("the sidecar applies the fix", || client.metric("ballast_config_version") >= fixed as f64);
+    wait_until("the refusal clears", || {
+        let (_, body) = http_get(admin, "/api/v1/proxies").unwrap_or_default();
+        body.contains("SYNCED")
+    });
+    rt.block_on(cp.stop());
+}

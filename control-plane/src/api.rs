@@ -6,7 +6,11 @@
 //!   target service, one service per virtual address and port) and writes nothing unless
 //!   every document passes. It then writes each changed document; unchanged ones are not
 //!   written, so re-applying a file is no change and nothing to wait for. The writes are
-//!   one by one, like `kubectl apply`'s, not one transaction.
+//!   one by one, like `kubectl apply`'s, not one transaction. The conflict check reads
+//!   this replica's mesh, which trails the store by a watch event: two conflicting
+//!   applies at the same instant through two replicas can both pass. Should that
+//!   happen, a target's policy is the first by name in every view, and two Services on
+//!   one address are refused by the sidecars (nack) and shown by `get proxies`.
 //! * `wait` answers when every sidecar a change reaches has acked a version at least the
 //!   change's revision, reading the proxy statuses every replica writes to the store; it
 //!   fails naming the sidecars that refused it, or on timeout those still behind.

@@ -1,30 +1,66 @@
-//! `ballastctl demo`: the local mesh on one machine (DESIGN §5).
+//! `ballastctl demo`: the local mesh on one machine (DESIGN §5), with nothing installed
+//! but the two binaries.
 //!
-//! It starts sample services in this process (`catalog` with two healthy replicas, and
-//! `payments`, which fails 20% of its requests with a 503 and answers 10% of them after
-//! 300 ms), starts a real `ballast-sidecar` process on a static configuration naming them,
-//! and sends the same traffic to each service twice: straight to its replicas, and through
-//! the sidecar. Every few seconds it prints success rate and latency for both, side by
-//! side, and at the end what the sidecar's own metrics counted.
+//! What runs:
+//! * a control plane in this process, on the embedded store, serving the push stream
+//!   and the admin API on loopback ports;
+//! * sample services, also in this process: `catalog`, two healthy replicas, and
+//!   `payments`, two replicas that each fail 20% of requests with a 503 and answer 10%
+//!   after 300 ms;
+//! * one real `ballast-sidecar` process per replica, started with `--control-plane` and
+//!   `--service`, so the control plane registers it as an endpoint of its service, and
+//!   one for the demo's own traffic (`client`, no `--service`);
+//! * policies applied through the admin API, as `ballastctl apply --wait` does: for
+//!   `payments` a per-try timeout, retries with a budget and a circuit breaker that
+//!   opens only on a failure rate of 50%; for `catalog` a circuit breaker that opens
+//!   after 5 failures in a row.
 //!
-//! Until the control plane exists the sidecar reads a static file. It carries a
-//! resilience policy for `payments`: a per-try timeout cuts the slow answers short and
-//! retries (within a budget) turn the 503s into successes, which the table shows as the
-//! difference between the direct and the mesh rows.
+//! The same traffic goes to each service twice: straight to its replicas in turn
+//! ("direct") and through the client sidecar by name ("mesh"). Every `--report-every`
+//! seconds a table shows success rate and latency of both. For `payments` the mesh row is
+//! the point: the per-try timeout cuts the slow answers short and the retries turn most
+//! 503s into successes (the sidecar cannot help a request all of whose tries fail, nor
+//! one the budget refuses to retry).
+//!
+//! Partway through (at a third of `--duration`, for a quarter of it, 1 to 5 s; without
+//! `--duration`, at 10 s and every 30 s after, for 5 s) both `catalog` replicas answer
+//! every request with 503. The demo polls the client sidecar's `/metrics` and prints its
+//! breaker for `catalog` opening (`ballast_circuit_state`), the requests it answers itself
+//! meanwhile (`ballast_rejections_total{reason="circuit-open"}`), and the breaker closing
+//! once a probe succeeds after the outage. The mesh does not make those requests succeed:
+//! both rows fail during the outage, and the mesh row a little longer, until the first
+//! probe after it. What the breaker changes is where they fail: in the caller's sidecar,
+//! at once, without loading `catalog` while it is down, which the demo shows by counting
+//! the requests each path delivered to the replicas meanwhile.
+//!
+//! Stopping (after `--duration`, or on Ctrl-C or SIGTERM) sends SIGTERM to every sidecar
+//! and waits for it (SIGKILL after 5 s), then stops the control plane. The sidecars run
+//! in their own process group, so a Ctrl-C in the terminal reaches only the demo, which
+//! prints its last report and then stops them; a guard does the same if the demo returns
+//! early or panics; and on Linux the kernel sends them SIGTERM if the demo is killed
+//! outright (`PR_SET_PDEATHSIG`).
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::Method;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::ctl::{self, Api, ApplyArgs, CtlError, Kind, Output};
+use crate::server::{ControlPlane, Options, ServeError};
+use crate::store::Store;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -52,23 +88,73 @@ pub enum DemoError {
         "cannot find the ballast-sidecar binary (looked at {0}); build it with `cargo build --bins`, or pass --sidecar-bin"
     )]
     NoSidecar(String),
-    #[error("the sidecar did not become ready within 10s; its log is {0}")]
-    NotReady(String),
+    #[error("{what} did not become ready within {READY_WITHIN:?}; the end of its log:\n{log}")]
+    NotReady { what: String, log: String },
+    #[error("the mesh did not settle within {READY_WITHIN:?}: {0}")]
+    NotSettled(String),
+    #[error("cannot start the control plane: {0}")]
+    ControlPlane(#[from] ServeError),
+    #[error("applying the demo's policies: {0}")]
+    Apply(#[from] CtlError),
+    #[error("interrupted before the traffic started")]
+    Interrupted,
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }
 
-/// The policy the demo applies to `payments`.
+const NAMESPACE: &str = "demo";
+/// How long each start-up step may take.
+const READY_WITHIN: Duration = Duration::from_secs(15);
+/// How long a sidecar may take to exit after SIGTERM before it is killed.
+const STOP_WITHIN: Duration = Duration::from_secs(5);
+/// How often the client sidecar's metrics are read for circuit transitions.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+
+/// What the demo applies, as `ballastctl apply -f` would.
+const SERVICES: &str = "apiVersion: ballast.io/v1alpha1
+kind: Service
+metadata: {name: catalog, namespace: demo}
+spec:
+  ports: [{port: 80, protocol: http}]
+---
+apiVersion: ballast.io/v1alpha1
+kind: Service
+metadata: {name: payments, namespace: demo}
+spec:
+  ports: [{port: 80, protocol: http}]
+";
+
+/// A slow answer (300 ms) is cut at 100 ms and retried; a 503 is retried. The breaker
+/// trips on a failure rate well above the 28% of tries that fail normally (20% 503s,
+/// and 10% of the rest slow), over at least 50 tries: a start on a bad streak must not
+/// open it.
 const PAYMENTS_POLICY: &str = "apiVersion: ballast.io/v1alpha1
 kind: ResiliencePolicy
 metadata: {name: payments, namespace: demo}
 spec:
   targetRef: {service: payments}
   timeouts: {request: 1s, perTry: 100ms}
-  retries: {attempts: 3, on: [5xx], backoff: {base: 5ms, max: 50ms}, budget: {ratio: 0.5, minPerSecond: 10}}
+  retries:
+    attempts: 3
+    on: [5xx]
+    backoff: {base: 5ms, max: 50ms}
+    budget: {ratio: 0.5, minPerSecond: 10}
+  circuitBreaker:
+    failureRate: {threshold: 0.5, minimumRequests: 50, window: 5s}
+    openFor: 1s
 ";
 
-/// How a sample service behaves.
+/// `openFor` 1 s doubling to at most 2 s: the breaker closes within about 2 s of the end
+/// of the outage, so a 12 s run shows it.
+const CATALOG_POLICY: &str = "apiVersion: ballast.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: catalog, namespace: demo}
+spec:
+  targetRef: {service: catalog}
+  circuitBreaker: {consecutiveFailures: 5, openFor: 1s, maxOpenFor: 2s}
+";
+
+/// How a sample replica answers.
 #[derive(Clone, Copy)]
 struct Behaviour {
     fail_ratio: f64,
@@ -79,23 +165,49 @@ struct Behaviour {
 const HEALTHY: Behaviour = Behaviour { fail_ratio: 0.0, slow_ratio: 0.0, slow: Duration::ZERO };
 const FLAKY: Behaviour = Behaviour { fail_ratio: 0.2, slow_ratio: 0.1, slow: Duration::from_millis(300) };
 
-async fn spawn_sample(name: &'static str, b: Behaviour) -> std::io::Result<SocketAddr> {
+/// The header that tells a sample replica which path a request came by.
+const PATH_HEADER: &str = "x-demo-path";
+
+/// A sample replica: an HTTP/1.1 server on a loopback port of this process.
+#[derive(Clone)]
+struct App {
+    addr: SocketAddr,
+    /// While set, every request gets a 503 (the outage).
+    down: Arc<AtomicBool>,
+    /// Requests that arrived while down: [direct, mesh].
+    while_down: Arc<[AtomicU64; 2]>,
+}
+
+async fn spawn_app(name: &'static str, b: Behaviour) -> std::io::Result<App> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let down = Arc::new(AtomicBool::new(false));
+    let while_down: Arc<[AtomicU64; 2]> = Arc::default();
+    let app = App { addr, down: down.clone(), while_down: while_down.clone() };
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
+            let (down, while_down) = (down.clone(), while_down.clone());
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| async move {
-                    let (fail, slow) =
-                        (rand::random::<f64>() < b.fail_ratio, rand::random::<f64>() < b.slow_ratio);
-                    if slow {
-                        tokio::time::sleep(b.slow).await;
+                let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    let (down, while_down) = (down.clone(), while_down.clone());
+                    async move {
+                        let status = if down.load(Ordering::Relaxed) {
+                            let mesh = req.headers().get(PATH_HEADER).is_some_and(|v| v == "mesh");
+                            while_down[usize::from(mesh)].fetch_add(1, Ordering::Relaxed);
+                            503
+                        } else {
+                            let (fail, slow) =
+                                (rand::random::<f64>() < b.fail_ratio, rand::random::<f64>() < b.slow_ratio);
+                            if slow {
+                                tokio::time::sleep(b.slow).await;
+                            }
+                            if fail { 503 } else { 200 }
+                        };
+                        http::Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::from(format!("{name}: {status}\n"))))
                     }
-                    let status = if fail { 503 } else { 200 };
-                    http::Response::builder()
-                        .status(status)
-                        .body(Full::new(Bytes::from(format!("{name}: {status}\n"))))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
@@ -103,7 +215,7 @@ async fn spawn_sample(name: &'static str, b: Behaviour) -> std::io::Result<Socke
             });
         }
     });
-    Ok(addr)
+    Ok(app)
 }
 
 fn find_sidecar(explicit: Option<PathBuf>) -> Result<PathBuf, DemoError> {
@@ -128,8 +240,225 @@ fn find_sidecar(explicit: Option<PathBuf>) -> Result<PathBuf, DemoError> {
     Err(DemoError::NoSidecar(looked.join(", ")))
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+fn loopback_port() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+/// The few system calls the process guard needs, declared here rather than taking a
+/// crate for three functions of the C library std already links.
+mod sys {
+    use std::ffi::c_int;
+
+    pub const SIGTERM: c_int = 15;
+
+    unsafe extern "C" {
+        fn kill(pid: c_int, sig: c_int) -> c_int;
+        #[cfg(target_os = "linux")]
+        fn prctl(option: c_int, ...) -> c_int;
+        #[cfg(target_os = "linux")]
+        fn getppid() -> c_int;
+    }
+
+    /// Sends `sig` to `pid`, a child not yet reaped (so the pid is still ours).
+    pub fn signal(pid: u32, sig: c_int) {
+        // SAFETY: kill(2) has no memory effects; callers pass their unreaped child's pid.
+        unsafe {
+            kill(pid as c_int, sig);
+        }
+    }
+
+    /// Asks the kernel to send the child SIGTERM when the thread that spawned it dies, so
+    /// a demo killed with SIGKILL leaves no sidecar behind. Runs between fork and exec.
+    /// The demo spawns from the thread that runs `block_on` (or a runtime worker), which
+    /// lives as long as the process; never from a blocking-pool thread, which exits when
+    /// idle and would take the sidecar with it.
+    #[cfg(target_os = "linux")]
+    pub fn die_with_parent(cmd: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
+        let parent = std::process::id() as c_int;
+        // SAFETY: the closure only makes async-signal-safe system calls and allocates
+        // nothing (`from_raw_os_error` does not allocate).
+        unsafe {
+            cmd.pre_exec(move || {
+                const PR_SET_PDEATHSIG: c_int = 1;
+                if prctl(PR_SET_PDEATHSIG, SIGTERM as std::ffi::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent died before the prctl took effect.
+                if getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(3)); // ESRCH
+                }
+                Ok(())
+            });
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn die_with_parent(_: &mut std::process::Command) {}
+}
+
+/// A sidecar process of the demo.
+struct Proc {
+    pod: String,
+    child: Child,
+    /// Its exit status, once reaped.
+    exited: Option<std::process::ExitStatus>,
+    outbound: SocketAddr,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Whether it has exited (and is reaped).
+    fn poll_exit(&mut self) -> bool {
+        if self.exited.is_none()
+            && let Ok(Some(status)) = self.child.try_wait()
+        {
+            self.exited = Some(status);
+        }
+        self.exited.is_some()
+    }
+}
+
+/// The demo's sidecar processes. Dropping it stops and reaps every one still running, so
+/// an early return leaves none behind.
+struct Sidecars {
+    bin: PathBuf,
+    grpc: SocketAddr,
+    dir: tempfile::TempDir,
+    procs: Vec<Proc>,
+}
+
+impl Sidecars {
+    fn new(bin: PathBuf, grpc: SocketAddr) -> std::io::Result<Self> {
+        Ok(Self {
+            bin,
+            grpc,
+            dir: tempfile::Builder::new().prefix("ballast-demo").tempdir()?,
+            procs: Vec::new(),
+        })
+    }
+
+    /// Starts a sidecar named `pod` (registered for `service`, forwarding to `app`, when
+    /// given) and waits until it is ready. A port taken between choosing and binding it
+    /// is retried with fresh ports.
+    async fn start(&mut self, pod: &str, service: Option<(&str, SocketAddr)>) -> Result<usize, DemoError> {
+        let mut attempt = 1;
+        loop {
+            let i = self.spawn(pod, service)?;
+            match self.ready(i).await {
+                Ok(()) => return Ok(i),
+                Err(log) if attempt < 3 && log.contains("Address already in use") => attempt += 1,
+                Err(log) => return Err(DemoError::NotReady { what: format!("the sidecar {pod}"), log }),
+            }
+        }
+    }
+
+    /// Waits until sidecar `i` answers `/ready`; the end of its log if it exits first or
+    /// takes longer than [`READY_WITHIN`].
+    async fn ready(&mut self, i: usize) -> Result<(), String> {
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            if admin_call(self.procs[i].admin, Method::GET, "/ready").await.map(|(s, _)| s) == Some(200) {
+                return Ok(());
+            }
+            if self.procs[i].poll_exit() || Instant::now() > deadline {
+                return Err(self.procs[i].log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn spawn(&mut self, pod: &str, service: Option<(&str, SocketAddr)>) -> Result<usize, DemoError> {
+        let (outbound, inbound, admin) = (loopback_port()?, loopback_port()?, loopback_port()?);
+        let log = self.dir.path().join(format!("{pod}-{}.log", self.procs.len()));
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run")
+            .args(["--control-plane", &format!("http://{}", self.grpc)])
+            .args(["--namespace", NAMESPACE, "--pod", pod])
+            .args(["--outbound-addr", &outbound.to_string(), "--inbound-addr", &inbound.to_string()])
+            .args(["--admin-addr", &admin.to_string()])
+            .args(["--workers", "1", "--drain-deadline", "2s", "--egress-dns=false"])
+            .env_remove("BALLAST_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        if let Some((service, app)) = service {
+            cmd.args(["--service", service, "--app-addr", &app.to_string()])
+                .args(["--advertise-addr", &inbound.to_string()]);
+        }
+        // Its own process group: a Ctrl-C in the terminal goes to the demo alone, which
+        // then stops the sidecars after its last report.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        sys::die_with_parent(&mut cmd);
+        let child = cmd.spawn()?;
+        self.procs.push(Proc { pod: pod.to_owned(), child, exited: None, outbound, inbound, admin, log });
+        Ok(self.procs.len() - 1)
+    }
+
+    fn find(&self, pod: &str) -> Option<&Proc> {
+        self.procs.iter().rev().find(|p| p.pod == pod && p.exited.is_none())
+    }
+
+    fn signal_all(&mut self, sig: std::ffi::c_int) {
+        for p in &mut self.procs {
+            if !p.poll_exit() {
+                sys::signal(p.child.id(), sig);
+            }
+        }
+    }
+
+    fn all_exited(&mut self) -> bool {
+        self.procs.iter_mut().all(|p| p.poll_exit())
+    }
+
+    /// SIGTERM to all, then waits up to [`STOP_WITHIN`] for them to drain and exit;
+    /// SIGKILL for any still running. Returns the pods that had to be killed.
+    async fn stop(&mut self) -> Vec<String> {
+        self.signal_all(sys::SIGTERM);
+        let deadline = Instant::now() + STOP_WITHIN;
+        while !self.all_exited() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.kill_rest()
+    }
+
+    fn kill_rest(&mut self) -> Vec<String> {
+        let mut killed = Vec::new();
+        for p in &mut self.procs {
+            if !p.poll_exit() {
+                let _ = p.child.kill();
+                if let Ok(status) = p.child.wait() {
+                    p.exited = Some(status);
+                }
+                killed.push(p.pod.clone());
+            }
+        }
+        killed
+    }
+}
+
+impl Drop for Sidecars {
+    fn drop(&mut self) {
+        if self.all_exited() {
+            return;
+        }
+        // An early return (an error, an interrupted start-up): the same as `stop`, with
+        // blocking waits, as a destructor cannot await.
+        self.signal_all(sys::SIGTERM);
+        let deadline = Instant::now() + STOP_WITHIN;
+        while !self.all_exited() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill_rest();
+    }
 }
 
 #[derive(Default)]
@@ -160,75 +489,445 @@ impl Stats {
 
 type Table = Arc<Mutex<BTreeMap<(&'static str, &'static str), Stats>>>;
 
-fn print_table(table: &Table, title: &str, elapsed: Duration) {
+/// The table as one string, printed at once so event lines do not split it.
+fn render_table(table: &Table, title: &str, elapsed: Duration) -> String {
     let t = table.lock().unwrap_or_else(|p| p.into_inner());
-    println!("\n== {title} ({:.0}s) ==", elapsed.as_secs_f64());
-    println!(
+    let mut out = format!("\n== {title} ({:.0}s) ==\n", elapsed.as_secs_f64());
+    let _ = writeln!(
+        out,
         "{:<10} {:<8} {:>9} {:>9} {:>9} {:>9}",
         "service", "path", "requests", "success", "p50 ms", "p99 ms"
     );
     for ((svc, path), s) in t.iter() {
         let n = s.ok + s.failed;
         let rate = if n == 0 { 0.0 } else { 100.0 * s.ok as f64 / n as f64 };
-        println!(
+        let _ = writeln!(
+            out,
             "{svc:<10} {path:<8} {n:>9} {:>8.1}% {:>9.1} {:>9.1}",
             rate,
             s.percentile(0.5) * 1e3,
             s.percentile(0.99) * 1e3
         );
     }
+    out
+}
+
+/// When `catalog` is down: at a third of the run for a quarter of it (1 to 5 s), or,
+/// without a duration, at 10 s and every 30 s after, for 5 s.
+#[derive(Clone, Copy)]
+struct Outage {
+    start: Duration,
+    length: Duration,
+    every: Option<Duration>,
+}
+
+impl Outage {
+    fn for_run(duration: Option<Duration>) -> Self {
+        match duration {
+            Some(d) => Outage {
+                start: d / 3,
+                length: (d / 4).clamp(Duration::from_secs(1), Duration::from_secs(5)),
+                every: None,
+            },
+            None => Outage {
+                start: Duration::from_secs(10),
+                length: Duration::from_secs(5),
+                every: Some(Duration::from_secs(30)),
+            },
+        }
+    }
+
+    fn describe(&self) -> String {
+        let at = match self.every {
+            Some(every) => format!("{}s and every {}s after", self.start.as_secs(), every.as_secs()),
+            None => format!("{:.0}s", self.start.as_secs_f64()),
+        };
+        format!(
+            "At {at}, both catalog replicas go down (every answer a 503) for {:.0}s.",
+            self.length.as_secs_f64()
+        )
+    }
+}
+
+/// `[  4.1s]`: time since the traffic started.
+fn stamp(started: Instant) -> String {
+    format!("[{:>5.1}s]", started.elapsed().as_secs_f64())
+}
+
+/// Takes `catalog` down and up on the [`Outage`] schedule, saying so.
+async fn run_outages(outage: Outage, catalog: Vec<App>, started: Instant) {
+    let mut start = outage.start;
+    loop {
+        tokio::time::sleep_until((started + start).into()).await;
+        for app in &catalog {
+            for n in app.while_down.iter() {
+                n.store(0, Ordering::Relaxed);
+            }
+            app.down.store(true, Ordering::Relaxed);
+        }
+        println!(
+            "{} OUTAGE: both catalog replicas answer every request with 503 for {:.0}s.\n         \
+             Watch the client sidecar's breaker for catalog (its /metrics):",
+            stamp(started),
+            outage.length.as_secs_f64()
+        );
+        tokio::time::sleep_until((started + start + outage.length).into()).await;
+        let mut got = [0u64; 2];
+        for app in &catalog {
+            app.down.store(false, Ordering::Relaxed);
+            for (g, n) in got.iter_mut().zip(app.while_down.iter()) {
+                *g += n.load(Ordering::Relaxed);
+            }
+        }
+        // The breaker sent 5 failures before it opened, then a probe now and then.
+        let spared = got[1] * 2 < got[0];
+        println!(
+            "{} catalog is back. While it was down its replicas got {} requests direct\n         \
+             and {} through the mesh{}",
+            stamp(started),
+            got[0],
+            got[1],
+            if spared { ": the open circuit kept the rest away from them." } else { "." }
+        );
+        match outage.every {
+            Some(every) => start += every,
+            None => return,
+        }
+    }
+}
+
+/// The samples of metric `name` in a Prometheus text exposition: (labels, value).
+fn samples<'a>(text: &'a str, name: &str) -> Vec<(BTreeMap<&'a str, &'a str>, f64)> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            let labels = labels
+                .split(',')
+                .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k, v.trim_matches('"'))))
+                .collect();
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn circuit_name(state: i64) -> &'static str {
+    match state {
+        0 => "closed",
+        1 => "OPEN",
+        2 => "half-open",
+        _ => "unknown",
+    }
+}
+
+/// Polls the client sidecar's metrics and prints each circuit transition, and while a
+/// circuit rejects requests, how many, about once a second.
+async fn watch_circuits(admin: SocketAddr, started: Instant) {
+    /// What was last seen of one service's breaker.
+    struct Seen {
+        state: i64,
+        /// `ballast_rejections_total{reason="circuit-open"}` when last seen closed.
+        at_open: f64,
+        /// ... when last printed, and when that was.
+        printed: f64,
+        printed_at: Instant,
+        /// Closed since the last poll: the total is printed at the next one, when the
+        /// rejections of the last moments before closing are counted.
+        closed: bool,
+    }
+    let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
+    let mut explained = false;
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    loop {
+        tick.tick().await;
+        let Some((200, text)) = admin_call(admin, Method::GET, "/metrics").await else { continue };
+        let rejected: BTreeMap<&str, f64> = samples(&text, "ballast_rejections_total")
+            .into_iter()
+            .filter(|(l, _)| l.get("reason") == Some(&"circuit-open"))
+            .filter_map(|(l, v)| Some((*l.get("service")?, v)))
+            .collect();
+        for (labels, value) in samples(&text, "ballast_circuit_state") {
+            let Some(&service) = labels.get("service") else { continue };
+            let (state, n) = (value as i64, rejected.get(service).copied().unwrap_or(0.0));
+            let s = seen.entry(service.to_owned()).or_insert(Seen {
+                state: 0,
+                at_open: n,
+                printed: n,
+                printed_at: Instant::now(),
+                closed: false,
+            });
+            if std::mem::take(&mut s.closed) && n > s.at_open {
+                println!(
+                    "{} circuit {service}: {} rejected while it was open",
+                    stamp(started),
+                    n - s.at_open
+                );
+            }
+            if state != s.state {
+                let why = match state {
+                    1 if !explained => {
+                        explained = true;
+                        " (ballast_circuit_state 1)\n         \
+                         The sidecar stops calling the service and answers 503 circuit-open itself\n         \
+                         (ballast_rejections_total); after openFor it lets one probe through,\n         \
+                         and closes the circuit if the probe succeeds."
+                    }
+                    1 => " (ballast_circuit_state 1)",
+                    2 => ": one probe goes through",
+                    0 => ": a probe succeeded, requests flow again",
+                    _ => "",
+                };
+                let from = circuit_name(s.state);
+                println!("{} circuit {service}: {from} -> {}{why}", stamp(started), circuit_name(state));
+                if s.state == 0 {
+                    (s.printed, s.printed_at) = (s.at_open, Instant::now());
+                }
+                s.closed = state == 0;
+                s.state = state;
+            } else if state != 0 && n > s.printed && s.printed_at.elapsed() >= Duration::from_secs(1) {
+                println!(
+                    "{} circuit {service}: +{} rejected, {} since it opened (reason=\"circuit-open\")",
+                    stamp(started),
+                    n - s.printed,
+                    n - s.at_open
+                );
+                (s.printed, s.printed_at) = (n, Instant::now());
+            }
+            if s.state == 0 && !s.closed {
+                s.at_open = n;
+            }
+        }
+    }
+}
+
+/// What the client sidecar counted, per service: requests by status, retries, rejections.
+fn render_counted(text: &str) -> String {
+    #[derive(Default)]
+    struct Row {
+        requests: f64,
+        statuses: BTreeMap<String, f64>,
+        retries: f64,
+        rejected: BTreeMap<String, f64>,
+    }
+    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    for (l, v) in samples(text, "ballast_requests_total") {
+        if l.get("direction") != Some(&"outbound") {
+            continue;
+        }
+        let (Some(s), Some(code)) = (l.get("service"), l.get("status_code")) else { continue };
+        let row = rows.entry(s.to_string()).or_default();
+        row.requests += v;
+        *row.statuses.entry(code.to_string()).or_default() += v;
+    }
+    for (l, v) in samples(text, "ballast_retries_total") {
+        if let Some(s) = l.get("service") {
+            rows.entry(s.to_string()).or_default().retries += v;
+        }
+    }
+    for (l, v) in samples(text, "ballast_rejections_total") {
+        if let (Some(s), Some(r)) = (l.get("service"), l.get("reason")) {
+            *rows.entry(s.to_string()).or_default().rejected.entry(r.to_string()).or_default() += v;
+        }
+    }
+    let join = |m: &BTreeMap<String, f64>| {
+        if m.is_empty() {
+            return "-".to_owned();
+        }
+        m.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(" ")
+    };
+    let mut out = format!(
+        "  {:<14} {:>8}  {:<24} {:>7}  {}\n",
+        "service", "requests", "by status", "retries", "rejected"
+    );
+    for (s, r) in &rows {
+        let _ = writeln!(
+            out,
+            "  {s:<14} {:>8}  {:<24} {:>7}  {}",
+            r.requests,
+            join(&r.statuses),
+            r.retries,
+            join(&r.rejected)
+        );
+    }
+    out
+}
+
+/// Resolves on Ctrl-C or SIGTERM; the handlers are installed at once.
+fn stop_signal() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut int, mut term) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
-    let sidecar_bin = find_sidecar(args.sidecar_bin)?;
-    let catalog = [spawn_sample("catalog-1", HEALTHY).await?, spawn_sample("catalog-2", HEALTHY).await?];
-    let payments = spawn_sample("payments-1", FLAKY).await?;
+    let sidecar_bin = find_sidecar(args.sidecar_bin.clone())?;
+    let stop = stop_signal()?;
+    tokio::pin!(stop);
 
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("mesh.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "apiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: catalog, namespace: demo}}\nspec:\n  ports: [{{port: 80, protocol: http}}]\n  endpoints: [{{address: \"{}\"}}, {{address: \"{}\"}}]\n---\napiVersion: ballast.io/v1alpha1\nkind: Service\nmetadata: {{name: payments, namespace: demo}}\nspec:\n  ports: [{{port: 80, protocol: http}}]\n  endpoints: [{{address: \"{}\"}}]\n---\n{PAYMENTS_POLICY}",
-            catalog[0], catalog[1], payments
-        ),
-    )?;
-    let (outbound, admin) =
-        (SocketAddr::from(([127, 0, 0, 1], free_port()?)), SocketAddr::from(([127, 0, 0, 1], free_port()?)));
-    let log_path = dir.path().join("sidecar.log");
-    let mut sidecar = tokio::process::Command::new(&sidecar_bin)
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .args(["--namespace", "demo", "--egress-dns=false"])
-        .args(["--outbound-addr", &outbound.to_string(), "--admin-addr", &admin.to_string()])
-        .args(["--inbound-addr", &format!("127.0.0.1:{}", free_port()?)])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log_path)?)
-        .kill_on_drop(true)
-        .spawn()?;
-    let ready_deadline = Instant::now() + Duration::from_secs(10);
-    while admin_get(admin, "/ready").await.map(|(s, _)| s) != Some(200) {
-        if Instant::now() > ready_deadline {
-            return Err(DemoError::NotReady(log_path.display().to_string()));
+    let cp = ControlPlane::start_on(
+        Store::memory(),
+        Options {
+            etcd: vec![],
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            prefix: "/ballast".into(),
+            lease_ttl: crate::session::DEFAULT_TTL,
+            replica: "demo".into(),
+            compact_every: Duration::from_secs(300),
+        },
+    )
+    .await?;
+    let mut sidecars = Sidecars::new(sidecar_bin, cp.grpc_addr)?;
+    let result = tokio::select! {
+        r = setup(&mut sidecars, cp.admin_addr) => r,
+        _ = &mut stop => Err(DemoError::Interrupted),
+    };
+    if let Ok(mesh) = &result {
+        traffic(&args, mesh, stop).await;
+    }
+    // Stopped in order: the sidecars close their streams (the control plane deregisters
+    // them) and drain, then the control plane stops.
+    let killed = sidecars.stop().await;
+    let n = sidecars.procs.iter().map(|p| &p.pod).collect::<std::collections::BTreeSet<_>>().len();
+    cp.stop().await;
+    result?;
+    if killed.is_empty() {
+        println!("\nStopped {n} sidecars (SIGTERM: each drained and exited) and the control plane.");
+    } else {
+        println!("\nStopped {n} sidecars ({} needed SIGKILL) and the control plane.", killed.join(", "));
+    }
+    println!("Demo finished.");
+    Ok(())
+}
+
+/// The running mesh the traffic goes to.
+struct Mesh {
+    catalog: [App; 2],
+    payments: [App; 2],
+    /// The client sidecar's outbound listener and admin address.
+    outbound: SocketAddr,
+    client_admin: SocketAddr,
+}
+
+/// Starts the sample services and their sidecars, applies the policies and waits until
+/// every sidecar has them.
+async fn setup(sidecars: &mut Sidecars, cp_admin: SocketAddr) -> Result<Mesh, DemoError> {
+    let api = Api::new(&format!("http://{cp_admin}"));
+    let catalog = [spawn_app("catalog-1", HEALTHY).await?, spawn_app("catalog-2", HEALTHY).await?];
+    let payments = [spawn_app("payments-1", FLAKY).await?, spawn_app("payments-2", FLAKY).await?];
+    let replicas: [(&str, &str, &App); 4] = [
+        ("catalog-1", "catalog", &catalog[0]),
+        ("catalog-2", "catalog", &catalog[1]),
+        ("payments-1", "payments", &payments[0]),
+        ("payments-2", "payments", &payments[1]),
+    ];
+    for (pod, service, app) in replicas {
+        sidecars.start(pod, Some((service, app.addr))).await?;
+    }
+    let client = sidecars.start("client", None).await?;
+    let (outbound, client_admin) = (sidecars.procs[client].outbound, sidecars.procs[client].admin);
+
+    println!(
+        "Ballast demo: a control plane on the embedded store (in this process) and {} sidecars.",
+        replicas.len() + 1
+    );
+    println!("  control plane  push http://{} (gRPC), admin API http://{cp_admin}", sidecars.grpc);
+    for (pod, _, app) in replicas {
+        let Some(p) = sidecars.find(pod) else { continue };
+        let what = if pod.starts_with("payments") { "flaky" } else { "healthy" };
+        println!(
+            "  {pod:<10}  app {:<15}  {what:<7}  sidecar pid {:<7}  inbound {}",
+            app.addr.to_string(),
+            p.child.id(),
+            p.inbound
+        );
+    }
+    if let Some(p) = sidecars.find("client") {
+        println!(
+            "  {:<10}  the demo's traffic        sidecar pid {:<7}  outbound {}",
+            "client",
+            p.child.id(),
+            p.outbound
+        );
+    }
+    println!("  flaky: fails 20% of requests (503) and answers 10% after 300 ms");
+
+    // Applied once every sidecar is connected, so the push to them shows.
+    let file = sidecars.dir.path().join("mesh.yaml");
+    std::fs::write(&file, format!("{SERVICES}---\n{PAYMENTS_POLICY}---\n{CATALOG_POLICY}"))?;
+    let applied =
+        ctl::apply(&api, &ApplyArgs { file, wait: true, timeout: READY_WITHIN }, Output::Table).await?;
+    println!("\n$ ballastctl apply -f mesh.yaml --wait   (through the admin API)");
+    print!("{applied}");
+    println!("The policies:\n{PAYMENTS_POLICY}{CATALOG_POLICY}");
+
+    settle(&api, client_admin, replicas.len() + 1).await?;
+    println!("$ ballastctl get proxies");
+    print!("{}", ctl::get(&api, Kind::Proxies, Some(NAMESPACE), Output::Table).await?);
+    Ok(Mesh { catalog, payments, outbound, client_admin })
+}
+
+/// Waits until every sidecar has applied the latest version and the client sidecar has
+/// both replicas of each service.
+async fn settle(api: &Api, client_admin: SocketAddr, sidecars: usize) -> Result<(), DemoError> {
+    let deadline = Instant::now() + READY_WITHIN;
+    loop {
+        let proxies = api.call(Method::GET, "/api/v1/proxies", None).await?;
+        let synced = proxies
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["namespace"] == NAMESPACE && p["state"] == "SYNCED")
+            .count();
+        let metrics =
+            admin_call(client_admin, Method::GET, "/metrics").await.map(|(_, m)| m).unwrap_or_default();
+        let ready = |service: &str| {
+            samples(&metrics, "ballast_endpoints").iter().any(|(l, v)| {
+                l.get("service") == Some(&service) && l.get("state") == Some(&"ready") && *v == 2.0
+            })
+        };
+        if synced == sidecars && ready("catalog.demo") && ready("payments.demo") {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let states: Vec<String> = proxies
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    format!("{} {}", p["pod"].as_str().unwrap_or("?"), p["state"].as_str().unwrap_or("?"))
+                })
+                .collect();
+            return Err(DemoError::NotSettled(format!(
+                "sidecars: {}; the client's endpoints: {}",
+                states.join(", "),
+                metrics.lines().filter(|l| l.starts_with("ballast_endpoints")).collect::<Vec<_>>().join("; ")
+            )));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!(
-        "Ballast demo: sidecar {} (pid {:?}) on {outbound}, admin http://{admin}",
-        sidecar_bin.display(),
-        sidecar.id()
-    );
-    println!("  catalog  = 2 healthy replicas {} {}", catalog[0], catalog[1]);
-    println!(
-        "  payments = 1 replica {payments} that fails 20% of requests (503) and is slow (300 ms) for 10%"
-    );
-    println!(
-        "Each service gets {} req/s straight to its replicas ('direct') and the same through the sidecar ('mesh').",
-        args.rate
-    );
-    println!("The mesh applies this policy to payments:\n{PAYMENTS_POLICY}");
+}
 
+/// Sends the traffic until `--duration` has passed or `stop` resolves, reporting as it
+/// goes.
+async fn traffic(args: &DemoArgs, mesh: &Mesh, stop: std::pin::Pin<&mut impl Future<Output = ()>>) {
+    let outage = Outage::for_run(args.duration);
+    println!(
+        "\nEach service gets {} req/s straight to its replicas in turn ('direct') and the same\n\
+         through the client sidecar ('mesh').\n{}",
+        args.rate,
+        outage.describe()
+    );
+    let Mesh { catalog, payments, outbound, client_admin } = mesh;
+    let (outbound, client_admin) = (*outbound, *client_admin);
     let direct: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mesh: Client<_, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build(tower::service_fn(move |_uri: http::Uri| {
@@ -236,37 +935,49 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
         }));
     let table: Table = Arc::default();
     let started = Instant::now();
+    let background = [
+        tokio::spawn(run_outages(outage, catalog.to_vec(), started)),
+        tokio::spawn(watch_circuits(client_admin, started)),
+    ];
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
     let mut report = tokio::time::interval(Duration::from_secs(args.report_every.max(1)));
     report.tick().await;
-    let stop = async {
+    let until = async {
         match args.duration {
             Some(d) => tokio::time::sleep(d).await,
-            None => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            None => std::future::pending().await,
         }
     };
-    tokio::pin!(stop);
+    tokio::pin!(until);
+    let mut stop = stop;
     let mut n: usize = 0;
     loop {
         tokio::select! {
-            _ = &mut stop => break,
-            _ = report.tick() => print_table(&table, "so far", started.elapsed()),
+            _ = &mut until => break,
+            _ = stop.as_mut() => break,
+            _ = report.tick() => {
+                // The final table follows at once.
+                let ending = args.duration.is_some_and(|d| started.elapsed() + Duration::from_millis(500) >= d);
+                if !ending {
+                    print!("{}", render_table(&table, "so far", started.elapsed()));
+                }
+            }
             _ = tick.tick() => {
                 n += 1;
-                let targets: [(&'static str, &'static str, String, bool); 4] = [
-                    ("catalog", "direct", format!("http://{}/items", catalog[n % 2]), false),
-                    ("catalog", "mesh", "http://catalog/items".to_string(), true),
-                    ("payments", "direct", format!("http://{payments}/charge"), false),
-                    ("payments", "mesh", "http://payments/charge".to_string(), true),
+                let targets: [(&'static str, &'static str, String); 4] = [
+                    ("catalog", "direct", format!("http://{}/items", catalog[n % 2].addr)),
+                    ("catalog", "mesh", "http://catalog/items".to_string()),
+                    ("payments", "direct", format!("http://{}/charge", payments[n % 2].addr)),
+                    ("payments", "mesh", "http://payments/charge".to_string()),
                 ];
-                for (svc, path, url, via_mesh) in targets {
+                for (svc, path, url) in targets {
                     let (direct, mesh, table) = (direct.clone(), mesh.clone(), table.clone());
                     tokio::spawn(async move {
-                        let Ok(uri) = url.parse::<http::Uri>() else { return };
+                        let Ok(req) = http::Request::get(url).header(PATH_HEADER, path).body(Empty::new()) else {
+                            return;
+                        };
                         let t = Instant::now();
-                        let fut = if via_mesh { mesh.get(uri) } else { direct.get(uri) };
+                        let fut = if path == "mesh" { mesh.request(req) } else { direct.request(req) };
                         let ok = match tokio::time::timeout(Duration::from_secs(2), fut).await {
                             Ok(Ok(rsp)) => {
                                 let ok = rsp.status().is_success();
@@ -275,35 +986,30 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
                             }
                             _ => false,
                         };
-                        table.lock().unwrap_or_else(|p| p.into_inner()).entry((svc, path)).or_default().record(ok, t.elapsed().as_secs_f64());
+                        table
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .entry((svc, path))
+                            .or_default()
+                            .record(ok, t.elapsed().as_secs_f64());
                     });
                 }
             }
         }
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    print_table(&table, "final", started.elapsed());
-    if let Some((_, metrics)) = admin_get(admin, "/metrics").await {
-        println!("\nWhat the sidecar counted (ballast_requests_total):");
-        for line in metrics.lines().filter(|l| l.starts_with("ballast_requests_total")) {
-            println!("  {line}");
-        }
+    for task in &background {
+        task.abort();
     }
-    let _ = admin_post(admin, "/shutdown").await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), sidecar.wait()).await;
-    println!("\nDemo finished.");
-    Ok(())
+    // Let the requests in flight finish (the slowest take 300 ms, bounded by 2 s).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    print!("{}", render_table(&table, "final", started.elapsed()));
+    if let Some((200, metrics)) = admin_call(client_admin, Method::GET, "/metrics").await {
+        println!("\nWhat the client sidecar counted (its /metrics):");
+        print!("{}", render_counted(&metrics));
+    }
 }
 
-async fn admin_get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
-    admin_call(admin, http::Method::GET, path).await
-}
-
-async fn admin_post(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
-    admin_call(admin, http::Method::POST, path).await
-}
-
-async fn admin_call(admin: SocketAddr, method: http::Method, path: &str) -> Option<(u16, String)> {
+async fn admin_call(admin: SocketAddr, method: Method, path: &str) -> Option<(u16, String)> {
     let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let req = http::Request::builder()
         .method(method)
@@ -314,4 +1020,38 @@ async fn admin_call(admin: SocketAddr, method: http::Method, path: &str) -> Opti
     let status = rsp.status().as_u16();
     let body = rsp.into_body().collect().await.ok()?.to_bytes();
     Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_parse_labels_and_values() {
+        let text = "# HELP x\nballast_circuit_state{service=\"catalog.demo\"} 1\n\
+                    ballast_circuit_state_other 3\nballast_config_version 7\n\
+                    ballast_rejections_total{direction=\"outbound\",reason=\"circuit-open\",service=\"a.b\"} 38\n";
+        let s = samples(text, "ballast_circuit_state");
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].0.get("service"), Some(&"catalog.demo"));
+        assert_eq!(s[0].1, 1.0);
+        assert_eq!(samples(text, "ballast_config_version")[0].1, 7.0);
+        let r = samples(text, "ballast_rejections_total");
+        assert_eq!((r[0].0.get("reason"), r[0].1), (Some(&"circuit-open"), 38.0));
+    }
+
+    #[test]
+    fn the_outage_fits_the_run() {
+        let o = Outage::for_run(Some(Duration::from_secs(12)));
+        assert_eq!((o.start, o.length), (Duration::from_secs(4), Duration::from_secs(3)));
+        let o = Outage::for_run(Some(Duration::from_secs(60)));
+        assert_eq!((o.start, o.length), (Duration::from_secs(20), Duration::from_secs(5)));
+        assert!(Outage::for_run(None).every.is_some());
+    }
+
+    #[test]
+    fn the_demo_policies_validate() {
+        let docs = format!("{SERVICES}---\n{PAYMENTS_POLICY}---\n{CATALOG_POLICY}");
+        ballast_api::Config::from_yaml(&docs, "demo").expect("valid");
+    }
 }

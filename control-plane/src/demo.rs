@@ -559,18 +559,19 @@ async fn run_outages(outage: Outage, catalog: Vec<App>, started: Instant) {
     let mut start = outage.start;
     loop {
         tokio::time::sleep_until((started + start).into()).await;
-        for app in &catalog {
-            for n in app.while_down.iter() {
-                n.store(0, Ordering::Relaxed);
-            }
-            app.down.store(true, Ordering::Relaxed);
-        }
+        // Said first, so that it comes before anything the outage causes.
         println!(
             "{} OUTAGE: both catalog replicas answer every request with 503 for {:.0}s.\n         \
              Watch the client sidecar's breaker for catalog (its /metrics):",
             stamp(started),
             outage.length.as_secs_f64()
         );
+        for app in &catalog {
+            for n in app.while_down.iter() {
+                n.store(0, Ordering::Relaxed);
+            }
+            app.down.store(true, Ordering::Relaxed);
+        }
         tokio::time::sleep_until((started + start + outage.length).into()).await;
         let mut got = [0u64; 2];
         for app in &catalog {
@@ -860,7 +861,9 @@ async fn setup(sidecars: &mut Sidecars, cp_admin: SocketAddr) -> Result<Mesh, De
     }
     println!("  flaky: fails 20% of requests (503) and answers 10% after 300 ms");
 
-    // Applied once every sidecar is connected, so the push to them shows.
+    // Applied once the control plane has every sidecar's status, so that `--wait` waits
+    // for all of them (a sidecar is ready before the control plane has recorded its ack).
+    settle(&api, client_admin, replicas.len() + 1).await?;
     let file = sidecars.dir.path().join("mesh.yaml");
     std::fs::write(&file, format!("{SERVICES}---\n{PAYMENTS_POLICY}---\n{CATALOG_POLICY}"))?;
     let applied =
@@ -875,8 +878,8 @@ async fn setup(sidecars: &mut Sidecars, cp_admin: SocketAddr) -> Result<Mesh, De
     Ok(Mesh { catalog, payments, outbound, client_admin })
 }
 
-/// Waits until every sidecar has applied the latest version and the client sidecar has
-/// both replicas of each service.
+/// Waits until the control plane lists every sidecar as having applied the latest
+/// version sent to it, and the client sidecar has both replicas of each service.
 async fn settle(api: &Api, client_admin: SocketAddr, sidecars: usize) -> Result<(), DemoError> {
     let deadline = Instant::now() + READY_WITHIN;
     loop {

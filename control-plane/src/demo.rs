@@ -244,20 +244,11 @@ fn loopback_port() -> std::io::Result<SocketAddr> {
     std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
-/// The few system calls the process guard needs, declared here rather than taking a
-/// crate for three functions of the C library std already links.
+/// The system calls the process guard needs.
 mod sys {
-    use std::ffi::c_int;
+    use libc::{c_int, getppid, kill, prctl};
 
-    pub const SIGTERM: c_int = 15;
-
-    unsafe extern "C" {
-        fn kill(pid: c_int, sig: c_int) -> c_int;
-        #[cfg(target_os = "linux")]
-        fn prctl(option: c_int, ...) -> c_int;
-        #[cfg(target_os = "linux")]
-        fn getppid() -> c_int;
-    }
+    pub const SIGTERM: c_int = libc::SIGTERM;
 
     /// Sends `sig` to `pid`, a child not yet reaped (so the pid is still ours).
     pub fn signal(pid: u32, sig: c_int) {
@@ -280,13 +271,12 @@ mod sys {
         // nothing (`from_raw_os_error` does not allocate).
         unsafe {
             cmd.pre_exec(move || {
-                const PR_SET_PDEATHSIG: c_int = 1;
-                if prctl(PR_SET_PDEATHSIG, SIGTERM as std::ffi::c_ulong) != 0 {
+                if prctl(libc::PR_SET_PDEATHSIG, SIGTERM as libc::c_ulong) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 // The parent died before the prctl took effect.
                 if getppid() != parent {
-                    return Err(std::io::Error::from_raw_os_error(3)); // ESRCH
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });

@@ -5,6 +5,7 @@
 mod support;
 
 #[path = "../control-plane/tests/support/etcd.rs"]
+#[allow(dead_code)]
 mod etcd;
 
 use std::net::SocketAddr;
@@ -132,6 +133,27 @@ fn pods(proxies: &serde_json::Value, state: &str) -> Vec<String> {
     v
 }
 
+/// The sidecar of `payments-1` in `shop`, registered at its inbound listener, which
+/// forwards to `app`.
+fn payments_sidecar(control_plane: &str, app: &Upstream) -> Sidecar {
+    let app_addr = app.addr.to_string();
+    Sidecar::start_meshed(
+        control_plane,
+        &[
+            "--namespace",
+            "shop",
+            "--service",
+            "payments",
+            "--pod",
+            "payments-1",
+            "--advertise-addr",
+            "{inbound}",
+            "--app-addr",
+            &app_addr,
+        ],
+    )
+}
+
 const RATE_LIMITED: &str = "apiVersion: ballast.io/v1alpha1
 kind: ResiliencePolicy
 metadata: {name: payments, namespace: shop}
@@ -144,23 +166,7 @@ spec:
 fn sidecars_get_their_configuration_and_endpoints_from_the_control_plane() {
     let cp = ControlPlane::start("cp-a", None);
     let app = Upstream::start("payments-app");
-    // The server sidecar forwards inbound requests to the app.
-    let app_arg = app.addr.to_string();
-    let server = Sidecar::start_meshed(
-        &cp.url(),
-        &[
-            "--namespace",
-            "shop",
-            "--service",
-            "payments",
-            "--pod",
-            "payments-1",
-            "--advertise-addr",
-            "{inbound}",
-            "--app-addr",
-            &app_arg,
-        ],
-    );
+    let server = payments_sidecar(&cp.url(), &app);
     let client = Sidecar::start_meshed(&cp.url(), &["--namespace", "shop", "--pod", "web-1"]);
 
     // The registered endpoint reached the client's sidecar: requests by name get through.
@@ -217,30 +223,15 @@ fn no_request_fails_while_replicas_restart_and_etcd_is_down() {
     let mut b = ControlPlane::start("cp-b", Some(&endpoint));
     let both = format!("{},{}", a.url(), b.url());
     let app = Upstream::start("payments-app");
-    let app_arg = app.addr.to_string();
-    let _server = Sidecar::start_meshed(
-        &both,
-        &[
-            "--namespace",
-            "shop",
-            "--service",
-            "payments",
-            "--pod",
-            "payments-1",
-            "--advertise-addr",
-            "{inbound}",
-            "--app-addr",
-            &app_arg,
-        ],
-    );
+    let _server = payments_sidecar(&both, &app);
     let client = Arc::new(Sidecar::start_meshed(&both, &["--namespace", "shop", "--pod", "web-1"]));
     wait_until("payments answers through the mesh", || call(&client, "payments").0 == 200);
 
     // Bounded traffic: at most 20,000 requests or 60 s, stopped by the test.
     let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let sent = Arc::new(AtomicUsize::new(0));
     let traffic = {
-        let (client, stop, sent, failed) = (client.clone(), stop.clone(), sent.clone(), failed.clone());
+        let (client, stop, sent) = (client.clone(), stop.clone(), sent.clone());
         std::thread::spawn(move || {
             let started = Instant::now();
             let mut failures = Vec::new();
@@ -251,7 +242,6 @@ fn no_request_fails_while_replicas_restart_and_etcd_is_down() {
                 let (status, body) = call(&client, "payments");
                 sent.fetch_add(1, Ordering::Relaxed);
                 if status != 200 {
-                    failed.fetch_add(1, Ordering::Relaxed);
                     failures.push(format!("{status} {body}"));
                 }
                 std::thread::sleep(Duration::from_millis(5));
@@ -298,7 +288,6 @@ fn no_request_fails_while_replicas_restart_and_etcd_is_down() {
     // other failure is allowed.
     let other: Vec<&String> = failures.iter().filter(|f| !f.starts_with("429")).collect();
     assert!(other.is_empty(), "{} of {sent} requests failed: {other:?}", other.len());
-    assert!(failed.load(Ordering::Relaxed) >= other.len());
     let (kv_ok, endpoints) = a.ctl(&["get", "endpoints"]);
     assert!(kv_ok && endpoints.contains("payments-1"), "{endpoints}");
 }
@@ -311,15 +300,7 @@ fn a_sidecar_nacks_what_it_cannot_apply_and_keeps_its_configuration() {
     use ballast_control_plane::store::Store;
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let store = Store::memory();
-    let opts = Options {
-        etcd: Vec::new(),
-        grpc_addr: "127.0.0.1:0".parse().expect("addr"),
-        admin_addr: "127.0.0.1:0".parse().expect("addr"),
-        prefix: "/ballast".into(),
-        lease_ttl: Duration::from_secs(10),
-        replica: "in-process".into(),
-        compact_every: Duration::from_secs(300),
-    };
+    let opts = Options::loopback("in-process");
     let cp = rt.block_on(InProcess::start_on(store.clone(), opts)).expect("starts");
     let app = Upstream::start("web-app");
     let service = |name: &str| {

@@ -26,6 +26,12 @@ impl Duration {
     }
 }
 
+/// A command-line duration (`2s`, `500ms`): a clap `value_parser` for every binary's
+/// duration flags, with the same syntax and errors as the resources.
+pub fn parse_flag(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<Duration>().map(Duration::get).map_err(|e| e.to_string())
+}
+
 impl From<Duration> for std::time::Duration {
     fn from(d: Duration) -> Self {
         d.0

@@ -7,12 +7,17 @@
 //! * [`duration`]: the `2s` / `500ms` durations used throughout.
 //! * [`names`]: ports, headers and other well-known names that are public interface.
 //! * [`proto`]: the push protocol between sidecars and the control plane (gRPC).
+//! * [`errors`]: an error and its causes on one line; `logging` (feature `logging`): the
+//!   binaries' log set-up.
 //!
 //! Nothing here does I/O beyond reading a file: the sidecar, control plane and injector
 //! all depend on this crate, and the sidecar must stay small.
 
 pub mod document;
 pub mod duration;
+pub mod errors;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod names;
 pub mod policy;
 pub mod proto;

@@ -20,7 +20,7 @@ pub struct ApplyArgs {
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = ballast_api::duration::parse_flag)]
     pub timeout: Duration,
 }
 
@@ -48,10 +48,6 @@ pub enum DeleteKind {
 pub enum Output {
     Table,
     Json,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    s.parse::<ballast_api::Duration>().map(|d| d.get()).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +85,7 @@ impl Api {
             .uri(&url)
             .body(Full::new(body.unwrap_or_default()))
             .map_err(|e| unreachable(format!("bad URL {url}: {e}")))?;
-        let resp = self.client.request(req).await.map_err(|e| unreachable(chain(&e)))?;
+        let resp = self.client.request(req).await.map_err(|e| unreachable(ballast_api::errors::chain(&e)))?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await.map_err(|e| unreachable(e.to_string()))?.to_bytes();
         let value: Value = serde_json::from_slice(&bytes)
@@ -99,17 +95,6 @@ impl Api {
         }
         Err(CtlError::Api(error_text(status, &value)))
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// The server's message, and the sidecars it names.

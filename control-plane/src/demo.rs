@@ -65,7 +65,7 @@ use crate::store::Store;
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Stop after this long, e.g. 30s (without it, runs until Ctrl-C).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = ballast_api::duration::parse_flag)]
     pub duration: Option<Duration>,
     /// Requests per second sent to each service on each path (direct and through the mesh).
     #[arg(long, default_value_t = 40)]
@@ -76,10 +76,6 @@ pub struct DemoArgs {
     /// Seconds between reports.
     #[arg(long, default_value_t = 5)]
     pub report_every: u64,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    s.parse::<ballast_api::Duration>().map(|d| d.get()).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -763,19 +759,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     let stop = stop_signal()?;
     tokio::pin!(stop);
 
-    let cp = ControlPlane::start_on(
-        Store::memory(),
-        Options {
-            etcd: vec![],
-            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            prefix: "/ballast".into(),
-            lease_ttl: crate::session::DEFAULT_TTL,
-            replica: "demo".into(),
-            compact_every: Duration::from_secs(300),
-        },
-    )
-    .await?;
+    let cp = ControlPlane::start_on(Store::memory(), Options::loopback("demo")).await?;
     let mut sidecars = Sidecars::new(sidecar_bin, cp.grpc_addr)?;
     let result = tokio::select! {
         r = setup(&mut sidecars, cp.admin_addr) => r,

@@ -110,6 +110,21 @@ pub struct Scope {
     pub calls: Vec<Name>,
 }
 
+impl Scope {
+    /// Whether a change to `services` reaches a sidecar of this scope.
+    pub fn reaches(&self, services: &BTreeSet<Name>) -> bool {
+        let own = self.service.as_ref().map(|s| (self.namespace.clone(), s.clone()));
+        if own.is_some_and(|o| services.contains(&o)) {
+            return true;
+        }
+        if self.calls.is_empty() {
+            services.iter().any(|(ns, _)| *ns == self.namespace)
+        } else {
+            self.calls.iter().any(|c| services.contains(c))
+        }
+    }
+}
+
 /// A resource as pushed. The JSON is rendered once per change of the resource and
 /// shared by every view that holds it: a thousand sidecars calling one service do not
 /// serialize it a thousand times, and comparing two views is mostly pointer compares.

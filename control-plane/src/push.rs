@@ -26,7 +26,6 @@
 //!   make a handful of etcd transactions, not a thousand writes, each waiting its turn
 //!   for an fsync ahead of the next `ballastctl apply`.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -39,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::keys::{Key, Keys};
-use crate::mesh::{Name, ProxyStatus, Registration, Scope, View, parse_call};
+use crate::mesh::{ProxyStatus, Registration, Scope, View, parse_call};
 use crate::metrics::Metrics;
 use crate::store::{LeaseId, MAX_WRITES, Revision, Store, StoreError};
 use crate::sync::{Change, SharedMesh};
@@ -532,21 +531,6 @@ fn remember(written: &mut Vec<(String, Revision)>, key: &str, rev: Revision) {
     match written.iter_mut().find(|(k, _)| k == key) {
         Some(w) => w.1 = rev,
         None => written.push((key.to_owned(), rev)),
-    }
-}
-
-impl Scope {
-    /// Whether a change to `services` reaches a sidecar of this scope.
-    pub fn reaches(&self, services: &BTreeSet<Name>) -> bool {
-        let own = self.service.as_ref().map(|s| (self.namespace.clone(), s.clone()));
-        if own.is_some_and(|o| services.contains(&o)) {
-            return true;
-        }
-        if self.calls.is_empty() {
-            services.iter().any(|(ns, _)| *ns == self.namespace)
-        } else {
-            self.calls.iter().any(|c| services.contains(c))
-        }
     }
 }
 

@@ -34,6 +34,26 @@ pub struct Options {
     pub compact_every: Duration,
 }
 
+/// How often the store's history is compacted by default.
+pub const DEFAULT_COMPACT_EVERY: Duration = Duration::from_secs(300);
+
+impl Options {
+    /// One replica named `replica` on loopback, on ports the system picks, with the
+    /// default prefix, lease and compaction: the demo's, the tests' and the benchmark's.
+    pub fn loopback(replica: &str) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            etcd: Vec::new(),
+            grpc_addr: any,
+            admin_addr: any,
+            prefix: crate::keys::DEFAULT_PREFIX.to_owned(),
+            lease_ttl: crate::session::DEFAULT_TTL,
+            replica: replica.to_owned(),
+            compact_every: DEFAULT_COMPACT_EVERY,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("{0}")]

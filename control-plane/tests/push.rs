@@ -16,20 +16,8 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(5);
 
-fn options() -> Options {
-    Options {
-        etcd: Vec::new(),
-        grpc_addr: "127.0.0.1:0".parse().expect("addr"),
-        admin_addr: "127.0.0.1:0".parse().expect("addr"),
-        prefix: "/ballast".into(),
-        lease_ttl: Duration::from_secs(10),
-        replica: "cp-test".into(),
-        compact_every: Duration::from_secs(300),
-    }
-}
-
 async fn start(store: Store, replica: &str) -> ControlPlane {
-    ControlPlane::start_on(store, Options { replica: replica.into(), ..options() }).await.expect("starts")
+    ControlPlane::start_on(store, Options::loopback(replica)).await.expect("starts")
 }
 
 fn grpc(cp: &ControlPlane) -> String {
@@ -354,7 +342,7 @@ async fn one_replica_compacts_the_history_under_a_lock() {
     let mut replicas = Vec::new();
     for name in ["cp-a", "cp-b"] {
         let store = Store::etcd(&[etcd.endpoint()]).await.expect("etcd");
-        let opts = Options { replica: name.into(), compact_every: every, ..options() };
+        let opts = Options { compact_every: every, ..Options::loopback(name) };
         replicas.push(ControlPlane::start_on(store, opts).await.expect("starts"));
     }
     let store = Store::etcd(&[etcd.endpoint()]).await.expect("etcd");

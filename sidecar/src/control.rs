@@ -256,32 +256,11 @@ enum StreamError {
 /// A status as one line: its code, message and cause (`Status`'s `Display` also prints
 /// empty details and metadata).
 fn describe(status: &Status) -> String {
-    let mut s = format!("{:?}", status.code());
-    if !status.message().is_empty() {
-        s.push_str(": ");
-        s.push_str(status.message());
-    }
-    if let Some(source) = std::error::Error::source(status) {
-        s.push_str(": ");
-        s.push_str(&chain(source));
-    }
-    s
-}
-
-/// An error and its causes, `a: b: c` (tonic's transport errors say only "transport
-/// error" themselves).
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let text = c.to_string();
-        if !s.ends_with(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
+    let head = match status.message() {
+        "" => format!("{:?}", status.code()),
+        message => format!("{:?}: {message}", status.code()),
+    };
+    ballast_api::errors::with_sources(head, std::error::Error::source(status))
 }
 
 /// The jittered exponential backoff between attempts (module docs).
@@ -356,14 +335,14 @@ impl Client {
     /// `delivered` is set once the stream delivered a snapshot.
     async fn session(&mut self, endpoint: &str, delivered: &mut bool) -> Result<(), StreamError> {
         let channel = Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|e| StreamError::Url(endpoint.to_owned(), chain(&e)))?
+            .map_err(|e| StreamError::Url(endpoint.to_owned(), ballast_api::errors::chain(&e)))?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
         let channel = tokio::select! {
             _ = self.shutdown.signaled() => return Ok(()),
-            c = channel.connect() => c.map_err(|e| StreamError::Connect(chain(&e)))?,
+            c = channel.connect() => c.map_err(|e| StreamError::Connect(ballast_api::errors::chain(&e)))?,
         };
         let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
         // The outbound half: Hello first, then an Ack or Nack per update. Unbounded, as

@@ -26,10 +26,6 @@ enum Command {
     Init(InitArgs),
 }
 
-fn duration(s: &str) -> Result<std::time::Duration, String> {
-    s.parse::<ballast_api::Duration>().map(|d| d.get()).map_err(|e| e.to_string())
-}
-
 #[derive(Args)]
 struct RunArgs {
     /// Static configuration: ResiliencePolicy and Service YAML documents. Reloaded when it changes.
@@ -79,20 +75,20 @@ struct RunArgs {
     #[arg(long, env = "BALLAST_CALLS", value_delimiter = ',', value_name = "NAME[.NAMESPACE]")]
     calls: Vec<String>,
     /// How long in-flight requests may take to finish after SIGTERM.
-    #[arg(long, env = "BALLAST_DRAIN_DEADLINE", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "BALLAST_DRAIN_DEADLINE", default_value = "30s", value_parser = ballast_api::duration::parse_flag)]
     drain_deadline: std::time::Duration,
     /// How long to wait for a client's first bytes before forwarding as opaque TCP
     /// (server-speaks-first protocols send nothing).
-    #[arg(long, env = "BALLAST_DETECT_TIMEOUT", default_value = "500ms", value_parser = duration)]
+    #[arg(long, env = "BALLAST_DETECT_TIMEOUT", default_value = "500ms", value_parser = ballast_api::duration::parse_flag)]
     detect_timeout: std::time::Duration,
     /// Upstream connect timeout; a policy's timeouts.connect overrides it per service.
-    #[arg(long, env = "BALLAST_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration)]
+    #[arg(long, env = "BALLAST_CONNECT_TIMEOUT", default_value = "1s", value_parser = ballast_api::duration::parse_flag)]
     connect_timeout: std::time::Duration,
     /// Resolve hosts that are not mesh services with DNS (proxy requests and CONNECT).
     #[arg(long, env = "BALLAST_EGRESS_DNS", default_value_t = true, action = clap::ArgAction::Set)]
     egress_dns: bool,
     /// How often the config file is checked for changes.
-    #[arg(long, env = "BALLAST_CONFIG_POLL", default_value = "1s", value_parser = duration)]
+    #[arg(long, env = "BALLAST_CONFIG_POLL", default_value = "1s", value_parser = ballast_api::duration::parse_flag)]
     config_poll: std::time::Duration,
     /// Data-path worker threads. Default: the CPUs this process may use (affinity and
     /// cgroup quota), at most 2, as Istio's sidecars default to `concurrency: 2`. With 1,
@@ -184,28 +180,9 @@ fn hostname() -> Option<String> {
     (!name.is_empty()).then(|| name.to_owned())
 }
 
-fn init_logging(format: &str) {
-    let filter = std::env::var("BALLAST_LOG")
-        .ok()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".into());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
-        eprintln!("ignoring invalid log filter {filter:?}: {e}");
-        tracing_subscriber::EnvFilter::new("info")
-    });
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    ballast_api::logging::init(&cli.log_format);
     match cli.command {
         Command::Init(a) => {
             let opts = init::InitOptions {

@@ -98,7 +98,7 @@ pub fn upstream_error_response(err: &BoxError) -> HttpResponse {
         None => (
             rejection::text_response(
                 StatusCode::BAD_GATEWAY,
-                format!("ballast: upstream connection failed: {}", error_chain(err.as_ref())),
+                format!("ballast: upstream connection failed: {}", ballast_api::errors::chain(err.as_ref())),
             ),
             UpstreamFailure::Reset,
         ),
@@ -117,18 +117,4 @@ pub fn per_try_timeout_response(timeout: Duration, endpoint: SocketAddr) -> Http
     rsp.extensions_mut().insert(UpstreamFailure::Timeout);
     rsp.headers_mut().insert(ballast_api::names::HEADER_ERROR, HeaderValue::from_static("per-try-timeout"));
     rsp
-}
-
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = err.to_string();
-    let mut src = err.source();
-    while let Some(e) = src {
-        let m = e.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        src = e.source();
-    }
-    s
 }

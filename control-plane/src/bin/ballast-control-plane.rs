@@ -45,7 +45,7 @@ struct Cli {
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
-    let d = s.parse::<ballast_api::Duration>().map(|d| d.get()).map_err(|e| e.to_string())?;
+    let d = ballast_api::duration::parse_flag(s)?;
     if d < Duration::from_secs(2) {
         return Err("must be at least 2s (the lease is renewed every third of it)".into());
     }
@@ -53,36 +53,16 @@ fn duration(s: &str) -> Result<Duration, String> {
 }
 
 fn interval(s: &str) -> Result<Duration, String> {
-    let d = s.parse::<ballast_api::Duration>().map(|d| d.get()).map_err(|e| e.to_string())?;
+    let d = ballast_api::duration::parse_flag(s)?;
     if d.is_zero() {
         return Err("must be more than 0".into());
     }
     Ok(d)
 }
 
-fn init_logging(format: &str) {
-    let filter = std::env::var("BALLAST_LOG")
-        .ok()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".into());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
-        eprintln!("ignoring invalid log filter {filter:?}: {e}");
-        tracing_subscriber::EnvFilter::new("info")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    ballast_api::logging::init(&cli.log_format);
     if cli.kubernetes {
         eprintln!(
             "ballast-control-plane: --kubernetes is not in this build yet (it comes with the Kubernetes integration); apply resources with ballastctl"

@@ -44,6 +44,7 @@
 //!   prefix that is not (written by something else) is converted lossily rather than
 //!   ending every watch on it.
 
+use ballast_api::errors::with_sources;
 use std::error::Error as StdError;
 use std::future::Future;
 use std::sync::Arc;
@@ -575,21 +576,6 @@ fn chain(e: &EtcdError) -> String {
         EtcdError::IoError(io) => with_sources(io.to_string(), io.source()),
         _ => e.to_string(),
     }
-}
-
-/// `head: cause: its cause ...`, for the chain of errors from `source` down, each text
-/// once (tonic and hyper repeat their causes in their own messages).
-fn with_sources(head: String, mut source: Option<&(dyn StdError + 'static)>) -> String {
-    let mut out = head;
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = e.source();
-    }
-    out
 }
 
 #[cfg(test)]

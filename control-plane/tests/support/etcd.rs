@@ -87,7 +87,6 @@ impl EtcdServer {
     }
 
     /// Whether the member process is running.
-    #[allow(dead_code)]
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }

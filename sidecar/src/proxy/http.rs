@@ -204,7 +204,7 @@ async fn forward(
         // itself failing (its balancer gone), which the client still hears about.
         Err(e) => {
             let msg =
-                format!("ballast: the service stack failed: {}", crate::outcome::error_chain(e.as_ref()));
+                format!("ballast: the service stack failed: {}", ballast_api::errors::chain(e.as_ref()));
             tracing::warn!(error = %msg);
             return Ok(text_response(StatusCode::BAD_GATEWAY, msg));
         }

@@ -15,6 +15,9 @@ have promtool  || need+=(prometheus)
 have h2load    || need+=(nghttp2-client)
 have nghttpd   || need+=(nghttp2-server)
 have haproxy   || need+=(haproxy)
+# `kubectl kustomize` renders deploy/ offline (tests/deploy.rs); Debian's kubectl package
+# on this machine kind (google-cloud-sdk's) carries kustomize.
+have kubectl   || need+=(kubectl)
 # The etcd store backend's tests run a real etcd, at the path Debian's package uses
 # (control-plane/tests/support/etcd.rs looks there, not on PATH).
 [ -x /usr/bin/etcd ] || need+=(etcd-server)
@@ -30,7 +33,7 @@ if ((${#need[@]})); then
 fi
 
 venv=target/venv
-if ! "$venv/bin/python" -c 'import grpc, grpc_health, websockets' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import grpc, grpc_health, websockets, jsonpatch, jsonschema, kubernetes_validate' 2>/dev/null; then
   echo "--- creating the Python test virtualenv in $venv"
   rm -rf "$venv"
   python3 -m venv "$venv"

@@ -1,8 +1,22 @@
-//! The Ballast injector (DESIGN §6): a mutating admission webhook on 8443 (`/inject`) that
-//! adds the `ballast-init` and `ballast-proxy` containers to annotated pods.
+//! The Ballast injector (DESIGN §6): a mutating admission webhook that adds the
+//! `ballast-init` and `ballast-proxy` containers to pods that opt in.
 //!
-//! Not built yet: see the Kubernetes integration issue.
+//! The crate reads top to bottom:
+//! * [`annotations`]: the `ballast.io/*` annotations, parsed and checked;
+//! * [`inject`]: the injection, a pure function from a pod to a decision and a JSONPatch;
+//! * [`review`]: AdmissionReview `admission.k8s.io/v1` in and out, answering every body;
+//! * [`namespaces`]: the namespace opt-in label, read through the API and cached;
+//! * [`tls`]: the serving certificate, reloaded when its files change, or generated at
+//!   start and kept in a Secret, with the webhook's `caBundle` patched to match;
+//! * [`server`]: HTTPS on 8443 with `/inject`, `/live`, `/ready` and `/metrics`.
 
-/// The ports the injected proxy claims in the pod, which the injector must keep free.
+pub mod annotations;
+pub mod inject;
+pub mod namespaces;
+pub mod review;
+pub mod server;
+pub mod tls;
+
+/// The ports the injected proxy claims in the pod, which the app must leave free.
 pub const PROXY_PORTS: [u16; 3] =
     [ballast_api::names::OUTBOUND_PORT, ballast_api::names::INBOUND_PORT, ballast_api::names::ADMIN_PORT];

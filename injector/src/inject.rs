@@ -1,0 +1,503 @@
+//! The injection itself: a pure function from a pod (and whether its namespace opted in)
+//! to a decision, and for an injected pod the JSONPatch that adds the sidecar.
+//!
+//! Nothing here does I/O, so every case is a golden-file test over real manifests
+//! (`tests/golden.rs`).
+//!
+//! Decisions an operator of Linkerd or Istio would expect, written down:
+//! * **Order of init containers.** As a native sidecar (the default), `ballast-init`
+//!   goes first and `ballast-proxy` second, before the pod's own init containers: once the
+//!   iptables rules exist, every later container's traffic needs the proxy, and a native
+//!   sidecar is started (and its startup probe passed) before the next init container.
+//!   As an ordinary container (`ballast.io/native-sidecar: "false"`), `ballast-init` goes
+//!   *last*, so the pod's own init containers still reach the network directly, and the
+//!   proxy is the first container.
+//! * **Existing arrays are extended, never replaced**: `add` at index 0 or `-`, so an
+//!   init container that another webhook added between our read and the API server's
+//!   apply is kept.
+//! * **Skips, not refusals**, when the pod cannot be meshed as it is: `hostNetwork` (the
+//!   iptables rules would capture the node's traffic), an app port on 4140/4143/4191 or
+//!   an app port named `ballast-admin` (the proxy could not bind, or the name would be
+//!   duplicated). The pod is admitted unmeshed with a warning that says why; refusing it
+//!   would stop a namespace-wide rollout on one odd pod.
+//! * **Refusals** for a `ballast.io/*` annotation that does not parse: whoever wrote it
+//!   asked for something specific and must hear that it was not understood.
+//! * **Prometheus annotations** are added only when the pod has none of its own, so an
+//!   app that is already scraped keeps its target; the `ballast-admin` port and the
+//!   `ballast.io/injected` label let a PodMonitor scrape every sidecar regardless.
+//! * **Startup**: the native sidecar's startup probe is `/live` (the proxy listens), not
+//!   `/ready` (first configuration received), so pods still start while the control
+//!   plane is down; the proxy passes traffic through until its configuration arrives.
+//! * **Shutdown**: a `preStop` sleep of 5 s lets endpoint removal reach callers before the
+//!   proxy stops accepting; then SIGTERM drains in-flight requests (`--drain-deadline`).
+
+use std::collections::BTreeMap;
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler,
+    ObjectFieldSelector, Pod, Probe, ResourceRequirements, SeccompProfile, SecurityContext, SleepAction,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::{Value, json};
+
+use crate::annotations::{self, AnnotationError, Opt, Overrides};
+use ballast_api::names;
+
+/// Name of the init container that installs the iptables rules.
+pub const INIT_CONTAINER: &str = "ballast-init";
+/// Name of the proxy container.
+pub const PROXY_CONTAINER: &str = "ballast-proxy";
+/// Name of the proxy's admin port (metrics, health).
+pub const ADMIN_PORT_NAME: &str = "ballast-admin";
+/// Version recorded in the status annotation.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What the injector puts into pods, from its flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Image of both `ballast-init` and `ballast-proxy` (one binary, two subcommands).
+    pub proxy_image: String,
+    /// `BALLAST_CONTROL_PLANE` for the proxy.
+    pub control_plane_url: String,
+    /// Inject as a native sidecar unless the pod says otherwise.
+    pub native_sidecar: bool,
+    pub cpu_request: String,
+    pub memory_request: String,
+    /// No CPU limit by default: throttling a proxy adds latency to every request.
+    pub cpu_limit: Option<String>,
+    pub memory_limit: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            proxy_image: "ghcr.io/ballast-mesh/proxy:0.1.0".into(),
+            control_plane_url: "http://ballast-control-plane.ballast-system.svc:8086".into(),
+            native_sidecar: true,
+            cpu_request: "10m".into(),
+            memory_request: "20Mi".into(),
+            cpu_limit: None,
+            memory_limit: Some("256Mi".into()),
+        }
+    }
+}
+
+/// Why a pod is admitted without a sidecar.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Skip {
+    #[error(
+        "not opted in (annotation ballast.io/inject: enabled, or namespace label ballast.io/inject=enabled)"
+    )]
+    NotOptedIn,
+    #[error("opted out with ballast.io/inject: disabled")]
+    OptedOut,
+    #[error("already injected")]
+    AlreadyInjected,
+    #[error("hostNetwork pods are not injected: interception would capture the node's own traffic")]
+    HostNetwork,
+    #[error(
+        "container {container:?} uses port {port}, which the Ballast proxy needs; \
+         move the app off 4140, 4143 and 4191 or set ballast.io/inject: disabled"
+    )]
+    PortTaken { container: String, port: i32 },
+    #[error(
+        "container {container:?} has a port named {ADMIN_PORT_NAME:?}, which the Ballast proxy's admin port uses; rename it"
+    )]
+    PortNameTaken { container: String },
+}
+
+impl Skip {
+    /// A warning for the user when the pod asked for the mesh and does not get it; `None`
+    /// for the ordinary cases (not opted in, opted out, already injected).
+    pub fn warning(&self) -> Option<String> {
+        match self {
+            Skip::NotOptedIn | Skip::OptedOut | Skip::AlreadyInjected => None,
+            other => Some(format!("ballast: sidecar not injected: {other}")),
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Skip::NotOptedIn => "not-opted-in",
+            Skip::OptedOut => "opted-out",
+            Skip::AlreadyInjected => "already-injected",
+            Skip::HostNetwork => "host-network",
+            Skip::PortTaken { .. } | Skip::PortNameTaken { .. } => "port-conflict",
+        }
+    }
+}
+
+/// The injector's answer for one pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Inject(Patch),
+    Skip(Skip),
+    /// Refuse the pod, with a message naming the annotation to fix.
+    Deny(AnnotationError),
+}
+
+/// Whether the namespace's label matters for this pod, i.e. the pod does not decide for
+/// itself; the server reads the label (an API call, cached) only then.
+pub fn needs_namespace_label(pod: &Pod) -> bool {
+    matches!(annotations::opt(&annotations_of(pod)), Ok(Opt::Unset))
+}
+
+fn annotations_of(pod: &Pod) -> BTreeMap<String, String> {
+    pod.metadata.annotations.clone().unwrap_or_default()
+}
+
+/// The decision for `pod`; `namespace_enabled` is whether its namespace carries
+/// `ballast.io/inject=enabled` (only consulted when the pod does not say).
+pub fn inject(pod: &Pod, namespace_enabled: bool, config: &Config) -> Decision {
+    let annotations = annotations_of(pod);
+    if annotations.contains_key(annotations::STATUS) || has_proxy(pod) {
+        return Decision::Skip(Skip::AlreadyInjected);
+    }
+    match annotations::opt(&annotations) {
+        Err(e) => return Decision::Deny(e),
+        Ok(Opt::Out) => return Decision::Skip(Skip::OptedOut),
+        Ok(Opt::Unset) if !namespace_enabled => return Decision::Skip(Skip::NotOptedIn),
+        Ok(Opt::In | Opt::Unset) => {}
+    }
+    let Some(spec) = pod.spec.as_ref() else {
+        // A Pod without a spec is not valid; nothing to inject into.
+        return Decision::Skip(Skip::NotOptedIn);
+    };
+    if spec.host_network == Some(true) {
+        return Decision::Skip(Skip::HostNetwork);
+    }
+    let app = spec.containers.iter().chain(spec.init_containers.iter().flatten());
+    for c in app {
+        for p in c.ports.iter().flatten() {
+            if crate::PROXY_PORTS.iter().any(|&ours| i32::from(ours) == p.container_port) {
+                return Decision::Skip(Skip::PortTaken { container: c.name.clone(), port: p.container_port });
+            }
+            if p.name.as_deref() == Some(ADMIN_PORT_NAME) {
+                return Decision::Skip(Skip::PortNameTaken { container: c.name.clone() });
+            }
+        }
+    }
+    let overrides = match Overrides::parse(&annotations) {
+        Ok(o) => o,
+        Err(e) => return Decision::Deny(e),
+    };
+    Decision::Inject(patch(pod, &overrides, config))
+}
+
+fn has_proxy(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|s| {
+        s.containers.iter().chain(s.init_containers.iter().flatten()).any(|c| c.name == PROXY_CONTAINER)
+    })
+}
+
+fn add(path: PointerBuf, value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation { path, value })
+}
+
+fn ptr<'a>(tokens: impl IntoIterator<Item = &'a str>) -> PointerBuf {
+    PointerBuf::from_tokens(tokens)
+}
+
+fn patch(pod: &Pod, o: &Overrides, config: &Config) -> Patch {
+    let native = o.native_sidecar.unwrap_or(config.native_sidecar);
+    let spec = pod.spec.as_ref();
+    let mut ops = Vec::new();
+
+    let init = serde_json::to_value(init_container(o, config)).unwrap_or(Value::Null);
+    let proxy = serde_json::to_value(proxy_container(pod, o, config, native)).unwrap_or(Value::Null);
+    let has_inits = spec.is_some_and(|s| s.init_containers.as_ref().is_some_and(|v| !v.is_empty()));
+    if native {
+        // Prepend, in reverse: the result is [ballast-init, ballast-proxy, app inits...].
+        if has_inits {
+            ops.push(add(ptr(["spec", "initContainers", "0"]), proxy));
+            ops.push(add(ptr(["spec", "initContainers", "0"]), init));
+        } else {
+            ops.push(add(ptr(["spec", "initContainers"]), json!([init, proxy])));
+        }
+    } else {
+        if has_inits {
+            ops.push(add(ptr(["spec", "initContainers", "-"]), init));
+        } else {
+            ops.push(add(ptr(["spec", "initContainers"]), json!([init])));
+        }
+        ops.push(add(ptr(["spec", "containers", "0"]), proxy));
+    }
+
+    let existing = annotations_of(pod);
+    let mut new_annotations = BTreeMap::new();
+    let status = json!({
+        "version": VERSION,
+        "initContainers": if native { json!([INIT_CONTAINER, PROXY_CONTAINER]) } else { json!([INIT_CONTAINER]) },
+        "containers": if native { json!([]) } else { json!([PROXY_CONTAINER]) },
+        "image": o.proxy_image.as_deref().unwrap_or(&config.proxy_image),
+    });
+    new_annotations.insert(annotations::STATUS, status.to_string());
+    let has_prometheus = existing.keys().any(|k| k.starts_with("prometheus.io/"));
+    if !has_prometheus {
+        new_annotations.insert(annotations::PROMETHEUS_SCRAPE, "true".into());
+        new_annotations.insert(annotations::PROMETHEUS_PORT, names::ADMIN_PORT.to_string());
+        new_annotations.insert(annotations::PROMETHEUS_PATH, "/metrics".into());
+    }
+    map_adds(&mut ops, "annotations", pod.metadata.annotations.is_some(), new_annotations);
+    let labels = BTreeMap::from([(annotations::INJECTED_LABEL, "true".to_owned())]);
+    map_adds(&mut ops, "labels", pod.metadata.labels.is_some(), labels);
+    Patch(ops)
+}
+
+/// Adds entries to `metadata.<field>`: one `add` per key when the map exists (keys are
+/// escaped, `/` as `~1`), else the whole map at once.
+fn map_adds(ops: &mut Vec<PatchOperation>, field: &str, exists: bool, entries: BTreeMap<&str, String>) {
+    if exists {
+        for (k, v) in entries {
+            ops.push(add(ptr(["metadata", field, k]), Value::String(v)));
+        }
+    } else {
+        ops.push(add(ptr(["metadata", field]), json!(entries)));
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(i32::from(names::ADMIN_PORT)),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(1),
+        ..Default::default()
+    }
+}
+
+fn resources(pairs: [(&str, Option<&str>); 2]) -> Option<BTreeMap<String, Quantity>> {
+    let map: BTreeMap<_, _> =
+        pairs.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_owned(), Quantity(v.to_owned())))).collect();
+    (!map.is_empty()).then_some(map)
+}
+
+fn restricted(user: i64, non_root: bool, add_caps: &[&str]) -> SecurityContext {
+    SecurityContext {
+        run_as_user: Some(user),
+        run_as_group: Some(user),
+        run_as_non_root: Some(non_root),
+        allow_privilege_escalation: Some(false),
+        // iptables-nft needs no lock file, so the init container too can be read-only.
+        read_only_root_filesystem: Some(true),
+        privileged: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: (!add_caps.is_empty()).then(|| add_caps.iter().map(|c| c.to_string()).collect()),
+        }),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn init_container(o: &Overrides, config: &Config) -> Container {
+    let mut args = vec!["init".to_owned(), "--proxy-uid".to_owned(), names::PROXY_UID.to_string()];
+    for (flag, values) in [
+        ("--skip-inbound-ports", &o.skip_inbound_ports),
+        ("--skip-outbound-ports", &o.skip_outbound_ports),
+        ("--skip-outbound-cidrs", &o.skip_outbound_cidrs),
+    ] {
+        if !values.is_empty() {
+            args.push(flag.to_owned());
+            args.push(values.join(","));
+        }
+    }
+    Container {
+        name: INIT_CONTAINER.into(),
+        image: Some(o.proxy_image.clone().unwrap_or_else(|| config.proxy_image.clone())),
+        args: Some(args),
+        // iptables needs root in the pod's network namespace, with only these two
+        // capabilities; the container exits once the rules are installed.
+        security_context: Some(restricted(0, false, &["NET_ADMIN", "NET_RAW"])),
+        resources: Some(ResourceRequirements {
+            requests: resources([("cpu", Some("10m")), ("memory", Some("10Mi"))]),
+            limits: resources([("cpu", Some("100m")), ("memory", Some("50Mi"))]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The service the pod serves: the annotation, else the usual app labels.
+fn service_of(pod: &Pod, o: &Overrides) -> Option<String> {
+    if let Some(s) = &o.service {
+        return Some(s.clone());
+    }
+    let labels = pod.metadata.labels.as_ref()?;
+    ["app.kubernetes.io/name", "app"]
+        .iter()
+        .filter_map(|k| labels.get(*k))
+        .find(|v| annotations::is_dns_label(v))
+        .cloned()
+}
+
+fn proxy_container(pod: &Pod, o: &Overrides, config: &Config, native: bool) -> Container {
+    let mut env_vars = vec![
+        env("BALLAST_CONTROL_PLANE", config.control_plane_url.clone()),
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("BALLAST_NAMESPACE", "metadata.namespace"),
+        field_env("POD_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        field_env("POD_IP", "status.podIP"),
+    ];
+    if let Some(service) = service_of(pod, o) {
+        env_vars.push(env("BALLAST_SERVICE", service));
+    }
+    if let Some(level) = &o.log_level {
+        env_vars.push(env("BALLAST_LOG", level.clone()));
+    }
+    let cpu_limit = o.cpu_limit.as_deref().or(config.cpu_limit.as_deref());
+    let memory_limit = o.memory_limit.as_deref().or(config.memory_limit.as_deref());
+    Container {
+        name: PROXY_CONTAINER.into(),
+        image: Some(o.proxy_image.clone().unwrap_or_else(|| config.proxy_image.clone())),
+        args: Some(vec!["run".into()]),
+        env: Some(env_vars),
+        ports: Some(vec![ContainerPort {
+            name: Some(ADMIN_PORT_NAME.into()),
+            container_port: i32::from(names::ADMIN_PORT),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        security_context: Some(restricted(i64::from(names::PROXY_UID), true, &[])),
+        readiness_probe: Some(http_probe("/ready", 2, 3)),
+        liveness_probe: Some(http_probe("/live", 10, 3)),
+        startup_probe: Some(http_probe("/live", 1, 30)),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction { seconds: 5 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: resources([
+                ("cpu", Some(o.cpu_request.as_deref().unwrap_or(&config.cpu_request))),
+                ("memory", Some(o.memory_request.as_deref().unwrap_or(&config.memory_request))),
+            ]),
+            limits: resources([("cpu", cpu_limit), ("memory", memory_limit)]),
+            ..Default::default()
+        }),
+        restart_policy: native.then(|| "Always".into()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(yaml: &str) -> Pod {
+        serde_saphyr::from_str(yaml).expect("test pod parses")
+    }
+
+    fn apply(pod: &Pod, patch: &Patch) -> Pod {
+        let mut doc = serde_json::to_value(pod).expect("pod serialises");
+        json_patch::patch(&mut doc, patch).expect("patch applies");
+        serde_json::from_value(doc).expect("patched pod parses")
+    }
+
+    const APP: &str = "
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, annotations: {ballast.io/inject: enabled}, labels: {app: web}}
+spec:
+  initContainers: [{name: migrate, image: migrate:1}]
+  containers: [{name: web, image: web:1, ports: [{containerPort: 8080}]}]
+";
+
+    #[test]
+    fn native_sidecar_goes_before_the_apps_init_containers_and_keeps_them() {
+        let p = pod(APP);
+        let Decision::Inject(patch) = inject(&p, false, &Config::default()) else { panic!("not injected") };
+        let out = apply(&p, &patch);
+        let spec = out.spec.as_ref().expect("spec");
+        let inits: Vec<_> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+        assert_eq!(inits, [INIT_CONTAINER, PROXY_CONTAINER, "migrate"]);
+        assert_eq!(spec.containers.len(), 1);
+        let proxy = &spec.init_containers.as_ref().expect("inits")[1];
+        assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
+        let env: Vec<_> = proxy.env.iter().flatten().map(|e| e.name.as_str()).collect();
+        assert!(env.contains(&"POD_IP") && env.contains(&"BALLAST_SERVICE"), "{env:?}");
+        let meta = &out.metadata;
+        assert!(meta.annotations.as_ref().expect("annotations").contains_key(annotations::STATUS));
+        assert_eq!(
+            meta.labels.as_ref().and_then(|l| l.get(annotations::INJECTED_LABEL)).map(String::as_str),
+            Some("true")
+        );
+        // Re-submitted, the injected pod gets no second sidecar.
+        assert_eq!(inject(&out, true, &Config::default()), Decision::Skip(Skip::AlreadyInjected));
+    }
+
+    #[test]
+    fn ordinary_container_mode_puts_init_last_and_proxy_first() {
+        let p = pod(&APP.replace(
+            "ballast.io/inject: enabled",
+            "ballast.io/inject: enabled, ballast.io/native-sidecar: 'false'",
+        ));
+        let Decision::Inject(patch) = inject(&p, false, &Config::default()) else { panic!("not injected") };
+        let out = apply(&p, &patch);
+        let spec = out.spec.as_ref().expect("spec");
+        let inits: Vec<_> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+        assert_eq!(inits, ["migrate", INIT_CONTAINER]);
+        let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, [PROXY_CONTAINER, "web"]);
+        assert_eq!(spec.containers[0].restart_policy, None);
+    }
+
+    #[test]
+    fn opt_in_rules() {
+        let unset = pod(
+            "{apiVersion: v1, kind: Pod, metadata: {name: a}, spec: {containers: [{name: a, image: a}]}}",
+        );
+        assert_eq!(inject(&unset, false, &Config::default()), Decision::Skip(Skip::NotOptedIn));
+        assert!(matches!(inject(&unset, true, &Config::default()), Decision::Inject(_)));
+        assert!(needs_namespace_label(&unset));
+        let out = pod(
+            "{apiVersion: v1, kind: Pod, metadata: {name: a, annotations: {ballast.io/inject: disabled}}, spec: {containers: [{name: a, image: a}]}}",
+        );
+        assert_eq!(inject(&out, true, &Config::default()), Decision::Skip(Skip::OptedOut));
+        assert!(!needs_namespace_label(&out));
+        let typo = pod(
+            "{apiVersion: v1, kind: Pod, metadata: {name: a, annotations: {ballast.io/inject: 'yes'}}, spec: {containers: [{name: a, image: a}]}}",
+        );
+        let Decision::Deny(e) = inject(&typo, true, &Config::default()) else { panic!("not denied") };
+        assert!(e.to_string().contains("ballast.io/inject"), "{e}");
+    }
+
+    #[test]
+    fn conflicting_ports_and_host_network_are_skipped_with_a_warning() {
+        let p = pod(&APP.replace("containerPort: 8080", "containerPort: 4191"));
+        let d = inject(&p, false, &Config::default());
+        let Decision::Skip(skip) = d else { panic!("{d:?}") };
+        assert!(skip.warning().is_some_and(|w| w.contains("4191")), "{skip:?}");
+        let p = pod(&APP.replace("containerPort: 8080", "containerPort: 8080, name: ballast-admin"));
+        assert!(matches!(inject(&p, false, &Config::default()), Decision::Skip(Skip::PortNameTaken { .. })));
+        let p = pod(&APP.replace("spec:\n", "spec:\n  hostNetwork: true\n"));
+        assert_eq!(inject(&p, false, &Config::default()), Decision::Skip(Skip::HostNetwork));
+    }
+}

@@ -1,0 +1,185 @@
+//! `ballast-injector`: the mutating admission webhook (DESIGN §6). See the crate docs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_injector::inject::Config;
+use ballast_injector::namespaces::Namespaces;
+use ballast_injector::server::{self, Injector, Metrics};
+use ballast_injector::tls::{self, Bootstrap, Certificate};
+use clap::Parser;
+
+/// Ballast's sidecar injector: HTTPS on --addr, POST /inject (AdmissionReview v1).
+#[derive(Debug, Parser)]
+#[command(name = "ballast-injector", version)]
+struct Args {
+    #[arg(long, env = "BALLAST_ADDR", default_value = "0.0.0.0:8443")]
+    addr: SocketAddr,
+    /// Serving certificate (PEM), reloaded when the file changes; with --tls-key.
+    #[arg(long, env = "BALLAST_TLS_CERT", requires = "tls_key", conflicts_with = "tls_secret")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "BALLAST_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Generate the certificate at start and keep it in this Secret (in --namespace);
+    /// with --webhook-config, whose caBundle is set to its CA.
+    #[arg(long, env = "BALLAST_TLS_SECRET", requires = "webhook_config")]
+    tls_secret: Option<String>,
+    /// The MutatingWebhookConfiguration to write the generated CA into.
+    #[arg(long, env = "BALLAST_WEBHOOK_CONFIG", requires = "tls_secret")]
+    webhook_config: Option<String>,
+    /// The injector's Service: the generated certificate's DNS names, and the webhook
+    /// entries whose caBundle is set.
+    #[arg(long, env = "BALLAST_SERVICE_NAME", default_value = "ballast-injector")]
+    service_name: String,
+    /// The injector's own namespace (default: POD_NAMESPACE, else ballast-system).
+    #[arg(long, env = "BALLAST_NAMESPACE")]
+    namespace: Option<String>,
+    /// Image of the injected ballast-init and ballast-proxy containers.
+    #[arg(long, env = "BALLAST_PROXY_IMAGE", default_value = "ghcr.io/ballast-mesh/proxy:0.1.0")]
+    proxy_image: String,
+    /// The control plane the injected proxies connect to.
+    #[arg(
+        long,
+        env = "BALLAST_CONTROL_PLANE_URL",
+        default_value = "http://ballast-control-plane.ballast-system.svc:8086"
+    )]
+    control_plane_url: String,
+    /// Inject the proxy as a native sidecar (Kubernetes ≥ 1.29); pods can override with
+    /// the ballast.io/native-sidecar annotation.
+    #[arg(long, env = "BALLAST_NATIVE_SIDECAR", default_value_t = true, action = clap::ArgAction::Set)]
+    native_sidecar: bool,
+    #[arg(long, env = "BALLAST_PROXY_CPU_REQUEST", default_value = "10m")]
+    proxy_cpu_request: String,
+    #[arg(long, env = "BALLAST_PROXY_MEMORY_REQUEST", default_value = "20Mi")]
+    proxy_memory_request: String,
+    #[arg(long, env = "BALLAST_PROXY_MEMORY_LIMIT", default_value = "256Mi")]
+    proxy_memory_limit: String,
+    /// How long a namespace's opt-in label is cached.
+    #[arg(long, env = "BALLAST_NAMESPACE_CACHE_TTL", default_value = "30s", value_parser = ballast_api::duration::parse_flag)]
+    namespace_cache_ttl: Duration,
+    /// On SIGTERM, how long open connections may take to finish.
+    #[arg(long, env = "BALLAST_DRAIN_DEADLINE", default_value = "10s", value_parser = ballast_api::duration::parse_flag)]
+    drain_deadline: Duration,
+    #[arg(long, env = "BALLAST_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    ballast_api::logging::init(&args.log_format);
+    // One crypto provider for rustls and kube's client (ring); see DEPENDENCIES.md.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("ballast-injector: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    for (what, q) in [
+        ("--proxy-cpu-request", &args.proxy_cpu_request),
+        ("--proxy-memory-request", &args.proxy_memory_request),
+        ("--proxy-memory-limit", &args.proxy_memory_limit),
+    ] {
+        if !ballast_injector::annotations::is_quantity(q) {
+            return Err(format!("{what} {q:?} is not a Kubernetes quantity (such as 10m, 64Mi)"));
+        }
+    }
+    let namespace = args
+        .namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .unwrap_or_else(|| "ballast-system".into());
+    let client = match kube::Client::try_default().await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "no Kubernetes API client: namespace labels cannot be read, only pods annotated ballast.io/inject: enabled are injected");
+            None
+        }
+    };
+    let metrics = Metrics::new();
+    let certificate = match (&args.tls_cert, &args.tls_key, &args.tls_secret, &args.webhook_config) {
+        (Some(cert), Some(key), _, _) => {
+            let (pem, key_pair) = tls::load_files(cert, key).map_err(|e| e.to_string())?;
+            let certificate = Certificate::new(key_pair);
+            let reloads = metrics.certificate_reloads.clone();
+            tokio::spawn(tls::watch_files(cert.clone(), key.clone(), pem, certificate.clone(), move |ok| {
+                reloads.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
+            }));
+            certificate
+        }
+        (_, _, Some(secret), Some(webhook)) => {
+            let client = client
+                .clone()
+                .ok_or("--tls-secret needs the Kubernetes API (in-cluster config or a kubeconfig)")?;
+            let bootstrap = Bootstrap {
+                namespace: namespace.clone(),
+                secret: secret.clone(),
+                webhook_config: webhook.clone(),
+                service: args.service_name.clone(),
+            };
+            let generated = bootstrap.run(client).await.map_err(|e| e.to_string())?;
+            Certificate::new(
+                tls::certified_key(&generated.serving, "the generated certificate")
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        _ => {
+            return Err(
+                "no serving certificate: give --tls-cert and --tls-key, or --tls-secret and --webhook-config"
+                    .into(),
+            );
+        }
+    };
+    let namespaces = match client {
+        Some(c) => Namespaces::new(c, args.namespace_cache_ttl),
+        None => Namespaces::without_api(),
+    };
+    let config = Config {
+        proxy_image: args.proxy_image,
+        control_plane_url: args.control_plane_url,
+        native_sidecar: args.native_sidecar,
+        cpu_request: args.proxy_cpu_request,
+        memory_request: args.proxy_memory_request,
+        cpu_limit: None,
+        memory_limit: Some(args.proxy_memory_limit),
+    };
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
+    tracing::info!(addr = %args.addr, "serving /inject");
+    let injector = Arc::new(Injector { config, namespaces, metrics });
+    server::serve(
+        listener,
+        Arc::new(certificate.server_config()),
+        injector,
+        shutdown_signal(),
+        args.drain_deadline,
+    )
+    .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

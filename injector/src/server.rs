@@ -185,12 +185,6 @@ async fn inject(injector: Arc<Injector>, req: Request<Incoming>) -> Response<Ful
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
-    if !json {
-        return text(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "an AdmissionReview must be sent as application/json\n",
-        );
-    }
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
@@ -198,6 +192,14 @@ async fn inject(injector: Arc<Injector>, req: Request<Incoming>) -> Response<Ful
         }
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}\n")),
     };
+    // Checked after reading the body: answering an HTTP/2 request before its body is in
+    // resets the stream, and the client sees a framing error instead of the 415.
+    if !json {
+        return text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "an AdmissionReview must be sent as application/json\n",
+        );
+    }
     match injector.review(&body).await {
         Ok(r) => {
             let mut resp = Response::new(Full::new(Bytes::from(r.to_json())));

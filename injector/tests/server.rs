@@ -1,0 +1,461 @@
+//! The webhook over real HTTPS, with curl as the client (the API server's side), and the
+//! Kubernetes API through kube's mock-service pattern (a `tower::service_fn` standing in
+//! for the API server, answering recorded JSON and recording what it was asked).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ballast_injector::inject::Config;
+use ballast_injector::namespaces::Namespaces;
+use ballast_injector::server::{self, Injector, Metrics};
+use ballast_injector::tls::{self, Bootstrap, Certificate, Pem};
+use base64::Engine as _;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+
+fn provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A kube client whose API server is `handler(method, path?query, body) -> (status, json)`.
+fn mock_client(handler: impl Fn(&str, &str, Value) -> (u16, Value) + Send + Sync + 'static) -> kube::Client {
+    let handler = Arc::new(handler);
+    let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+        let handler = handler.clone();
+        async move {
+            let method = req.method().to_string();
+            let uri = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let (status, out) = handler(&method, &uri, body);
+            let resp = http::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(kube::client::Body::from(serde_json::to_vec(&out).unwrap_or_default()))
+                .expect("response");
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    kube::Client::new(service, "default")
+}
+
+fn not_found(what: &str) -> (u16, Value) {
+    (
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{what} not found")}),
+    )
+}
+
+struct Running {
+    addr: std::net::SocketAddr,
+    ca: tempfile::NamedTempFile,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start(namespaces: Namespaces) -> Running {
+    provider();
+    let generated = tls::generate(vec!["localhost".into()]).expect("generate");
+    let ca = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(ca.path(), &generated.ca_pem).expect("write ca");
+    let cert = Certificate::new(tls::certified_key(&generated.serving, "test").expect("key"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let injector = Arc::new(Injector { config: Config::default(), namespaces, metrics: Metrics::new() });
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let tls = Arc::new(cert.server_config());
+    let task = tokio::spawn(async move {
+        server::serve(listener, tls, injector, async { drop(rx.await) }, Duration::from_secs(5)).await;
+    });
+    Running { addr, ca, stop: Some(tx), task }
+}
+
+/// curl, as the API server would call: HTTPS, verified against the CA. Returns
+/// (status, body).
+async fn curl(ca: &Path, url: &str, content_type: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let (ca, url, content_type, body) =
+        (ca.to_owned(), url.to_owned(), content_type.to_owned(), body.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&ca)
+            .args([
+                "-H",
+                &format!("content-type: {content_type}"),
+                "--data-binary",
+                "@-",
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("curl must be installed (scripts/test.sh installs it)");
+        use std::io::Write;
+        child.stdin.take().expect("stdin").write_all(&body).expect("write body");
+        let out = child.wait_with_output().expect("curl");
+        if !out.status.success() {
+            eprintln!("curl {url}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let text = out.stdout;
+        let split = text.iter().rposition(|b| *b == b'\n').unwrap_or(0);
+        let status = String::from_utf8_lossy(&text[split..]).trim().parse().unwrap_or(0);
+        (status, text[..split].to_vec())
+    })
+    .await
+    .expect("join")
+}
+
+/// A GET with curl off the runtime's thread (the server under test runs on it).
+async fn curl_get(args: &[String]) -> (bool, String) {
+    let args = args.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl").args(["-sS", "--max-time", "10"]).args(&args).output().expect("curl");
+        let text = String::from_utf8_lossy(if out.status.success() { &out.stdout } else { &out.stderr })
+            .into_owned();
+        (out.status.success(), text)
+    })
+    .await
+    .expect("join")
+}
+
+fn review(uid: &str, namespace: &str, pod: Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace, "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod, "dryRun": false
+        }
+    }))
+    .expect("json")
+}
+
+fn app_pod() -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"generateName": "web-5c9d-", "labels": {"app": "web"}},
+           "spec": {"containers": [{"name": "web", "image": "web:1", "ports": [{"containerPort": 8080}]}]}})
+}
+
+#[tokio::test]
+async fn injects_in_a_labelled_namespace_with_a_base64_patch_and_caches_the_label() {
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let seen = lookups.clone();
+    let client = mock_client(move |method, uri, _| {
+        assert_eq!(method, "GET");
+        seen.fetch_add(1, Ordering::SeqCst);
+        match uri {
+            "/api/v1/namespaces/shop" => (
+                200,
+                json!({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": "shop", "labels": {"ballast.io/inject": "enabled", "kubernetes.io/metadata.name": "shop"}}}),
+            ),
+            "/api/v1/namespaces/plain" => {
+                (200, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "plain"}}))
+            }
+            other => not_found(other),
+        }
+    });
+    let s = start(Namespaces::new(client, Duration::from_secs(60))).await;
+    let url = format!("https://localhost:{}/inject", s.addr.port());
+
+    let (status, body) =
+        curl(s.ca.path(), &url, "application/json", &review("uid-1", "shop", app_pod())).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).expect("json answer");
+    assert_eq!(v["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(v["kind"], "AdmissionReview");
+    assert_eq!(v["response"]["uid"], "uid-1");
+    assert_eq!(v["response"]["allowed"], true);
+    assert_eq!(v["response"]["patchType"], "JSONPatch");
+    // On the wire the patch is a base64 string (not kube-rs' array of numbers).
+    let encoded = v["response"]["patch"].as_str().expect("patch is a string on the wire");
+    let ops: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(encoded).expect("base64"))
+            .expect("patch is JSON");
+    let mut pod = app_pod();
+    let patch: json_patch::Patch = serde_json::from_value(ops).expect("a JSONPatch");
+    json_patch::patch(&mut pod, &patch).expect("applies");
+    let inits: Vec<_> =
+        pod["spec"]["initContainers"].as_array().expect("inits").iter().map(|c| c["name"].clone()).collect();
+    assert_eq!(inits, [json!("ballast-init"), json!("ballast-proxy")]);
+
+    // A burst in the same namespace: the label was read once.
+    for i in 0..5 {
+        let (status, body) =
+            curl(s.ca.path(), &url, "application/json", &review(&format!("b{i}"), "shop", app_pod())).await;
+        assert_eq!(status, 200);
+        assert!(serde_json::from_slice::<Value>(&body).expect("json")["response"]["patch"].is_string());
+    }
+    assert_eq!(lookups.load(Ordering::SeqCst), 1);
+
+    // An unlabelled namespace: allowed, no patch, no warning.
+    let (_, body) = curl(s.ca.path(), &url, "application/json", &review("uid-2", "plain", app_pod())).await;
+    let v: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!((v["response"]["allowed"].clone(), v["response"].get("patch")), (json!(true), None));
+    // A namespace the API does not know (404): allowed, no patch.
+    let (_, body) = curl(s.ca.path(), &url, "application/json", &review("uid-3", "gone", app_pod())).await;
+    assert_eq!(serde_json::from_slice::<Value>(&body).expect("json")["response"]["allowed"], true);
+
+    let (ok, metrics) = curl_get(&[
+        "--cacert".into(),
+        s.ca.path().display().to_string(),
+        format!("https://localhost:{}/metrics", s.addr.port()),
+    ])
+    .await;
+    assert!(ok);
+    assert!(
+        metrics.contains("ballast_injector_reviews_total{outcome=\"injected\",reason=\"\"} 6"),
+        "{metrics}"
+    );
+    stop(s).await;
+}
+
+async fn stop(mut s: Running) {
+    if let Some(tx) = s.stop.take() {
+        let _ = tx.send(());
+    }
+    tokio::time::timeout(Duration::from_secs(10), &mut s.task)
+        .await
+        .expect("server stops")
+        .expect("server task");
+}
+
+#[tokio::test]
+async fn every_body_gets_a_valid_answer() {
+    let s = start(Namespaces::without_api()).await;
+    let url = format!("https://localhost:{}/inject", s.addr.port());
+    let ca = s.ca.path().to_owned();
+
+    // Wrong content type: 415.
+    let (status, _) = curl(&ca, &url, "text/plain", &review("u", "shop", app_pod())).await;
+    assert_eq!(status, 415);
+    // Not JSON, or JSON that is not a review: 400 naming the problem.
+    let (status, body) = curl(&ca, &url, "application/json", b"{\"apiVersion\":").await;
+    assert_eq!(status, 400);
+    assert!(String::from_utf8_lossy(&body).contains("not JSON"));
+    let (status, body) = curl(&ca, &url, "application/json", b"{\"kind\":\"Pod\"}").await;
+    assert_eq!(status, 400);
+    assert!(String::from_utf8_lossy(&body).contains("AdmissionReview"));
+    // A review whose pod cannot be read: allowed, no patch, a warning, the uid echoed.
+    let odd = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "odd", "annotations": {"ballast.io/inject": "enabled"}},
+                     "spec": {"containers": "not a list"}});
+    let (status, body) =
+        curl(&ca, &url, "application/json; charset=utf-8", &review("u-odd", "shop", odd)).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["response"]["uid"], "u-odd");
+    assert_eq!(v["response"]["allowed"], true);
+    assert!(v["response"].get("patch").is_none());
+    assert!(v["response"]["warnings"][0].as_str().is_some_and(|w| w.contains("could not be read")), "{v}");
+    // Not a pod (a List, as a confused client might send): allowed, no patch.
+    let mut list =
+        serde_json::from_slice::<Value>(&review("u-list", "shop", json!({"kind": "List", "items": []})))
+            .expect("json");
+    list["request"]["kind"]["kind"] = json!("List");
+    let (status, body) = curl(&ca, &url, "application/json", &serde_json::to_vec(&list).expect("json")).await;
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_slice::<Value>(&body).expect("json")["response"]["allowed"], true);
+    // A bad annotation: refused, with the annotation named.
+    let mut bad = app_pod();
+    bad["metadata"]["annotations"] =
+        json!({"ballast.io/inject": "enabled", "ballast.io/proxy-cpu-limit": "lots"});
+    let (_, body) = curl(&ca, &url, "application/json", &review("u-bad", "shop", bad)).await;
+    let v: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["response"]["allowed"], false);
+    assert!(
+        v["response"]["status"]["message"].as_str().is_some_and(|m| m.contains("ballast.io/proxy-cpu-limit")),
+        "{v}"
+    );
+    // Without an API client, a pod that does not opt in by annotation: allowed, warned.
+    let (_, body) = curl(&ca, &url, "application/json", &review("u-ns", "shop", app_pod())).await;
+    let v: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["response"]["allowed"], true);
+    assert!(v["response"]["warnings"][0].as_str().is_some_and(|w| w.contains("namespace")), "{v}");
+    // Opted in by annotation: injected without any API.
+    let mut opted = app_pod();
+    opted["metadata"]["annotations"] = json!({"ballast.io/inject": "enabled"});
+    let (_, body) = curl(&ca, &url, "application/json", &review("u-in", "shop", opted)).await;
+    assert!(serde_json::from_slice::<Value>(&body).expect("json")["response"]["patch"].is_string());
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn bootstrap_generates_the_secret_once_and_patches_the_ca_bundle() {
+    provider();
+    let secret: Arc<Mutex<Option<Value>>> = Arc::default();
+    let calls: Arc<Mutex<Vec<(String, String, Value)>>> = Arc::default();
+    let (store, log) = (secret.clone(), calls.clone());
+    let client = mock_client(move |method, uri, body| {
+        log.lock().expect("log").push((method.to_owned(), uri.to_owned(), body.clone()));
+        let secret_path = "/api/v1/namespaces/ballast-system/secrets";
+        let webhook_path =
+            "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/ballast-injector";
+        match (method, uri.split('?').next().unwrap_or_default()) {
+            ("GET", p) if p == format!("{secret_path}/ballast-injector-tls") => {
+                match store.lock().expect("store").clone() {
+                    Some(s) => (200, s),
+                    None => not_found("secret"),
+                }
+            }
+            ("POST", p) if p == secret_path => {
+                *store.lock().expect("store") = Some(body.clone());
+                (201, body)
+            }
+            ("GET", p) if p == webhook_path => (
+                200,
+                json!({
+                "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+                "metadata": {"name": "ballast-injector"},
+                "webhooks": [
+                    {"name": "other.example.com", "clientConfig": {"url": "https://example.com/hook"},
+                     "sideEffects": "None", "admissionReviewVersions": ["v1"]},
+                    {"name": "inject.ballast.io", "clientConfig": {"service": {"name": "ballast-injector", "namespace": "ballast-system", "path": "/inject"}},
+                     "sideEffects": "None", "admissionReviewVersions": ["v1"]}
+                ]}),
+            ),
+            ("PATCH", p) if p == webhook_path => (
+                200,
+                json!({"apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "MutatingWebhookConfiguration", "metadata": {"name": "ballast-injector"}}),
+            ),
+            (m, p) => panic!("unexpected API call {m} {p}"),
+        }
+    });
+    let bootstrap = Bootstrap {
+        namespace: "ballast-system".into(),
+        secret: "ballast-injector-tls".into(),
+        webhook_config: "ballast-injector".into(),
+        service: "ballast-injector".into(),
+    };
+    let first = bootstrap.run(client.clone()).await.expect("bootstrap");
+    // A second replica starting later serves the same certificate and writes nothing.
+    let second = bootstrap.run(client).await.expect("second bootstrap");
+    assert_eq!(first.serving, second.serving);
+    assert_eq!(first.ca_pem, second.ca_pem);
+
+    let calls = calls.lock().expect("log").clone();
+    let posts: Vec<_> = calls.iter().filter(|(m, _, _)| m == "POST").collect();
+    assert_eq!(posts.len(), 1, "{calls:?}");
+    let stored = &posts[0].2;
+    assert_eq!(stored["type"], "kubernetes.io/tls");
+    for key in ["ca.crt", "tls.crt", "tls.key"] {
+        assert!(stored["data"][key].is_string(), "{key} missing from the Secret");
+    }
+    let patches: Vec<_> = calls.iter().filter(|(m, _, _)| m == "PATCH").collect();
+    assert!(!patches.is_empty());
+    let ops = &patches[0].2;
+    // Only our webhook (index 1) is touched, guarded by a test of its name.
+    assert_eq!(ops[0], json!({"op": "test", "path": "/webhooks/1/name", "value": "inject.ballast.io"}));
+    assert_eq!(ops[1]["path"], "/webhooks/1/clientConfig/caBundle");
+    let bundle = base64::engine::general_purpose::STANDARD
+        .decode(ops[1]["value"].as_str().expect("bundle"))
+        .expect("b64");
+    assert_eq!(bundle, first.ca_pem);
+    // The served certificate verifies against that CA for the Service's DNS name.
+    let s = serve_pem(&first.serving).await;
+    let ca = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(ca.path(), &first.ca_pem).expect("ca");
+    let (ok, body) = curl_get(&[
+        "--cacert".into(),
+        ca.path().display().to_string(),
+        "--resolve".into(),
+        format!("ballast-injector.ballast-system.svc:{}:127.0.0.1", s.0.port()),
+        format!("https://ballast-injector.ballast-system.svc:{}/live", s.0.port()),
+    ])
+    .await;
+    assert!(ok, "{body}");
+    assert_eq!(body, "ok\n");
+}
+
+async fn serve_pem(pem: &Pem) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let cert = Certificate::new(tls::certified_key(pem, "test").expect("key"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let injector = Arc::new(Injector {
+        config: Config::default(),
+        namespaces: Namespaces::without_api(),
+        metrics: Metrics::new(),
+    });
+    let tls = Arc::new(cert.server_config());
+    let task =
+        tokio::spawn(server::serve(listener, tls, injector, std::future::pending(), Duration::from_secs(1)));
+    (addr, task)
+}
+
+/// The real binary: certificate files reloaded when they change, SIGTERM ends it cleanly.
+#[tokio::test]
+async fn binary_reloads_its_certificate_files_and_stops_on_sigterm() {
+    provider();
+    let dir = tempfile::tempdir().expect("tmp");
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let first = tls::generate(vec!["localhost".into()]).expect("generate");
+    std::fs::write(&cert, &first.serving.cert).expect("cert");
+    std::fs::write(&key, &first.serving.key).expect("key");
+    let ca1 = dir.path().join("ca1.pem");
+    std::fs::write(&ca1, &first.ca_pem).expect("ca");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ballast-injector"))
+        .args(["--addr", &format!("127.0.0.1:{port}"), "--tls-cert"])
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("KUBECONFIG", dir.path().join("no-kubeconfig"))
+        .env("HOME", dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ballast-injector");
+    let live = |ca: &Path| {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "2", "--cacert"])
+            .arg(ca)
+            .arg(format!("https://localhost:{port}/live"))
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !live(&ca1) {
+        assert!(Instant::now() < deadline, "injector did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Rotate: a certificate from another CA. A half-written pair is ignored meanwhile.
+    std::fs::write(&cert, b"-----BEGIN CERTIFICATE-----\ntruncated").expect("write");
+    tokio::time::sleep(tls::RELOAD_EVERY * 2).await;
+    assert!(live(&ca1), "a broken pair must not replace the serving certificate");
+    let second = tls::generate(vec!["localhost".into()]).expect("generate");
+    let ca2 = dir.path().join("ca2.pem");
+    std::fs::write(&ca2, &second.ca_pem).expect("ca");
+    std::fs::write(&key, &second.serving.key).expect("key");
+    std::fs::write(&cert, &second.serving.cert).expect("cert");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !live(&ca2) {
+        assert!(Instant::now() < deadline, "new certificate not served within 20 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!live(&ca1), "the old certificate is still served");
+
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "injector did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+}

@@ -7,12 +7,16 @@
 //! * [`duration`]: the `2s` / `500ms` durations used throughout.
 //! * [`names`]: ports, headers and other well-known names that are public interface.
 //! * [`proto`]: the push protocol between sidecars and the control plane (gRPC).
+//! * `crd` (feature `crd`): the `ResiliencePolicy` CustomResourceDefinition, derived from
+//!   the policy types with kube, its status conditions, and `ballastctl crd`'s YAML.
 //! * [`errors`]: an error and its causes on one line; `logging` (feature `logging`): the
 //!   binaries' log set-up.
 //!
 //! Nothing here does I/O beyond reading a file: the sidecar, control plane and injector
 //! all depend on this crate, and the sidecar must stay small.
 
+#[cfg(feature = "crd")]
+pub mod crd;
 pub mod document;
 pub mod duration;
 pub mod errors;

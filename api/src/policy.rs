@@ -23,6 +23,7 @@ pub struct ResiliencePolicy {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 pub struct PolicySpec {
     pub target_ref: TargetRef,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -42,6 +43,7 @@ pub struct PolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbound: Option<Inbound>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "crd", schemars(length(max = crate::crd::MAX_ROUTES)))]
     pub routes: Vec<Route>,
     /// Faults injected by the calling sidecar before a request leaves it, for chaos tests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,6 +55,7 @@ pub struct PolicySpec {
 /// marked `ballast-fault: abort` so nobody mistakes them for a real upstream failure.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 pub struct Faults {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay: Option<DelayFault>,
@@ -62,52 +65,68 @@ pub struct Faults {
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 pub struct DelayFault {
     /// Share of requests delayed, 0-100.
+    #[cfg_attr(feature = "crd", schemars(range(min = 0.0, max = 100.0)))]
     pub percent: f64,
     pub duration: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 pub struct AbortFault {
     /// Share of requests aborted, 0-100.
+    #[cfg_attr(feature = "crd", schemars(range(min = 0.0, max = 100.0)))]
     pub percent: f64,
     /// HTTP status of the injected response, 400-599.
+    #[cfg_attr(feature = "crd", schemars(range(min = 400, max = 599)))]
     pub status: u16,
 }
 
 /// The service a policy applies to. `namespace` defaults to the policy's own.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 pub struct TargetRef {
+    #[cfg_attr(feature = "crd", schemars(length(max = 63), regex(pattern = crate::crd::DNS_LABEL)))]
     pub service: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(length(max = 63), regex(pattern = crate::crd::DNS_LABEL)))]
     pub namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd", schemars(transform = crate::crd::cel::timeouts))]
 pub struct Timeouts {
     /// Covers the whole request, every try and backoff included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(schema_with = "crate::crd::optional_positive_duration"))]
     pub request: Option<Duration>,
     /// Bounds each try.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(schema_with = "crate::crd::optional_positive_duration"))]
     pub per_try: Option<Duration>,
     /// Bounds establishing an upstream connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(schema_with = "crate::crd::optional_positive_duration"))]
     pub connect: Option<Duration>,
     /// Closes connections idle for this long.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(schema_with = "crate::crd::optional_positive_duration"))]
     pub idle: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 pub struct Retries {
     /// Retries after the first try (Envoy's `num_retries`): `attempts: 3` is up to 4 tries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(range(max = 10)))]
     pub attempts: Option<u32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub on: Vec<RetryOn>,
@@ -124,7 +143,10 @@ pub struct Retries {
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd", schemars(transform = crate::crd::cel::backoff))]
 pub struct Backoff {
+    #[cfg_attr(feature = "crd", schemars(schema_with = "crate::crd::positive_duration"))]
     pub base: Duration,
     pub max: Duration,
 }
@@ -134,11 +156,14 @@ pub const MAX_RETRY_MIN_PER_SECOND: u32 = 1_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 pub struct RetryBudget {
     /// Retries allowed per original request over the window, in [0, 1].
+    #[cfg_attr(feature = "crd", schemars(range(min = 0.0, max = 1.0)))]
     pub ratio: f64,
     /// Retries per second always allowed, so low-traffic services can still retry.
     #[serde(default)]
+    #[cfg_attr(feature = "crd", schemars(range(max = MAX_RETRY_MIN_PER_SECOND)))]
     pub min_per_second: u32,
 }
 
@@ -250,8 +275,11 @@ string_serde!(LoadBalancer, "a load balancer name such as peak-ewma");
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "crd", schemars(transform = crate::crd::cel::circuit_breaker))]
 pub struct CircuitBreaker {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(range(min = 1)))]
     pub consecutive_failures: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_rate: Option<FailureRate>,
@@ -260,33 +288,43 @@ pub struct CircuitBreaker {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_open_for: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(range(min = 1)))]
     pub half_open_requests: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 pub struct FailureRate {
+    /// In (0, 1].
+    #[cfg_attr(feature = "crd", schemars(range(min = 0.0, max = 1.0), extend("exclusiveMinimum" = true)))]
     pub threshold: f64,
     #[serde(default)]
     pub minimum_requests: u32,
+    #[cfg_attr(feature = "crd", schemars(schema_with = "crate::crd::positive_duration"))]
     pub window: Duration,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 pub struct OutlierDetection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(range(min = 1)))]
     pub consecutive_failures: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_ejection: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(range(max = 100)))]
     pub max_ejected_percent: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 pub struct Bulkhead {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(range(min = 1)))]
     pub max_concurrent: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pending: Option<u32>,
@@ -296,9 +334,12 @@ pub struct Bulkhead {
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 pub struct RateLimit {
+    #[cfg_attr(feature = "crd", schemars(range(min = 0.0), extend("exclusiveMinimum" = true)))]
     pub requests_per_second: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(range(min = 1)))]
     pub burst: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<RateLimitScope>,
@@ -369,16 +410,19 @@ impl fmt::Display for LoadBalancer {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 pub struct Inbound {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(range(min = 1)))]
     pub max_concurrent: Option<u32>,
 }
 
 /// An override for requests that match; unset sections inherit the policy's.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 pub struct Route {
     #[serde(rename = "match")]
     pub match_: RouteMatch,
@@ -390,10 +434,13 @@ pub struct Route {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 pub struct RouteMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(regex(pattern = "^/")))]
     pub path_prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "crd", schemars(inner(regex(pattern = crate::crd::HTTP_TOKEN))))]
     pub methods: Vec<String>,
 }
 

@@ -365,6 +365,12 @@ pub async fn describe(api: &Api, namespace: &str, name: &str, output: Output) ->
     Ok(out)
 }
 
+/// `ballastctl crd`: the CustomResourceDefinition, generated from the policy types so that
+/// the cluster's schema is the one this build validates with. Needs no control plane.
+pub fn crd() -> String {
+    ballast_api::crd::crd_yaml()
+}
+
 fn indent(s: &str) -> String {
     s.lines().map(|l| format!("  {l}\n")).collect()
 }

@@ -55,6 +55,8 @@ enum Command {
     },
     /// Run the local mesh demo: a control plane, sample services behind sidecars, traffic.
     Demo(ballast_control_plane::demo::DemoArgs),
+    /// Print the ResiliencePolicy CustomResourceDefinition (YAML) for `kubectl apply -f -`.
+    Crd,
 }
 
 fn main() -> ExitCode {
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
             Command::Describe { name, namespace, output, .. } => {
                 ctl::describe(&api, namespace, name, *output).await
             }
+            Command::Crd => Ok(ctl::crd()),
             Command::Demo(_) => unreachable!("handled above"),
         }
     });

@@ -346,3 +346,112 @@ fn a_sidecar_nacks_what_it_cannot_apply_and_keeps_its_configuration() {
     });
     rt.block_on(cp.stop());
 }
+
+/// The contract between the injector and the sidecar: the containers the injector puts
+/// into a pod, run as Kubernetes would run them (arguments as given, the downward-API
+/// environment resolved), work. `ballast-init`'s arguments parse and plan the rules the
+/// annotations asked for; `ballast-proxy` connects to the control plane and registers
+/// as the pod, in its namespace, for its service, at the pod IP.
+#[test]
+fn injected_containers_run_with_what_the_injector_gives_them() {
+    use ballast_injector::inject::{self, Config, Decision};
+    use k8s_openapi::api::core::v1::{Container, Pod};
+
+    let cp = ControlPlane::start("cp-0", None);
+    let pod_json = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-7f9c4-x2x8q", "namespace": "shop", "labels": {"app": "web"},
+                     "annotations": {"ballast.io/inject": "enabled", "ballast.io/skip-outbound-ports": "5432,6379-6380",
+                                     "ballast.io/skip-outbound-cidrs": "169.254.169.254", "ballast.io/log-level": "debug"}},
+        "spec": {"serviceAccountName": "web", "containers": [{"name": "web", "image": "web:1"}]}
+    });
+    let pod: Pod = serde_json::from_value(pod_json.clone()).expect("pod");
+    let config = Config { control_plane_url: cp.url(), ..Config::default() };
+    let Decision::Inject(patch) = inject::inject(&pod, false, &config) else { panic!("not injected") };
+    let mut doc = pod_json;
+    json_patch::patch(&mut doc, &patch).expect("patch applies");
+    let pod: Pod = serde_json::from_value(doc).expect("injected pod");
+    let spec = pod.spec.expect("spec");
+    let find = |name: &str| -> Container {
+        spec.init_containers.iter().flatten().find(|c| c.name == name).cloned().expect(name)
+    };
+
+    // ballast-init: the planned rules carry the proxy UID and the skipped ports and CIDRs.
+    let init = find(inject::INIT_CONTAINER);
+    let out = run(Command::new(binary("ballast-sidecar")).args(init.args.iter().flatten()).arg("--dry-run"));
+    let plan = stdout(&out);
+    assert!(
+        out.status.success(),
+        "ballast-sidecar {:?} --dry-run: {plan}{}",
+        init.args,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in ["2102", "5432", "6379:6380", "169.254.169.254/32"] {
+        assert!(plan.contains(expected), "{expected} missing from the plan:\n{plan}");
+    }
+
+    // ballast-proxy: its environment as the kubelet resolves the downward API.
+    let proxy = find(inject::PROXY_CONTAINER);
+    let field = |path: &str| match path {
+        "metadata.name" => "web-7f9c4-x2x8q",
+        "metadata.namespace" => "shop",
+        "spec.serviceAccountName" => "web",
+        "status.podIP" => "127.0.0.1",
+        other => panic!("unexpected downward-API field {other}"),
+    };
+    let mut cmd = Command::new(binary("ballast-sidecar"));
+    cmd.args(proxy.args.iter().flatten()).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    for e in proxy.env.iter().flatten() {
+        let value = match (&e.value, &e.value_from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => {
+                field(&from.field_ref.as_ref().expect("only fieldRefs").field_path).to_owned()
+            }
+            (None, None) => String::new(),
+        };
+        cmd.env(&e.name, value);
+    }
+    // Loopback ports instead of the pod's fixed ones (tests run side by side).
+    let (outbound, inbound, admin) = (free_port(), free_port(), free_port());
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let child = cmd
+        .args([
+            "--outbound-addr",
+            &format!("127.0.0.1:{outbound}"),
+            "--inbound-addr",
+            &format!("127.0.0.1:{inbound}"),
+        ])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin}"), "--egress-dns=false"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen().expect("log"))
+        .spawn()
+        .expect("spawn the injected proxy");
+    let _guard = ChildGuard(child);
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().expect("addr");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !matches!(http_get(admin, "/ready"), Ok((200, _))) {
+        assert!(
+            Instant::now() < deadline,
+            "injected proxy not ready; log:\n{}",
+            std::fs::read_to_string(log.path()).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let proxies = cp.json(&["get", "proxies", "-n", "shop", "-o", "json"]);
+    let me = proxies
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["pod"] == "web-7f9c4-x2x8q")
+        .unwrap_or_else(|| panic!("the injected proxy is not listed: {proxies}"));
+    assert_eq!(me["namespace"], "shop", "{me}");
+    assert_eq!(me["service"], "web", "{me}");
+    assert_eq!(me["address"], format!("127.0.0.1:{inbound}"), "{me}");
+    assert_eq!(me["state"], "SYNCED", "{me}");
+    // The log level came from the annotation.
+    assert!(
+        std::fs::read_to_string(log.path()).unwrap_or_default().contains("DEBUG"),
+        "BALLAST_LOG not applied"
+    );
+}

@@ -43,6 +43,9 @@ pub struct AdminContext {
     pub sync: Arc<MeshSync>,
     pub lease: watch::Receiver<Option<LeaseId>>,
     pub metrics: Metrics,
+    /// The Kubernetes sync's state, with `--kubernetes` (`/ready` waits for its first
+    /// full sync on the leader).
+    pub kubernetes: Option<watch::Receiver<crate::kubernetes::SyncState>>,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, stopping: CancellationToken) {

@@ -11,6 +11,14 @@
 //!   applies at the same instant through two replicas can both pass. Should that
 //!   happen, a target's policy is the first by name in every view, and two Services on
 //!   one address are refused by the sidecars (nack) and shown by `get proxies`.
+//!   Documents carrying the Kubernetes sync's marker (`ballast.io/source: kubernetes`,
+//!   [`crate::keys`]) are refused: the sync deletes what carries it. So is a document
+//!   that would replace one the sync mirrored: it is changed in Kubernetes.
+//!   [`stored_form`] and [`policy_conflict`] are shared with the sync
+//!   ([`crate::kubernetes`]), so a policy from Kubernetes is stored exactly as one applied
+//!   here and a conflict reads the same.
+//! * `delete` refuses what the Kubernetes sync wrote: it would come back at the sync's
+//!   next pass; the resource must be deleted in Kubernetes.
 //! * `wait` answers when every sidecar a change reaches has acked a version at least the
 //!   change's revision, reading the proxy statuses every replica writes to the store; it
 //!   fails naming the sidecars that refused it, or on timeout those still behind.
@@ -18,12 +26,13 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use ballast_api::ResiliencePolicy;
 use ballast_api::document::{Config, Document, parse_documents};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::admin::AdminContext;
-use crate::keys::Key;
+use crate::keys::{Key, SOURCE_ANNOTATION, SOURCE_KUBERNETES};
 use crate::mesh::{Mesh, Name, ProxyStatus};
 use crate::store::Revision;
 
@@ -72,10 +81,65 @@ pub struct Applied {
     pub action: String,
 }
 
+/// A document as the store keeps it: its key, and its JSON with the namespace spelled
+/// out (so what `get` shows needs no defaults). The one form for `apply` and for the
+/// Kubernetes sync.
+pub fn stored_form(doc: &Document) -> Result<(Key, Vec<u8>), serde_json::Error> {
+    let (namespace, _) = name_of(doc);
+    let value = match doc {
+        Document::Policy(p) => {
+            let mut p = p.clone();
+            p.metadata.namespace = Some(namespace);
+            serde_json::to_vec(&p)
+        }
+        Document::Service(s) => {
+            let mut s = s.clone();
+            s.metadata.namespace = Some(namespace);
+            serde_json::to_vec(&s)
+        }
+    }?;
+    Ok((key_of(doc), value))
+}
+
+/// Whether `metadata` carries the Kubernetes sync's marker.
+pub fn is_synced(metadata: &ballast_api::ObjectMeta) -> bool {
+    metadata.annotations.get(SOURCE_ANNOTATION).map(String::as_str) == Some(SOURCE_KUBERNETES)
+}
+
+/// Why `p` may not be stored while `other` targets the same service, or `None` when
+/// they are one policy or target different services. The caller adds what to do.
+pub fn policy_conflict(p: &ResiliencePolicy, other: &ResiliencePolicy) -> Option<String> {
+    let name = |p: &ResiliencePolicy| (p.metadata.namespace_or_default().to_owned(), p.metadata.name.clone());
+    let target = |p: &ResiliencePolicy| (p.target_namespace().to_owned(), p.spec.target_ref.service.clone());
+    if name(p) == name(other) || target(p) != target(other) {
+        return None;
+    }
+    let ((ns, n), (tns, t), (ons, on)) = (name(p), target(p), name(other));
+    Some(format!(
+        "ResiliencePolicy {ns}/{n}: spec.targetRef: service {tns}/{t} already has ResiliencePolicy {ons}/{on}"
+    ))
+}
+
 pub async fn apply(ctx: &AdminContext, text: &str, source: &str) -> Result<Value, ApiError> {
     let docs = parse_documents(text, source).map_err(|e| ApiError::new(400, e.to_string()))?;
     if docs.is_empty() {
         return Err(ApiError::new(400, format!("{source}: no documents")));
+    }
+    for (line, doc) in &docs {
+        let meta = match doc {
+            Document::Policy(p) => &p.metadata,
+            Document::Service(s) => &s.metadata,
+        };
+        if is_synced(meta) {
+            return Err(ApiError::new(
+                400,
+                format!(
+                    "{source}:{line}: {} {}: metadata.annotations: {SOURCE_ANNOTATION}: {SOURCE_KUBERNETES} is reserved for what the control plane mirrors from Kubernetes (it deletes such documents when their Kubernetes resource goes); remove the annotation",
+                    doc.kind(),
+                    doc.key()
+                ),
+            ));
+        }
     }
     Config::from_documents(docs.clone(), source).map_err(|e| ApiError::new(400, e.to_string()))?;
     let mut services: BTreeSet<Name> = BTreeSet::new();
@@ -88,19 +152,10 @@ pub async fn apply(ctx: &AdminContext, text: &str, source: &str) -> Result<Value
     }
     let mut revision: Revision = 0;
     let mut results = Vec::new();
-    for (_, mut doc) in docs {
+    for (_, doc) in docs {
         let (namespace, name) = name_of(&doc);
-        // Stored with its namespace spelled out, so what `get` shows needs no defaults.
-        match &mut doc {
-            Document::Policy(p) => p.metadata.namespace = Some(namespace.clone()),
-            Document::Service(s) => s.metadata.namespace = Some(namespace.clone()),
-        }
-        let key = ctx.keys.key(&key_of(&doc));
-        let value = match &doc {
-            Document::Policy(p) => serde_json::to_vec(p),
-            Document::Service(s) => serde_json::to_vec(s),
-        }
-        .map_err(|e| ApiError::new(500, e.to_string()))?;
+        let (key, value) = stored_form(&doc).map_err(|e| ApiError::new(500, e.to_string()))?;
+        let key = ctx.keys.key(&key);
         let (current, at) = ctx.store.get(&key).await.map_err(ApiError::store)?;
         let action = match current {
             Some(kv) if kv.value == value => {
@@ -126,20 +181,29 @@ pub async fn apply(ctx: &AdminContext, text: &str, source: &str) -> Result<Value
 /// A document that the file allows but the store's content does not.
 fn check_against(mesh: &Mesh, doc: &Document) -> Result<(), String> {
     let (namespace, name) = name_of(doc);
+    let n = (namespace.clone(), name.clone());
+    let mirrored = match doc {
+        Document::Policy(_) => mesh.policy(&n).is_some_and(|p| is_synced(&p.metadata)),
+        Document::Service(_) => mesh.service_documents().any(|(m, s)| *m == n && is_synced(&s.metadata)),
+    };
+    if mirrored {
+        return Err(format!(
+            "{} {namespace}/{name} is mirrored from Kubernetes; change it there (kubectl), or apply under another name",
+            doc.kind()
+        ));
+    }
     match doc {
         Document::Policy(p) => {
             let target = (p.target_namespace().to_owned(), p.spec.target_ref.service.clone());
             if let Some(other) = mesh.policy_for(&target)
-                && (other.metadata.namespace_or_default(), other.metadata.name.as_str())
-                    != (namespace.as_str(), name.as_str())
+                && let Some(conflict) = policy_conflict(p, other)
             {
-                return Err(format!(
-                    "ResiliencePolicy {namespace}/{name}: spec.targetRef: service {}/{} already has ResiliencePolicy {}/{}; delete that one or apply under its name",
-                    target.0,
-                    target.1,
-                    other.metadata.namespace_or_default(),
-                    other.metadata.name
-                ));
+                let remedy = if is_synced(&other.metadata) {
+                    "it comes from Kubernetes: delete that ResiliencePolicy with kubectl, or target another service"
+                } else {
+                    "delete that one or apply under its name"
+                };
+                return Err(format!("{conflict}; {remedy}"));
             }
         }
         Document::Service(s) => {
@@ -209,6 +273,22 @@ pub async fn delete(ctx: &AdminContext, kind: &str, namespace: &str, name: &str)
         }
     };
     let kind_name = if kind == "policies" { "ResiliencePolicy" } else { "Service" };
+    let synced = {
+        let mesh = ctx.sync.mesh.read().unwrap_or_else(|p| p.into_inner());
+        match kind {
+            "policies" => mesh.policy(&n).is_some_and(|p| is_synced(&p.metadata)),
+            _ => mesh.service_documents().any(|(name, s)| *name == n && is_synced(&s.metadata)),
+        }
+    };
+    if synced {
+        return Err(ApiError::new(
+            409,
+            format!(
+                "{kind_name} {namespace}/{name} is mirrored from Kubernetes and would come back: delete it there (kubectl delete {} -n {namespace} {name})",
+                if kind == "policies" { "resiliencepolicy" } else { "service" }
+            ),
+        ));
+    }
     match ctx.store.delete(&ctx.keys.key(&key)).await.map_err(ApiError::store)? {
         Some(revision) => Ok(json!({
             "revision": revision,
@@ -325,9 +405,14 @@ fn endpoints(mesh: &Mesh, only: Option<&Name>) -> Vec<Value> {
         if let Some(s) = mesh.service_with_endpoints(&name) {
             for e in &s.spec.endpoints {
                 let reg = registered.iter().find(|r| r.address == e.address);
+                let source = match reg {
+                    Some(r) if r.is_synced() => "kubernetes",
+                    Some(_) => "registered",
+                    None => "static",
+                };
                 out.push(json!({
                     "namespace": name.0, "service": name.1, "address": e.address, "weight": e.weight,
-                    "source": if reg.is_some() { "registered" } else { "static" },
+                    "source": source,
                     "pod": reg.map(|r| r.pod.clone()),
                 }));
             }
@@ -390,6 +475,9 @@ pub fn readiness(ctx: &AdminContext) -> Result<(), String> {
     }
     if ctx.lease.borrow().is_none() {
         return Err("not ready: no lease from the store yet".into());
+    }
+    if let Some(kubernetes) = &ctx.kubernetes {
+        kubernetes.borrow().readiness()?;
     }
     Ok(())
 }

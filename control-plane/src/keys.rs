@@ -12,12 +12,29 @@
 //! lease. They live in the store, not in the replica, so that `ballastctl get proxies`
 //! and `apply --wait` see every sidecar whichever replica they ask.
 //!
+//! What the Kubernetes sync ([`crate::kubernetes`]) writes is marked, so that it deletes
+//! only its own keys and never a document applied with `ballastctl` or a sidecar's
+//! registration (a contract addition to DESIGN §3):
+//!
+//! * a policy or service document carries the annotation [`SOURCE_ANNOTATION`]
+//!   (`ballast.io/source`) with the value [`SOURCE_KUBERNETES`] (`kubernetes`) in its
+//!   `metadata.annotations`; `ballastctl apply` refuses documents that carry it;
+//! * an endpoint carries `"source": "kubernetes"` in its JSON ([`crate::mesh::Registration`]),
+//!   and no lease: it lives as long as the EndpointSlice lists it, not as long as a stream;
+//! * the sync's leader lock is `<prefix>/locks/kubernetes-sync` (beside the compactor's
+//!   `<prefix>/locks/compactor`).
+//!
 //! Namespaces, names, pods and endpoint ids never contain `/` (names are DNS labels,
 //! pods are checked, ids are the endpoint's `ip:port`), so a key splits back into its
 //! parts unambiguously.
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/ballast";
+
+/// The annotation (policies, services) and the field (endpoints) that say who wrote a key.
+pub const SOURCE_ANNOTATION: &str = "ballast.io/source";
+/// Its value on what the Kubernetes sync wrote.
+pub const SOURCE_KUBERNETES: &str = "kubernetes";
 
 /// What a key names.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -48,6 +65,21 @@ impl Keys {
     /// Everything Ballast keeps, for one list and one watch.
     pub fn root(&self) -> String {
         format!("{}/", self.prefix)
+    }
+
+    /// Every key of one kind (`policies`, `services`, `endpoints`), for one list.
+    pub fn kind_root(&self, kind: &str) -> String {
+        format!("{}/{kind}/", self.prefix)
+    }
+
+    /// The endpoint keys of one service.
+    pub fn endpoints_of(&self, namespace: &str, service: &str) -> String {
+        format!("{}/endpoints/{namespace}/{service}/", self.prefix)
+    }
+
+    /// The key of the lock `name` (`compactor`, `kubernetes-sync`).
+    pub fn lock(&self, name: &str) -> String {
+        format!("{}/locks/{name}", self.prefix)
     }
 
     pub fn key(&self, key: &Key) -> String {

@@ -9,6 +9,8 @@
 //! * [`sync`]: keeps that mesh current (one read, one watch, a full re-read on a gap);
 //! * [`session`]: the replica's lease, under which its sidecars' keys live;
 //! * [`compactor`]: etcd's history compacted by one replica, under a lock;
+//! * [`kubernetes`]: `--kubernetes`, ResiliencePolicies, Services and EndpointSlices
+//!   mirrored into the store by one replica, under a lock, with policy status written back;
 //! * [`push`]: the gRPC stream to each sidecar (`api/proto/ballast/v1/discovery.proto`);
 //! * [`admin`] and [`api`]: `/metrics`, `/live`, `/ready` and the API of `ballastctl`;
 //!   [`metrics`] names the metrics;
@@ -21,6 +23,7 @@ pub mod compactor;
 pub mod ctl;
 pub mod demo;
 pub mod keys;
+pub mod kubernetes;
 pub mod mesh;
 pub mod metrics;
 pub mod push;

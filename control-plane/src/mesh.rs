@@ -10,19 +10,29 @@
 //! `limit / N`, N being the live registered endpoints of the target: the shares follow
 //! replicas as they come and go because the view is recomputed when they do.
 //!
+//! Endpoints come from two places: sidecars register `podIP:4143` (their inbound
+//! listener) under a lease, and the Kubernetes sync mirrors EndpointSlices
+//! (`podIP:targetPort`, marked `source: kubernetes`). An injected pod appears in both;
+//! callers must not see it twice (it would get twice the traffic), so when a registered
+//! and a synced endpoint of one service share an IP, only the registered one is kept: it
+//! goes through the pod's sidecar, which is what the mesh is for. Only registered
+//! endpoints count as live replicas for a global rate limit: they are the sidecars that
+//! enforce it.
+//!
 //! A resource that does not decode or validate is kept out of every view and listed in
 //! [`Mesh::invalid`]: one bad write must not take the rest of the mesh with it. The API
 //! refuses such writes; this guards against whatever else writes to etcd.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use ballast_api::policy::RateLimitScope;
-use ballast_api::service::{Endpoint, ServiceSpec};
+use ballast_api::service::{Endpoint, EndpointAddr, ServiceSpec};
 use ballast_api::{ObjectMeta, ResiliencePolicy, Service};
 use serde::{Deserialize, Serialize};
 
-use crate::keys::{Key, Keys};
+use crate::keys::{Key, Keys, SOURCE_KUBERNETES};
 use crate::store::{Event, KeyValue, Revision};
 
 /// `namespace`, `name`.
@@ -38,6 +48,17 @@ pub struct Registration {
     pub pod: String,
     #[serde(default = "one")]
     pub weight: u32,
+    /// Who wrote it: absent for a sidecar's registration, [`SOURCE_KUBERNETES`] for an
+    /// endpoint the Kubernetes sync mirrored from an EndpointSlice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+impl Registration {
+    /// Whether the Kubernetes sync wrote it (rather than a live sidecar).
+    pub fn is_synced(&self) -> bool {
+        self.source.as_deref() == Some(SOURCE_KUBERNETES)
+    }
 }
 
 fn one() -> u32 {
@@ -354,7 +375,8 @@ impl Mesh {
     }
 
     /// `service` with the registered endpoints added to its own static ones; a service
-    /// known only from registrations gets a document made for it.
+    /// known only from registrations gets a document made for it. A synced endpoint whose
+    /// IP a sidecar registered too is left out: the pod is there once, through its sidecar.
     pub fn service_with_endpoints(&self, service: &Name) -> Option<Service> {
         let mut s = match self.services.get(service) {
             Some(s) => s.clone(),
@@ -370,9 +392,15 @@ impl Mesh {
             },
             None => return None,
         };
-        let known: BTreeSet<String> = s.spec.endpoints.iter().map(|e| e.address.clone()).collect();
+        let mut known: BTreeSet<String> = s.spec.endpoints.iter().map(|e| e.address.clone()).collect();
+        let ip = |r: &Registration| EndpointAddr::parse(&r.address).map(|a| a.with_default_port(0).ip());
+        let registered: BTreeSet<IpAddr> =
+            self.registrations(service).map(|(_, r)| r).filter(|r| !r.is_synced()).filter_map(ip).collect();
         for r in self.registrations(service).map(|(_, r)| r) {
-            if !known.contains(&r.address) {
+            if r.is_synced() && ip(r).is_some_and(|ip| registered.contains(&ip)) {
+                continue;
+            }
+            if known.insert(r.address.clone()) {
                 s.spec.endpoints.push(Endpoint { address: r.address.clone(), weight: r.weight });
             }
         }
@@ -421,7 +449,7 @@ impl Mesh {
             .as_ref()
             .and_then(|i| i.rate_limit.as_ref())
             .is_some_and(|rl| rl.scope == Some(RateLimitScope::Global));
-        let replicas = self.registrations(target).count();
+        let replicas = self.registrations(target).filter(|(_, r)| !r.is_synced()).count();
         if !global || replicas <= 1 {
             return None;
         }
@@ -603,6 +631,38 @@ mod tests {
         // A caller gets the policy as written: the global limit is for the target's sidecars.
         let p: ResiliencePolicy = decode_view(&view, "ResiliencePolicy/shop/payments-policy");
         assert_eq!(p.spec.inbound.and_then(|i| i.rate_limit).map(|r| r.requests_per_second), Some(90.0));
+    }
+
+    #[test]
+    fn a_pod_registered_by_its_sidecar_and_synced_from_kubernetes_is_seen_once() {
+        let (keys, mut mesh) = mesh();
+        let synced =
+            |address: &str| serde_json::json!({"address": address, "pod": "p", "source": "kubernetes"});
+        mesh.apply(
+            &keys,
+            &[
+                // 10.0.1.1 also registered 10.0.1.1:4143 (its sidecar); 10.0.1.9 has no sidecar.
+                Event::Put(kv("/ballast/endpoints/shop/payments/10.0.1.1:8080", synced("10.0.1.1:8080"), 9)),
+                Event::Put(kv("/ballast/endpoints/shop/payments/10.0.1.9:8080", synced("10.0.1.9:8080"), 9)),
+            ],
+        );
+        let addresses = |mesh: &Mesh| {
+            let payments = mesh.service_with_endpoints(&("shop".into(), "payments".into())).expect("service");
+            let mut a: Vec<String> = payments.spec.endpoints.into_iter().map(|e| e.address).collect();
+            a.sort();
+            a
+        };
+        assert_eq!(addresses(&mesh), ["10.0.1.1:4143", "10.0.1.2:4143", "10.0.1.9:8080"]);
+        // Synced endpoints are not sidecars: the global limit is still split in two.
+        let own = Scope { namespace: "shop".into(), service: Some("payments".into()), calls: vec![] };
+        let p: ResiliencePolicy = decode_view(&mesh.view(&own), "ResiliencePolicy/shop/payments-policy");
+        assert_eq!(p.spec.inbound.and_then(|i| i.rate_limit).map(|r| r.requests_per_second), Some(45.0));
+        // The sidecar goes away: the pod is reached at its synced address again.
+        mesh.apply(
+            &keys,
+            &[Event::Delete { key: "/ballast/endpoints/shop/payments/a".into(), revision: 10 }],
+        );
+        assert_eq!(addresses(&mesh), ["10.0.1.1:8080", "10.0.1.2:4143", "10.0.1.9:8080"]);
     }
 
     #[test]

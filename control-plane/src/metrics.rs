@@ -7,7 +7,8 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 #[derive(Clone)]
@@ -30,6 +31,22 @@ pub struct Inner {
     pub store_connected: IntGauge,
     /// The store revision the mesh has applied.
     pub mesh_revision: IntGauge,
+    /// The Kubernetes sync ([`crate::kubernetes`]): 1 while this replica holds its lock.
+    pub kubernetes_leader: IntGauge,
+    /// 1 once this replica, as leader, completed a full sync in its current term.
+    pub kubernetes_synced: IntGauge,
+    /// Kubernetes objects watched, by kind.
+    pub kubernetes_objects: IntGaugeVec,
+    /// ResiliencePolicy resources by their `Accepted` reason.
+    pub kubernetes_policies: IntGaugeVec,
+    /// Keys the sync put or deleted, by kind and operation.
+    pub kubernetes_store_writes: IntCounterVec,
+    /// Status writes, by the `Accepted` reason written.
+    pub kubernetes_status_writes: IntCounterVec,
+    /// Full comparisons of Kubernetes with the store.
+    pub kubernetes_full_syncs: IntCounter,
+    /// Failures, by operation.
+    pub kubernetes_errors: IntCounterVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -58,6 +75,12 @@ impl Metrics {
             c
         }
         let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).expect("valid gauge"));
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(&registry, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge"))
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter"))
+        };
         let inner = Inner {
             proxies_connected: gauge(
                 "ballast_control_plane_proxies_connected",
@@ -112,6 +135,47 @@ impl Metrics {
                 "ballast_control_plane_mesh_revision",
                 "The store revision the in-memory mesh has applied.",
             ),
+            kubernetes_leader: gauge(
+                "ballast_control_plane_kubernetes_leader",
+                "1 while this replica holds the Kubernetes sync's lock and mirrors Kubernetes into the store.",
+            ),
+            kubernetes_synced: gauge(
+                "ballast_control_plane_kubernetes_synced",
+                "1 once this replica, as the Kubernetes sync's leader, completed a full sync; 0 otherwise.",
+            ),
+            kubernetes_objects: gauge_vec(
+                "ballast_control_plane_kubernetes_objects",
+                "Kubernetes objects the sync watches, by kind (ResiliencePolicy, Service, EndpointSlice).",
+                &["kind"],
+            ),
+            kubernetes_policies: gauge_vec(
+                "ballast_control_plane_kubernetes_policies",
+                "ResiliencePolicy resources by the reason of their Accepted condition (Accepted, Invalid, Conflict).",
+                &["reason"],
+            ),
+            kubernetes_store_writes: counter_vec(
+                "ballast_control_plane_kubernetes_store_writes_total",
+                "Keys the Kubernetes sync wrote to or deleted from the store, by kind (policy, service, endpoint) and operation (put, delete).",
+                &["kind", "operation"],
+            ),
+            kubernetes_status_writes: counter_vec(
+                "ballast_control_plane_kubernetes_status_writes_total",
+                "ResiliencePolicy status updates the Kubernetes sync wrote, by the reason of the Accepted condition.",
+                &["reason"],
+            ),
+            kubernetes_full_syncs: reg(
+                &registry,
+                IntCounter::new(
+                    "ballast_control_plane_kubernetes_full_syncs_total",
+                    "Full comparisons of everything watched in Kubernetes with the store (on becoming leader, on every re-list, after a failure).",
+                )
+                .expect("valid counter"),
+            ),
+            kubernetes_errors: counter_vec(
+                "ballast_control_plane_kubernetes_errors_total",
+                "Failures of the Kubernetes sync, by operation (watch, store, status, lock); each is retried.",
+                &["operation"],
+            ),
             registry,
         };
         Self { inner: Arc::new(inner) }
@@ -136,6 +200,11 @@ mod tests {
         let m = Metrics::new();
         m.pushes.with_label_values(&["full"]).inc();
         m.store_errors.with_label_values(&["put"]).inc();
+        m.kubernetes_objects.with_label_values(&["Service"]).set(2);
+        m.kubernetes_policies.with_label_values(&["Accepted"]).set(1);
+        m.kubernetes_store_writes.with_label_values(&["endpoint", "put"]).inc();
+        m.kubernetes_status_writes.with_label_values(&["Invalid"]).inc();
+        m.kubernetes_errors.with_label_values(&["watch"]).inc();
         let text = String::from_utf8(m.encode()).expect("utf-8");
         for name in [
             "ballast_control_plane_proxies_connected",
@@ -145,6 +214,14 @@ mod tests {
             "ballast_control_plane_store_errors_total",
             "ballast_control_plane_store_connected",
             "ballast_control_plane_mesh_revision",
+            "ballast_control_plane_kubernetes_leader",
+            "ballast_control_plane_kubernetes_synced",
+            "ballast_control_plane_kubernetes_objects",
+            "ballast_control_plane_kubernetes_policies",
+            "ballast_control_plane_kubernetes_store_writes_total",
+            "ballast_control_plane_kubernetes_status_writes_total",
+            "ballast_control_plane_kubernetes_full_syncs_total",
+            "ballast_control_plane_kubernetes_errors_total",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -441,7 +441,12 @@ async fn register(
                 service: service.clone(),
                 id: address.clone(),
             });
-            let value = Registration { address: address.clone(), pod: sidecar.status.pod.clone(), weight: 1 };
+            let value = Registration {
+                address: address.clone(),
+                pod: sidecar.status.pod.clone(),
+                weight: 1,
+                source: None,
+            };
             Some((key, serde_json::to_vec(&value).unwrap_or_default()))
         }
         _ => None,

@@ -1,9 +1,11 @@
 //! `ballast-control-plane`: the store, the mesh sync, the replica's session, the push
-//! stream on `--grpc-addr` and the admin API on `--admin-addr`, wired together.
+//! stream on `--grpc-addr` and the admin API on `--admin-addr`, wired together; with
+//! `--kubernetes`, the Kubernetes sync too ([`crate::kubernetes`]).
 //!
 //! Stopping (SIGTERM, or [`ControlPlane::stop`]) ends every sidecar stream without
 //! deregistering anything, so the sidecars move to another replica and re-register
-//! there while their callers notice nothing; then the servers stop.
+//! there while their callers notice nothing; then the servers stop. The Kubernetes sync
+//! stops first and frees its lock, so another replica takes it over at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminContext};
 use crate::keys::Keys;
+use crate::kubernetes::{KubernetesError, KubernetesSync};
 use crate::metrics::Metrics;
 use crate::push::{Push, PushContext};
 use crate::session::Session;
@@ -32,6 +35,9 @@ pub struct Options {
     pub replica: String,
     /// How often the store's history is compacted (by one replica; etcd only).
     pub compact_every: Duration,
+    /// Mirror Kubernetes into the store (`--kubernetes`), with the client
+    /// [`crate::kubernetes::client`] builds.
+    pub kubernetes: bool,
 }
 
 /// How often the store's history is compacted by default.
@@ -50,6 +56,7 @@ impl Options {
             lease_ttl: crate::session::DEFAULT_TTL,
             replica: replica.to_owned(),
             compact_every: DEFAULT_COMPACT_EVERY,
+            kubernetes: false,
         }
     }
 }
@@ -58,6 +65,8 @@ impl Options {
 pub enum ServeError {
     #[error("{0}")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Kubernetes(#[from] KubernetesError),
     #[error(
         "cannot listen on {addr} ({role}): {source}; is another process using it? pass --{role}-addr to choose another"
     )]
@@ -73,6 +82,7 @@ pub struct ControlPlane {
     grpc: tokio::task::JoinHandle<()>,
     admin: tokio::task::JoinHandle<()>,
     compactor: tokio::task::AbortHandle,
+    kubernetes: Option<KubernetesSync>,
     _sync: Arc<MeshSync>,
     _session: Session,
 }
@@ -85,7 +95,20 @@ impl ControlPlane {
     }
 
     /// Starts serving on `store` (the demo and tests share an embedded store this way).
+    /// With `opts.kubernetes`, builds the Kubernetes client first: no configuration is an
+    /// error here, at start-up, not a sync that never starts.
     pub async fn start_on(store: Store, opts: Options) -> Result<Self, ServeError> {
+        let client = if opts.kubernetes { Some(crate::kubernetes::client().await?) } else { None };
+        Self::start_with(store, opts, client).await
+    }
+
+    /// [`Self::start_on`] with the Kubernetes sync on `client` when given (the tests'
+    /// mock API server), whatever `opts.kubernetes` says.
+    pub async fn start_with(
+        store: Store,
+        opts: Options,
+        client: Option<kube::Client>,
+    ) -> Result<Self, ServeError> {
         let bind = |role, addr| async move {
             TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { role, addr, source })
         };
@@ -135,6 +158,9 @@ impl ControlPlane {
                 tracing::error!(error = %e, "the push server failed");
             }
         });
+        let kubernetes = client.map(|client| {
+            KubernetesSync::start(client, store.clone(), keys.clone(), session.lease.clone(), metrics.clone())
+        });
         let admin = tokio::spawn(admin::serve(
             admin_listener,
             Arc::new(AdminContext {
@@ -143,10 +169,11 @@ impl ControlPlane {
                 sync: sync.clone(),
                 lease: session.lease.clone(),
                 metrics,
+                kubernetes: kubernetes.as_ref().map(KubernetesSync::state),
             }),
             stopping.clone(),
         ));
-        tracing::info!(%grpc_addr, %admin_addr, store = %store.describe(), replica = %opts.replica, "ballast-control-plane started");
+        tracing::info!(%grpc_addr, %admin_addr, store = %store.describe(), replica = %opts.replica, kubernetes = kubernetes.is_some(), "ballast-control-plane started");
         Ok(Self {
             grpc_addr,
             admin_addr,
@@ -155,14 +182,23 @@ impl ControlPlane {
             grpc,
             admin,
             compactor: compactor.abort_handle(),
+            kubernetes,
             _sync: sync,
             _session: session,
         })
     }
 
+    /// The Kubernetes sync's state, with `--kubernetes`.
+    pub fn kubernetes(&self) -> Option<tokio::sync::watch::Receiver<crate::kubernetes::SyncState>> {
+        self.kubernetes.as_ref().map(KubernetesSync::state)
+    }
+
     /// Ends every sidecar stream (their registrations stay for the next replica) and
     /// stops serving.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
+        if let Some(kubernetes) = self.kubernetes.take() {
+            kubernetes.stop().await;
+        }
         self.stopping.cancel();
         self.compactor.abort();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.grpc).await;

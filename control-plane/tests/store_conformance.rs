@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use ballast_control_plane::store::{Event, Revision, Store, StoreError, Watch};
+use ballast_control_plane::store::{Event, Guarded, Revision, Store, StoreError, Watch};
 use support::etcd::EtcdServer;
 
 struct Backend {
@@ -60,6 +60,7 @@ conformance!(
     keep_alive_holds_a_lease_and_revoke_ends_it,
     put_under_a_missing_lease_fails,
     lock_is_exclusive_and_freed_by_unlock_or_lease_end,
+    write_if_applies_everything_or_nothing,
 );
 
 /// The next batch, within `within`.
@@ -272,4 +273,51 @@ async fn lock_is_exclusive_and_freed_by_unlock_or_lease_end(store: &Store) {
         .expect("task")
         .expect("lock");
     assert_ne!(held_b, held_c);
+}
+
+async fn write_if_applies_everything_or_nothing(store: &Store) {
+    let put = |key: &str, value: &str, expect: Revision| Guarded {
+        key: key.to_owned(),
+        value: Some(value.as_bytes().to_vec()),
+        expect,
+    };
+    let lease = store.grant(Duration::from_secs(30)).await.expect("grant");
+    let r1 = store.put("/t/g/leased", b"registered".to_vec(), Some(lease)).await.expect("put");
+    let mut watch = store.watch("/t/", r1).await.expect("watch");
+    // Absent keys are expected at 0.
+    let r2 = store
+        .write_if(vec![put("/t/g/a", "1", 0), put("/t/g/b", "2", 0)])
+        .await
+        .expect("write_if")
+        .expect("conditions hold");
+    let batch = next_batch(&mut watch, Duration::from_secs(5)).await.expect("one batch");
+    assert_eq!(batch.len(), 2, "one revision: {batch:?}");
+    // One stale condition (a was written since r2) fails the whole write.
+    let r3 = store.put("/t/g/a", b"someone else".to_vec(), None).await.expect("put");
+    let refused = store
+        .write_if(vec![put("/t/g/b", "3", r2), Guarded { key: "/t/g/a".into(), value: None, expect: r2 }])
+        .await
+        .expect("write_if");
+    assert_eq!(refused, None);
+    assert_eq!(store.get("/t/g/b").await.expect("get").0.expect("kept").value, b"2");
+    assert_eq!(store.get("/t/g/a").await.expect("get").0.expect("kept").value, b"someone else");
+    // A key that exists is not created over.
+    assert_eq!(store.write_if(vec![put("/t/g/leased", "mine", 0)]).await.expect("write_if"), None);
+    // Puts and deletes together, at one revision; a put takes a key off its lease.
+    let r4 = store
+        .write_if(vec![
+            Guarded { key: "/t/g/a".into(), value: None, expect: r3 },
+            put("/t/g/b", "4", r2),
+            put("/t/g/leased", "taken over", r1),
+        ])
+        .await
+        .expect("write_if")
+        .expect("conditions hold");
+    let (kvs, _) = store.list("/t/g/").await.expect("list");
+    assert_eq!(
+        kvs.iter().map(|kv| (kv.key.as_str(), kv.mod_revision, kv.lease)).collect::<Vec<_>>(),
+        [("/t/g/b", r4, None), ("/t/g/leased", r4, None)]
+    );
+    store.revoke(lease).await.expect("revoke");
+    assert!(store.get("/t/g/leased").await.expect("get").0.is_some(), "no longer under the lease");
 }

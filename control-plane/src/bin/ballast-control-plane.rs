@@ -22,7 +22,9 @@ struct Cli {
     /// `/metrics`, `/live`, `/ready` and the API `ballastctl` uses.
     #[arg(long, env = "BALLAST_ADMIN_ADDR", default_value = "0.0.0.0:9990")]
     admin_addr: SocketAddr,
-    /// Mirror Kubernetes ResiliencePolicies, Services and EndpointSlices into the store.
+    /// Mirror Kubernetes ResiliencePolicies, Services and EndpointSlices into the store
+    /// (one replica at a time, under a lock in the store) and write each policy's status
+    /// back. Needs the in-cluster configuration (the pod's service account) or KUBECONFIG.
     #[arg(long, env = "BALLAST_KUBERNETES")]
     kubernetes: bool,
     /// Key prefix in the store.
@@ -63,12 +65,6 @@ fn interval(s: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ballast_api::logging::init(&cli.log_format);
-    if cli.kubernetes {
-        eprintln!(
-            "ballast-control-plane: --kubernetes is not in this build yet (it comes with the Kubernetes integration); apply resources with ballastctl"
-        );
-        return ExitCode::FAILURE;
-    }
     let opts = Options {
         etcd: cli.etcd,
         grpc_addr: cli.grpc_addr,
@@ -77,6 +73,7 @@ fn main() -> ExitCode {
         lease_ttl: cli.lease_ttl,
         replica: cli.replica.unwrap_or_else(server::default_replica_name),
         compact_every: cli.compact_every,
+        kubernetes: cli.kubernetes,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -57,7 +57,7 @@ use etcd_client::{
 use tokio::sync::mpsc;
 use tonic::Code;
 
-use super::{Event, KeyValue, LeaseId, Revision, StoreError, Watch};
+use super::{Event, Guarded, KeyValue, LeaseId, Revision, StoreError, Watch};
 
 /// How long opening a connection to an etcd endpoint may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -175,6 +175,29 @@ impl EtcdStore {
             Ok(resp) => self.revision_of(resp.header()),
             Err(e) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound(lease)),
             Err(e) => Err(self.error("writing keys", e)),
+        }
+    }
+
+    /// One transaction: a compare of each key's mod revision (etcd compares a missing key
+    /// as revision 0), then every put and delete.
+    pub async fn write_if(&self, writes: Vec<Guarded>) -> Result<Option<Revision>, StoreError> {
+        let compares: Vec<Compare> = writes
+            .iter()
+            .map(|w| Compare::mod_revision(w.key.as_str(), CompareOp::Equal, w.expect))
+            .collect();
+        let ops: Vec<TxnOp> = writes
+            .into_iter()
+            .map(|w| match w.value {
+                Some(value) => TxnOp::put(w.key, value, None),
+                None => TxnOp::delete(w.key, None),
+            })
+            .collect();
+        let mut kv = self.client.kv_client();
+        match self.timed("writing keys if unchanged", kv.txn(Txn::new().when(compares).and_then(ops))).await?
+        {
+            Ok(resp) if resp.succeeded() => self.revision_of(resp.header()).map(Some),
+            Ok(_) => Ok(None),
+            Err(e) => Err(self.error("writing keys if unchanged", e)),
         }
     }
 

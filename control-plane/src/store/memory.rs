@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{Event, KeyValue, LeaseId, Revision, StoreError, Watch};
+use super::{Event, Guarded, KeyValue, LeaseId, Revision, StoreError, Watch};
 
 /// Revisions of history kept for watches.
 pub const HISTORY: usize = 10_000;
@@ -124,6 +124,50 @@ impl MemoryStore {
         }
         s.commit(revision, events);
         Ok(revision)
+    }
+
+    /// Every write at one revision if each key's last write is the one expected; else
+    /// none (`None`).
+    pub fn write_if(&self, writes: Vec<Guarded>) -> Option<Revision> {
+        let mut s = self.lock();
+        let current = |s: &Inner, key: &str| s.kvs.get(key).map_or(0, |kv| kv.mod_revision);
+        if writes.iter().any(|w| current(&s, &w.key) != w.expect) {
+            return None;
+        }
+        let revision = s.revision + 1;
+        let mut events = Vec::with_capacity(writes.len());
+        for w in writes {
+            let previous = match &w.value {
+                Some(_) => s.kvs.get(&w.key).cloned(),
+                None => s.kvs.remove(&w.key),
+            };
+            if let Some(old) = previous.as_ref().and_then(|kv| kv.lease)
+                && let Some(l) = s.leases.get_mut(&old.0)
+            {
+                l.keys.remove(&w.key);
+            }
+            match w.value {
+                Some(value) => {
+                    let create_revision = previous.map_or(revision, |kv| kv.create_revision);
+                    let kv = KeyValue {
+                        key: w.key.clone(),
+                        value,
+                        create_revision,
+                        mod_revision: revision,
+                        lease: None,
+                    };
+                    s.kvs.insert(w.key, kv.clone());
+                    events.push(Event::Put(kv));
+                }
+                None if previous.is_some() => events.push(Event::Delete { key: w.key, revision }),
+                None => {}
+            }
+        }
+        if events.is_empty() {
+            return Some(s.revision);
+        }
+        s.commit(revision, events);
+        Some(revision)
     }
 
     pub fn get(&self, key: &str) -> (Option<KeyValue>, Revision) {

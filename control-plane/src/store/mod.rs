@@ -15,6 +15,10 @@
 //!   a sidecar's stream live under such a lease.
 //! * **Locks.** Work that must run once across control-plane replicas holds a named lock,
 //!   itself tied to a lease so a crashed holder releases it.
+//! * **Guarded writes.** [`Store::write_if`] puts and deletes several keys at one
+//!   revision only if none of them was written since the writer read it: how the
+//!   Kubernetes sync keeps its hands off keys that others (`ballastctl`, sidecars) wrote
+//!   between its read and its write.
 //!
 //! The backends are one enum rather than a trait object: there are two, they are known,
 //! and async methods on an enum need no boxing.
@@ -45,6 +49,16 @@ pub struct KeyValue {
     /// Revision of the last write to the key.
     pub mod_revision: Revision,
     pub lease: Option<LeaseId>,
+}
+
+/// One write of [`Store::write_if`]: `key` set to `value` (deleted when `None`), on
+/// condition that the key's last write is still the one at `expect` (0: that the key
+/// does not exist).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guarded {
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+    pub expect: Revision,
 }
 
 /// One change, as a watch reports it.
@@ -192,6 +206,24 @@ impl Store {
         }
     }
 
+    /// Applies every write of `writes` at one revision if each key's last write is still
+    /// the one it expects, and none of them otherwise (an etcd transaction, at most
+    /// [`MAX_WRITES`] writes, each key at most once). Returns the revision written at, or
+    /// `None` when a condition failed: someone wrote one of the keys since it was read.
+    /// Keys are written without a lease.
+    pub async fn write_if(&self, writes: Vec<Guarded>) -> Result<Option<Revision>, StoreError> {
+        if writes.len() > MAX_WRITES {
+            return Err(StoreError::Backend(format!(
+                "{} writes in one transaction; at most {MAX_WRITES}",
+                writes.len()
+            )));
+        }
+        match self {
+            Store::Memory(s) => Ok(s.write_if(writes)),
+            Store::Etcd(s) => s.write_if(writes).await,
+        }
+    }
+
     /// The value of `key`, and the store's revision at the read.
     pub async fn get(&self, key: &str) -> Result<(Option<KeyValue>, Revision), StoreError> {
         match self {
@@ -284,8 +316,20 @@ impl Store {
     /// share it: each contender writes `name/<lease>` under its lease, and the key with
     /// the lowest create revision holds the lock; the others wait for a deletion.
     pub async fn lock(&self, name: &str, lease: LeaseId) -> Result<String, StoreError> {
+        self.lock_or_wait(name, lease, || {}).await
+    }
+
+    /// [`Store::lock`], calling `waiting` each time it finds the lock held by another
+    /// contender and starts waiting for it: how a replica knows it is standing by rather
+    /// than about to take the lock.
+    pub async fn lock_or_wait(
+        &self,
+        name: &str,
+        lease: LeaseId,
+        mut waiting: impl FnMut(),
+    ) -> Result<String, StoreError> {
         let prefix = format!("{name}/");
-        let key = format!("{prefix}{:016x}", lease.0);
+        let key = Self::lock_key(name, lease);
         self.put(&key, Vec::new(), Some(lease)).await?;
         loop {
             let (held, revision) = self.list(&prefix).await?;
@@ -296,6 +340,7 @@ impl Store {
             if held.iter().min_by_key(|kv| kv.create_revision).is_some_and(|first| first.key == key) {
                 return Ok(key);
             }
+            waiting();
             let mut watch = self.watch(&prefix, revision).await?;
             loop {
                 match watch.next().await {
@@ -308,6 +353,12 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// The key a contender for lock `name` under `lease` writes (and [`Store::unlock`]
+    /// deletes), whether it holds the lock yet or still waits for it.
+    pub fn lock_key(name: &str, lease: LeaseId) -> String {
+        format!("{name}/{:016x}", lease.0)
     }
 
     pub async fn unlock(&self, key: &str) -> Result<(), StoreError> {

@@ -215,6 +215,27 @@ async fn injects_in_a_labelled_namespace_with_a_base64_patch_and_caches_the_labe
         metrics.contains("ballast_injector_reviews_total{outcome=\"injected\",reason=\"\"} 6"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("ballast_injector_reviews_total{outcome=\"skipped\",reason=\"not-opted-in\"} 2"),
+        "{metrics}"
+    );
+    // The format Prometheus reads: promtool finds nothing to complain about.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool must be installed (scripts/test.sh installs prometheus)");
+    use std::io::Write;
+    promtool.stdin.take().expect("stdin").write_all(metrics.as_bytes()).expect("write");
+    let out = promtool.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     stop(s).await;
 }
 

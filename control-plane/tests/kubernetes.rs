@@ -24,29 +24,13 @@ use ballast_control_plane::session::Session;
 use ballast_control_plane::store::{LeaseId, Store};
 use ballast_control_plane::sync::MeshSync;
 use serde_json::{Value, json};
+use support::Backend;
 use support::etcd::EtcdServer;
 use support::fake_api::{FakeApi, Kind};
 use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
-
-struct Backend {
-    store: Store,
-    _etcd: Option<EtcdServer>,
-}
-
-impl Backend {
-    async fn memory() -> Self {
-        Self { store: Store::memory(), _etcd: None }
-    }
-
-    async fn etcd() -> Self {
-        let server = EtcdServer::start();
-        let store = Store::etcd(&[server.endpoint()]).await.expect("connect to the test etcd");
-        Self { store, _etcd: Some(server) }
-    }
-}
 
 /// Each test once on the embedded store and once on a real etcd.
 macro_rules! on_both_stores {

@@ -7,24 +7,7 @@ mod support;
 use std::time::Duration;
 
 use ballast_control_plane::store::{Event, Guarded, Revision, Store, StoreError, Watch};
-use support::etcd::EtcdServer;
-
-struct Backend {
-    store: Store,
-    _etcd: Option<EtcdServer>,
-}
-
-impl Backend {
-    async fn memory() -> Self {
-        Self { store: Store::memory(), _etcd: None }
-    }
-
-    async fn etcd() -> Self {
-        let server = EtcdServer::start();
-        let store = Store::etcd(&[server.endpoint()]).await.expect("connect to the test etcd");
-        Self { store, _etcd: Some(server) }
-    }
-}
+use support::Backend;
 
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {

@@ -4,3 +4,24 @@
 
 pub mod etcd;
 pub mod fake_api;
+
+/// A store for a test, on one backend: the embedded one, or a real etcd started for it
+/// (and stopped when this is dropped).
+pub struct Backend {
+    pub store: ballast_control_plane::store::Store,
+    _etcd: Option<etcd::EtcdServer>,
+}
+
+impl Backend {
+    pub async fn memory() -> Self {
+        Self { store: ballast_control_plane::store::Store::memory(), _etcd: None }
+    }
+
+    pub async fn etcd() -> Self {
+        let server = etcd::EtcdServer::start();
+        let store = ballast_control_plane::store::Store::etcd(&[server.endpoint()])
+            .await
+            .expect("connect to the test etcd");
+        Self { store, _etcd: Some(server) }
+    }
+}

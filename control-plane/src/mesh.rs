@@ -495,14 +495,10 @@ fn to_json<T: Serialize>(v: &T) -> Arc<[u8]> {
 mod tests {
     use super::*;
 
-    fn kv(key: &str, json: serde_json::Value, revision: Revision) -> KeyValue {
-        KeyValue {
-            key: key.to_owned(),
-            value: serde_json::to_vec(&json).expect("json"),
-            create_revision: revision,
-            mod_revision: revision,
-            lease: None,
-        }
+    use crate::store::KeyValue;
+
+    fn kv(key: &str, json: serde_json::Value, revision: i64) -> KeyValue {
+        KeyValue::json(key, json, revision)
     }
 
     fn service(ns: &str, name: &str, endpoints: &[&str]) -> serde_json::Value {

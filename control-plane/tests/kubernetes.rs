@@ -480,23 +480,6 @@ async fn http(addr: std::net::SocketAddr, method: http::Method, path: &str, body
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool runs (apt-get install -y prometheus, or scripts/test.sh)");
-    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write to promtool");
-    let out = child.wait_with_output().expect("promtool");
-    let complaints =
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && complaints.trim().is_empty(), "promtool: {complaints}\n{text}");
-}
-
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| {
@@ -541,7 +524,7 @@ async fn the_control_plane_with_kubernetes_is_ready_after_the_first_sync() {
             r#"ballast_control_plane_kubernetes_store_writes_total{kind="endpoint",operation="put"}"#
         ) >= 5.0
     );
-    promtool_check(&metrics);
+    support::promtool::check(&metrics);
 
     // The admin API knows what came from Kubernetes.
     let (_, endpoints) = http(admin, http::Method::GET, "/api/v1/endpoints", "").await;

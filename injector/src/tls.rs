@@ -282,36 +282,31 @@ impl Bootstrap {
         let err = |source| TlsError::Webhook { name: self.webhook_config.clone(), source };
         let config = api.get(&self.webhook_config).await.map_err(err)?;
         let bundle = base64::engine::general_purpose::STANDARD.encode(ca_pem);
-        let mut ops = Vec::new();
-        for (i, w) in config.webhooks.iter().flatten().enumerate() {
-            let ours = w
-                .client_config
-                .service
-                .as_ref()
-                .is_some_and(|s| s.name == self.service && s.namespace == self.namespace);
-            let current = w
-                .client_config
-                .ca_bundle
-                .as_ref()
-                .map(|b| base64::engine::general_purpose::STANDARD.encode(&b.0));
-            if ours && current.as_deref() != Some(bundle.as_str()) {
-                // `test` guards the index: if the list changed since the GET, the patch fails.
-                ops.push(json!({"op": "test", "path": format!("/webhooks/{i}/name"), "value": w.name}));
-                ops.push(json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": bundle}));
-            }
-        }
-        let any_ours = config.webhooks.iter().flatten().any(|w| {
+        let ours = |w: &&k8s_openapi::api::admissionregistration::v1::MutatingWebhook| {
             w.client_config
                 .service
                 .as_ref()
                 .is_some_and(|s| s.name == self.service && s.namespace == self.namespace)
-        });
-        if !any_ours {
+        };
+        let webhooks: Vec<_> =
+            config.webhooks.iter().flatten().enumerate().filter(|(_, w)| ours(w)).collect();
+        if webhooks.is_empty() {
             return Err(TlsError::NoWebhook {
                 name: self.webhook_config.clone(),
                 namespace: self.namespace.clone(),
                 service: self.service.clone(),
             });
+        }
+        let mut ops = Vec::new();
+        for (i, w) in webhooks {
+            if w.client_config.ca_bundle.as_ref().is_some_and(|b| b.0 == ca_pem) {
+                continue;
+            }
+            // `test` guards the index: if the list changed since the GET, the patch fails.
+            ops.push(json!({"op": "test", "path": format!("/webhooks/{i}/name"), "value": w.name}));
+            ops.push(
+                json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": bundle}),
+            );
         }
         if ops.is_empty() {
             return Ok(());

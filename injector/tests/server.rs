@@ -2,6 +2,9 @@
 //! Kubernetes API through kube's mock-service pattern (a `tower::service_fn` standing in
 //! for the API server, answering recorded JSON and recording what it was asked).
 
+#[path = "../../control-plane/tests/support/promtool.rs"]
+mod promtool;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -220,22 +223,7 @@ async fn injects_in_a_labelled_namespace_with_a_base64_patch_and_caches_the_labe
         "{metrics}"
     );
     // The format Prometheus reads: promtool finds nothing to complain about.
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool must be installed (scripts/test.sh installs prometheus)");
-    use std::io::Write;
-    promtool.stdin.take().expect("stdin").write_all(metrics.as_bytes()).expect("write");
-    let out = promtool.wait_with_output().expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool::check(&metrics);
     stop(s).await;
 }
 

@@ -2,6 +2,9 @@
 //! server, real client tools. Nothing here mocks the proxy.
 #![allow(dead_code)]
 
+#[path = "../../control-plane/tests/support/promtool.rs"]
+mod promtool;
+
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
@@ -632,17 +635,5 @@ pub fn spawn_python_server(script: &str, port: u16) -> ChildGuard {
 
 /// `promtool check metrics` on an exposition; fails the test on any complaint.
 pub fn promtool_check(text: &str) {
-    use std::io::Write as _;
-    let mut child = Command::new(require_tool("promtool"))
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn promtool");
-    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write to promtool");
-    let out = child.wait_with_output().expect("promtool");
-    let complaints =
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && complaints.trim().is_empty(), "promtool: {complaints}\n{text}");
+    promtool::check(text);
 }

@@ -175,14 +175,10 @@ mod tests {
     use ballast_api::service::ServiceSpec;
     use ballast_api::{ObjectMeta, Service};
 
-    fn kv(key: &str, value: serde_json::Value, revision: i64) -> KeyValue {
-        KeyValue {
-            key: key.to_owned(),
-            value: serde_json::to_vec(&value).expect("json"),
-            create_revision: revision,
-            mod_revision: revision,
-            lease: None,
-        }
+    use crate::store::KeyValue;
+
+    fn kv(key: &str, json: serde_json::Value, revision: i64) -> KeyValue {
+        KeyValue::json(key, json, revision)
     }
 
     fn mirrored(endpoints: &[&str]) -> Mirrored {

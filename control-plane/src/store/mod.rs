@@ -51,6 +51,20 @@ pub struct KeyValue {
     pub lease: Option<LeaseId>,
 }
 
+#[cfg(test)]
+impl KeyValue {
+    /// A key holding `json`, written once at `revision`, without a lease (unit tests).
+    pub(crate) fn json(key: &str, json: serde_json::Value, revision: Revision) -> Self {
+        Self {
+            key: key.to_owned(),
+            value: serde_json::to_vec(&json).unwrap_or_default(),
+            create_revision: revision,
+            mod_revision: revision,
+            lease: None,
+        }
+    }
+}
+
 /// One write of [`Store::write_if`]: `key` set to `value` (deleted when `None`), on
 /// condition that the key's last write is still the one at `expect` (0: that the key
 /// does not exist).

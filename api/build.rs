@@ -14,8 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // No transport helpers (`connect`): they would pull tonic's channel into every crate
     // that depends on the api, the sidecar among them (DESIGN §1: the sidecar stays small).
-    tonic_prost_build::configure()
-        .build_transport(false)
-        .compile_protos(&["proto/ballast/v1/discovery.proto"], &["proto"])?;
+    tonic_prost_build::configure().build_transport(false).compile_protos(
+        &["proto/ballast/v1/discovery.proto", "proto/ballast/v1/identity.proto"],
+        &["proto"],
+    )?;
     Ok(())
 }

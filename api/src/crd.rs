@@ -63,7 +63,7 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{LoadBalancer, PolicySpec, RateLimitScope, RetryOn};
+use crate::policy::{LoadBalancer, MtlsMode, PolicySpec, RateLimitScope, RetryOn};
 use crate::{Duration, FieldError, ObjectMeta, ResiliencePolicy};
 
 /// The spec of a [`ResiliencePolicyResource`]: exactly a [`PolicySpec`].
@@ -442,6 +442,24 @@ impl JsonSchema for RateLimitScope {
             "enum": ["local", "global"],
             "description": "local (the default): each sidecar enforces the whole limit; \
                 global: the limit is split among the live replicas of the target.",
+        })
+    }
+}
+
+/// Hand-written for the same reason as [`RateLimitScope`]'s.
+impl JsonSchema for MtlsMode {
+    fn schema_name() -> Cow<'static, str> {
+        "MtlsMode".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "enum": ["permissive", "strict"],
+            "description": "permissive (the default): plain-text callers are served too; \
+                strict: only callers with a mesh certificate (mutual TLS).",
         })
     }
 }

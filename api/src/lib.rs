@@ -5,6 +5,7 @@
 //! * [`document`]: reading multi-document YAML into those resources, with errors that name
 //!   the file, line and field, and [`document::Config`], the set a sidecar applies.
 //! * [`duration`]: the `2s` / `500ms` durations used throughout.
+//! * [`identity`]: workload identities (SPIFFE IDs) and the `inbound.allow` patterns.
 //! * [`names`]: ports, headers and other well-known names that are public interface.
 //! * [`proto`]: the push protocol between sidecars and the control plane (gRPC).
 //! * `crd` (feature `crd`): the `ResiliencePolicy` CustomResourceDefinition, derived from
@@ -20,6 +21,7 @@ pub mod crd;
 pub mod document;
 pub mod duration;
 pub mod errors;
+pub mod identity;
 #[cfg(feature = "logging")]
 pub mod logging;
 pub mod names;

@@ -26,3 +26,11 @@ pub const HEADER_REJECTED: &str = "ballast-rejected";
 pub const HEADER_ERROR: &str = "ballast-error";
 /// Response header on an answer made by a policy's fault injection (`abort`).
 pub const HEADER_FAULT: &str = "ballast-fault";
+/// Request header the server sidecar sets to the caller's verified identity (its SPIFFE
+/// ID) on requests that arrived over mesh mutual TLS. Removed from every other request,
+/// so the app can trust it: a client cannot forge it.
+pub const HEADER_PEER_IDENTITY: &str = "ballast-peer-identity";
+/// Request header between two sidecars: the client sidecar carries an HTTP/1 request
+/// over HTTP/2 inside mesh TLS and names the original version here, so the server
+/// sidecar speaks it to its app. Honoured only on mesh TLS connections, removed always.
+pub const HEADER_ORIG_PROTO: &str = "ballast-orig-proto";

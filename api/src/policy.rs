@@ -417,6 +417,30 @@ pub struct Inbound {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "crd", schemars(range(min = 1)))]
     pub max_concurrent: Option<u32>,
+    /// Whether plain-text callers are still served (`permissive`, the default) or only
+    /// callers with a mesh certificate (`strict`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsMode>,
+    /// Who may call: SPIFFE IDs (spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SERVICE-ACCOUNT),
+    /// NAMESPACE/SERVICE-ACCOUNT in the mesh's trust domain (either part may be *), or *
+    /// for any mesh workload. Empty: everyone the mtls mode admits. Others get 403 with
+    /// ballast-rejected: forbidden; a caller without a mesh certificate never matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "crd", schemars(length(max = 256)))]
+    pub allow: Vec<String>,
+}
+
+/// `inbound.mtls`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MtlsMode {
+    /// Mesh callers use mutual TLS; plain-text callers (outside the mesh, health checks)
+    /// are served too. The default, so a pod joins the mesh without breaking its callers.
+    #[default]
+    Permissive,
+    /// Only mutual TLS: plain-text connections are refused (HTTP requests get 403
+    /// `ballast-rejected: forbidden`, other connections are closed).
+    Strict,
 }
 
 /// An override for requests that match; unset sections inherit the policy's.
@@ -533,6 +557,11 @@ impl ResiliencePolicy {
             }
             if i.max_concurrent == Some(0) {
                 e("spec.inbound.maxConcurrent", "must be at least 1".into());
+            }
+            for (n, pattern) in i.allow.iter().enumerate() {
+                if let Err(err) = pattern.parse::<crate::identity::IdentityPattern>() {
+                    e(&format!("spec.inbound.allow[{n}]"), err.to_string());
+                }
             }
         }
         if let Some(f) = &s.faults {

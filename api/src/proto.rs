@@ -1,7 +1,9 @@
-//! The push protocol between sidecars and the control plane (DESIGN §3), generated from
-//! `proto/ballast/v1/discovery.proto` (which documents every message).
+//! The gRPC protocols between sidecars and the control plane, generated from
+//! `proto/ballast/v1/`: `discovery.proto`, the push stream (DESIGN §3), and
+//! `identity.proto`, workload certificates. The .proto files document every message.
 
-/// `ballast.v1`: the `Discovery` service, its client and server, and its messages.
+/// `ballast.v1`: the `Discovery` and `Identity` services, their clients and servers, and
+/// their messages.
 pub mod v1 {
     tonic::include_proto!("ballast.v1");
 }

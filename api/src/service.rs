@@ -57,6 +57,11 @@ pub struct Endpoint {
     pub address: String,
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub weight: u32,
+    /// The endpoint's workload identity (SPIFFE ID) when a meshed sidecar fronts it:
+    /// callers then use mutual TLS and require exactly this identity. The control plane
+    /// sets it from the certificate the endpoint's sidecar presented; absent: plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 fn one() -> u32 {
@@ -125,6 +130,11 @@ impl Service {
                     format!("spec.endpoints[{i}].address"),
                     format!("{:?} is not an IP or IP:port", ep.address),
                 ));
+            }
+            if let Some(id) = &ep.identity
+                && let Err(err) = id.parse::<crate::identity::Identity>()
+            {
+                errs.push(FieldError::new(format!("spec.endpoints[{i}].identity"), err.to_string()));
             }
             if ep.weight == 0 {
                 errs.push(FieldError::new(format!("spec.endpoints[{i}].weight"), "must be at least 1"));

@@ -52,6 +52,11 @@ pub struct Registration {
     /// endpoint the Kubernetes sync mirrored from an EndpointSlice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// The registering sidecar's verified identity (SPIFFE ID), from the certificate it
+    /// presented on its stream; callers use mutual TLS to it. Never taken from what the
+    /// sidecar says about itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 impl Registration {
@@ -75,6 +80,10 @@ pub struct ProxyStatus {
     pub service: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Its verified identity (SPIFFE ID), from the client certificate on its stream;
+    /// absent: it connected without one, and its endpoint is plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
     /// Services it asked for, `name.namespace`; empty: its namespace.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub calls: Vec<String>,
@@ -401,7 +410,11 @@ impl Mesh {
                 continue;
             }
             if known.insert(r.address.clone()) {
-                s.spec.endpoints.push(Endpoint { address: r.address.clone(), weight: r.weight });
+                s.spec.endpoints.push(Endpoint {
+                    address: r.address.clone(),
+                    weight: r.weight,
+                    identity: r.identity.clone(),
+                });
             }
         }
         Some(s)

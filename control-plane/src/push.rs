@@ -446,6 +446,7 @@ async fn register(
                 pod: sidecar.status.pod.clone(),
                 weight: 1,
                 source: None,
+                identity: sidecar.status.identity.clone(),
             };
             Some((key, serde_json::to_vec(&value).unwrap_or_default()))
         }

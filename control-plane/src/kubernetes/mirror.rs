@@ -202,6 +202,7 @@ mod tests {
                         pod: String::new(),
                         weight: 1,
                         source: Some(SOURCE_KUBERNETES.into()),
+                        identity: None,
                     };
                     ((*a).to_owned(), r)
                 })

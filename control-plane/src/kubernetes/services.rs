@@ -170,7 +170,13 @@ pub fn mirror(service: &KubeService, slices: &[&EndpointSlice]) -> Option<Mirror
                 .unwrap_or_default();
             endpoints.insert(
                 address.clone(),
-                Registration { address, pod, weight: 1, source: Some(SOURCE_KUBERNETES.to_owned()) },
+                Registration {
+                    address,
+                    pod,
+                    weight: 1,
+                    source: Some(SOURCE_KUBERNETES.to_owned()),
+                    identity: None,
+                },
             );
         }
     }

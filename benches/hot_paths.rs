@@ -219,9 +219,18 @@ fn bench_stack(c: &mut Criterion) {
     let policy = full_policy();
     let (bare, full, _balancers) = {
         let _enter = rt.enter();
-        let (bare, b1) = ctx.service_stack("bench-bare.default".into(), &[(addr, 1)], "no endpoints", None);
-        let (full, b2) =
-            ctx.service_stack("bench-policy.default".into(), &[(addr, 1)], "no endpoints", Some(&policy));
+        let (bare, b1) = ctx.service_stack(
+            "bench-bare.default".into(),
+            &[ballast_sidecar::balance::Target::plain(addr, 1)],
+            "no endpoints",
+            None,
+        );
+        let (full, b2) = ctx.service_stack(
+            "bench-policy.default".into(),
+            &[ballast_sidecar::balance::Target::plain(addr, 1)],
+            "no endpoints",
+            Some(&policy),
+        );
         (bare, full, (b1, b2))
     };
     let target = Target::new("bench.default.svc.cluster.local");

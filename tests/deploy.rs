@@ -4,8 +4,9 @@
 //! the rendered CRD's schema for the example ResiliencePolicy, essential fields for the
 //! Prometheus Operator's and cert-manager's kinds); the properties an operator relies on
 //! hold (webhook, security contexts, least-privilege RBAC, replicas and disruption
-//! budgets, images set in one place, flags the binaries really have); and the alerts pass
-//! `promtool check rules` and their unit tests, naming only metrics that exist.
+//! budgets, images set in one place, flags the binaries really have, workload identity
+//! wired from the control plane's CA through the injector to the scrape); and the alerts
+//! pass `promtool check rules` and their unit tests, naming only metrics that exist.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,14 @@ use serde_json::Value;
 const KUBE_VERSION: &str = "1.33.0";
 /// The namespace of everything Ballast runs.
 const NS: &str = "ballast-system";
+/// The ConfigMap the control plane publishes its CA certificate in, and its key.
+const TRUST_ANCHORS: (&str, &str) = ("ballast-trust-anchors", "ca.crt");
+/// The Secret with the control plane's admin API token, and its key.
+const ADMIN_TOKEN: (&str, &str) = ("ballast-admin-token", "token");
+/// The Secret the control plane keeps its generated identity CA in (`--ca-secret`).
+const CA_SECRET: &str = "ballast-identity-ca";
+/// The control plane's URL for the sidecars: TLS with identity.
+const CONTROL_PLANE_URL: &str = "https://ballast-control-plane.ballast-system.svc:8086";
 
 /// Every rendering: its name in messages, and its directory under the repository root.
 const VARIANTS: &[(&str, &str)] = &[
@@ -308,11 +317,21 @@ fn allowed_grants() -> Allowed {
             ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"),
             vec![(&["get", "patch"][..], &["ballast-injector"][..])],
         ),
-        // Secrets: in the Role only (checked below); create cannot be limited by name.
+        // Secrets and ConfigMaps: in Roles only (checked below); create cannot be limited
+        // by name.
         (
             ("", "secrets"),
-            vec![(&["create"][..], &[][..]), (&["get", "update"][..], &["ballast-injector-tls"][..])],
+            vec![
+                (&["create"][..], &[][..]),
+                (&["get", "update"][..], &["ballast-injector-tls"][..]),
+                (&["get", "update"][..], &[CA_SECRET][..]),
+            ],
         ),
+        (
+            ("", "configmaps"),
+            vec![(&["create"][..], &[][..]), (&["get", "update"][..], &[TRUST_ANCHORS.0][..])],
+        ),
+        (("authentication.k8s.io", "tokenreviews"), vec![(&["create"][..], &[][..])]),
     ])
 }
 
@@ -382,9 +401,9 @@ fn check_rbac(variant: &str, objs: &[Value], p: &mut Problems) {
                             "{w}: {verbs:?} on {r:?} (resourceNames {names:?}) is more than Ballast needs"
                         )
                     });
-                    if r == "secrets" {
+                    if r == "secrets" || r == "configmaps" {
                         p.check(kind(role) == "Role" && s(role, "/metadata/namespace") == Some(NS), || {
-                            format!("{w}: secrets may only be granted by a Role in {NS}")
+                            format!("{w}: {r} may only be granted by a Role in {NS}")
                         });
                     }
                 }
@@ -417,6 +436,17 @@ fn check_rbac(variant: &str, objs: &[Value], p: &mut Problems) {
     }
     control_plane.insert(grant("ballast.io", "resiliencepolicies/status", "patch", &[]));
     control_plane.insert(grant("ballast.io", "resiliencepolicies/status", "update", &[]));
+    // Workload identity: TokenReviews of the sidecars' tokens, the trust anchors'
+    // ConfigMap, and (unless cert-manager supplies the CA as files) the CA's Secret.
+    control_plane.insert(grant("authentication.k8s.io", "tokenreviews", "create", &[]));
+    control_plane.insert(grant("", "configmaps", "create", &[]));
+    control_plane.insert(grant("", "configmaps", "get", &[TRUST_ANCHORS.0]));
+    control_plane.insert(grant("", "configmaps", "update", &[TRUST_ANCHORS.0]));
+    if variant != "cert-manager" {
+        control_plane.insert(grant("", "secrets", "create", &[]));
+        control_plane.insert(grant("", "secrets", "get", &[CA_SECRET]));
+        control_plane.insert(grant("", "secrets", "update", &[CA_SECRET]));
+    }
     let got = grants_of(objs, "ballast-control-plane");
     p.check(got == control_plane, || {
         format!("{variant}: the control plane's grants differ from what it needs:\n    got  {got:?}\n    want {control_plane:?}")
@@ -545,7 +575,8 @@ fn check_webhook(variant: &str, objs: &[Value], p: &mut Problems) {
 }
 
 /// The `--flag`s in `args` are fields of the binary's clap struct (`flag_name:` in
-/// `source`), so a renamed flag fails here rather than in a crash-looping pod.
+/// `source`, or `long = "flag-name"`), so a renamed flag fails here rather than in a
+/// crash-looping pod.
 fn check_flags(w: &str, args: &[String], source_path: &str, p: &mut Problems) {
     let source = std::fs::read_to_string(root().join(source_path)).expect("read the CLI source");
     for a in args.iter().filter_map(|a| a.strip_prefix("--")) {
@@ -554,10 +585,37 @@ fn check_flags(w: &str, args: &[String], source_path: &str, p: &mut Problems) {
         let defined = source.lines().any(|l| {
             let l = l.trim_start();
             let l = l.strip_prefix("pub ").unwrap_or(l);
-            l.starts_with(&format!("{field}:"))
+            l.starts_with(&format!("{field}:")) || l.contains(&format!("long = \"{flag}\""))
         });
         p.check(defined, || format!("{w}: flag --{flag} is not defined in {source_path}"));
     }
+}
+
+/// The pod volume a container mounts at the directory holding `file`, when `file` is
+/// that directory plus one name: (volume, the file's name in it).
+fn volume_of_file<'a>(pod: &'a Value, c: &Value, file: &str) -> Option<(&'a Value, String)> {
+    let (dir, name) = file.rsplit_once('/')?;
+    let mount = arr(c, "/volumeMounts")
+        .iter()
+        .find(|m| s(m, "/mountPath").map(|p| p.trim_end_matches('/')) == Some(dir))?;
+    let volume = arr(pod, "/volumes").iter().find(|v| v.pointer("/name") == mount.pointer("/name"))?;
+    (mount.pointer("/readOnly") == Some(&Value::Bool(true))).then(|| (volume, name.to_owned()))
+}
+
+/// Whether `name` in a Secret or ConfigMap volume is its key `key` (directly, or through
+/// `items`).
+fn volume_file_is_key(source: &Value, name: &str, key: &str) -> bool {
+    let items = arr(source, "/items");
+    if items.is_empty() {
+        name == key
+    } else {
+        items.iter().any(|i| s(i, "/path") == Some(name) && s(i, "/key") == Some(key))
+    }
+}
+
+/// The value of `--flag=VALUE` in `args`.
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter().find_map(|a| a.strip_prefix(flag).and_then(|v| v.strip_prefix('=')))
 }
 
 fn has_pdb(objs: &[Value], app: &str, min_available: u64) -> bool {
@@ -609,13 +667,24 @@ fn check_control_plane(variant: &str, objs: &[Value], p: &mut Problems) {
         env_var(c, "POD_NAME").and_then(|e| s(e, "/valueFrom/fieldRef/fieldPath")) == Some("metadata.name"),
         || format!("{w}: POD_NAME does not come from the downward API"),
     );
+    // The CA's Secret and the published anchors live in the control plane's namespace,
+    // which it reads from POD_NAMESPACE.
+    p.check(
+        env_var(c, "POD_NAMESPACE").and_then(|e| s(e, "/valueFrom/fieldRef/fieldPath"))
+            == Some("metadata.namespace"),
+        || format!("{w}: POD_NAMESPACE does not come from the downward API"),
+    );
+    // With workload identity both ports speak TLS: the probes too.
     for (probe, path) in [("livenessProbe", "/live"), ("readinessProbe", "/ready")] {
         let port = c.pointer(&format!("/{probe}/httpGet/port")).cloned().unwrap_or(Value::Null);
         p.check(
-            s(c, &format!("/{probe}/httpGet/path")) == Some(path) && (port == "admin" || port == 9990),
-            || format!("{w}: {probe} is not HTTP {path} on the admin port"),
+            s(c, &format!("/{probe}/httpGet/path")) == Some(path)
+                && s(c, &format!("/{probe}/httpGet/scheme")) == Some("HTTPS")
+                && (port == "admin" || port == 9990),
+            || format!("{w}: {probe} is not HTTPS {path} on the admin port"),
         );
     }
+    check_control_plane_identity(variant, objs, pod, c, &args, p);
     // etcd's URLs come from the ballast-etcd-endpoints ConfigMap (one place to change).
     let etcd = env_var(c, "BALLAST_ETCD").and_then(|e| e.pointer("/valueFrom/configMapKeyRef"));
     let endpoints = etcd.and_then(|r| {
@@ -645,8 +714,71 @@ fn check_control_plane(variant: &str, objs: &[Value], p: &mut Problems) {
     p.check(port(8086).is_some_and(|pt| s(pt, "/appProtocol") == Some("grpc")), || {
         format!("{variant}: Service ballast-control-plane lacks port 8086 with appProtocol grpc")
     });
-    p.check(port(9990).is_some(), || {
-        format!("{variant}: Service ballast-control-plane lacks the admin port 9990")
+    p.check(port(9990).is_some_and(|pt| s(pt, "/appProtocol") == Some("https")), || {
+        format!("{variant}: Service ballast-control-plane lacks the admin port 9990 with appProtocol https")
+    });
+}
+
+/// The control plane runs with workload identity: its CA from the Secret it manages, or
+/// (cert-manager) from a cert-manager CA Certificate mounted as files; the admin token
+/// from the Secret ballast-admin-token.
+fn check_control_plane_identity(
+    variant: &str,
+    objs: &[Value],
+    pod: &Value,
+    c: &Value,
+    args: &[String],
+    p: &mut Problems,
+) {
+    let w = format!("{variant}: Deployment ballast-control-plane");
+    p.check(args.iter().any(|a| a == "--identity"), || format!("{w}: args {args:?} lack --identity"));
+    if variant == "cert-manager" {
+        p.check(flag_value(args, "--ca-secret").is_none(), || format!("{w}: still keeps its CA in a Secret"));
+        let cert = find(objs, "Certificate", "ballast-identity-ca");
+        p.check(
+            cert.is_some_and(|c| {
+                c.pointer("/spec/isCA") == Some(&Value::Bool(true))
+                    && s(c, "/spec/privateKey/encoding") == Some("PKCS8")
+                    && s(c, "/spec/privateKey/rotationPolicy") == Some("Never")
+            }),
+            || {
+                format!(
+                    "{variant}: no CA Certificate ballast-identity-ca with a PKCS#8 key that is never rotated"
+                )
+            },
+        );
+        let secret = cert.and_then(|c| s(c, "/spec/secretName"));
+        for (flag, key) in [("--ca-cert", "tls.crt"), ("--ca-key", "tls.key")] {
+            let file = flag_value(args, flag);
+            let ok = file.and_then(|f| volume_of_file(pod, c, f)).is_some_and(|(v, name)| {
+                secret.is_some()
+                    && s(v, "/secret/secretName") == secret
+                    && volume_file_is_key(&v["secret"], &name, key)
+            });
+            p.check(ok, || {
+                format!("{w}: {flag} {file:?} is not the key {key} of the Certificate's Secret {secret:?}, mounted read-only")
+            });
+        }
+    } else {
+        p.check(flag_value(args, "--ca-secret") == Some(CA_SECRET), || {
+            format!("{w}: args {args:?} lack --ca-secret={CA_SECRET}")
+        });
+    }
+    let file = flag_value(args, "--admin-token-file");
+    let mounted = file.and_then(|f| volume_of_file(pod, c, f)).is_some_and(|(v, name)| {
+        s(v, "/secret/secretName") == Some(ADMIN_TOKEN.0)
+            && v.pointer("/secret/optional") != Some(&Value::Bool(true))
+            && volume_file_is_key(&v["secret"], &name, ADMIN_TOKEN.1)
+    });
+    p.check(mounted, || {
+        format!(
+            "{w}: --admin-token-file {file:?} is not the key {} of the Secret {} (required), mounted read-only",
+            ADMIN_TOKEN.1, ADMIN_TOKEN.0
+        )
+    });
+    // The Secret files are mode 0440: readable through the pod's fsGroup only.
+    p.check(pod.pointer("/securityContext/fsGroup").and_then(Value::as_u64) == Some(65532), || {
+        format!("{w}: no fsGroup 65532, so the control plane (UID 65532) cannot read its Secret files")
     });
 }
 
@@ -709,8 +841,22 @@ fn check_injector(variant: &str, objs: &[Value], proxy_image: &str, p: &mut Prob
     let mut want = vec![
         "--addr=0.0.0.0:8443".to_owned(),
         "--proxy-image=$(PROXY_IMAGE)".to_owned(),
-        format!("--control-plane-url=http://ballast-control-plane.{NS}.svc:8086"),
+        format!("--control-plane-url={CONTROL_PLANE_URL}"),
     ];
+    // The trust anchors: the control plane's ConfigMap, mounted (optional, so the injector
+    // starts before it exists), read from the file its key becomes.
+    let anchors = flag_value(&args, "--identity-trust-anchors");
+    let mounted = anchors.and_then(|f| volume_of_file(pod, c, f)).is_some_and(|(v, name)| {
+        s(v, "/configMap/name") == Some(TRUST_ANCHORS.0)
+            && v.pointer("/configMap/optional") == Some(&Value::Bool(true))
+            && volume_file_is_key(&v["configMap"], &name, TRUST_ANCHORS.1)
+    });
+    p.check(mounted, || {
+        format!(
+            "{w}: --identity-trust-anchors {anchors:?} is not the key {} of the ConfigMap {} (optional), mounted read-only",
+            TRUST_ANCHORS.1, TRUST_ANCHORS.0
+        )
+    });
     if variant == "cert-manager" {
         want.extend([
             "--tls-cert=/etc/ballast/tls/tls.crt".into(),
@@ -792,6 +938,28 @@ fn check_monitoring(variant: &str, objs: &[Value], p: &mut Problems) {
                 && arr(m, "/spec/podMetricsEndpoints").iter().any(|e| s(e, "/port") == Some("admin"))
         });
         p.check(cp.is_some(), || format!("{variant}: no PodMonitor for the control plane's admin port"));
+        // The control plane's admin port speaks TLS with a certificate from the mesh's CA.
+        let verified = cp.is_some_and(|m| {
+            arr(m, "/spec/podMetricsEndpoints").iter().all(|e| {
+                s(e, "/scheme") == Some("https")
+                    && s(e, "/tlsConfig/serverName") == Some(&format!("ballast-control-plane.{NS}.svc"))
+                    && s(e, "/tlsConfig/ca/configMap/name") == Some(TRUST_ANCHORS.0)
+                    && s(e, "/tlsConfig/ca/configMap/key") == Some(TRUST_ANCHORS.1)
+                    && e.pointer("/tlsConfig/insecureSkipVerify") != Some(&Value::Bool(true))
+            })
+        });
+        p.check(verified, || {
+            format!("{variant}: the control plane PodMonitor does not scrape https verified against the ConfigMap {}", TRUST_ANCHORS.0)
+        });
+        // The sidecars' admin port stays plain HTTP.
+        p.check(
+            proxies.is_some_and(|m| {
+                arr(m, "/spec/podMetricsEndpoints")
+                    .iter()
+                    .all(|e| s(e, "/scheme").unwrap_or("http") == "http")
+            }),
+            || format!("{variant}: the sidecar PodMonitor does not scrape plain http"),
+        );
         p.check(find(objs, "PrometheusRule", "ballast-alerts").is_some(), || {
             format!("{variant}: no PrometheusRule ballast-alerts")
         });
@@ -842,6 +1010,27 @@ fn manifests_keep_the_properties_that_matter() {
             p.check(find(objs, "Service", target).is_some(), || {
                 format!("{variant}: the policy targets no Service of the example")
             });
+            // Workload identity: strict mTLS, allowing the storefront's service account,
+            // which storefront really runs as.
+            let inbound = policy.and_then(|pol| pol.pointer("/spec/inbound"));
+            p.check(
+                inbound.is_some_and(|i| {
+                    s(i, "/mtls") == Some("strict") && strs(i, "/allow") == ["shop/storefront"]
+                }),
+                || format!("{variant}: the policy's inbound is not mtls: strict, allow: [shop/storefront]"),
+            );
+            let storefront = find(objs, "Deployment", "storefront").and_then(pod_spec);
+            p.check(
+                storefront.is_some_and(|pod| s(pod, "/serviceAccountName") == Some("storefront"))
+                    && find(objs, "ServiceAccount", "storefront").is_some(),
+                || format!("{variant}: storefront does not run as its own ServiceAccount storefront"),
+            );
+            // The kubelet's HTTP probes are plain text, which strict mTLS refuses.
+            let payments = find(objs, "Deployment", target).and_then(pod_spec);
+            p.check(
+                payments.is_some_and(|pod| containers(pod).all(|c| c.pointer("/readinessProbe/httpGet").is_none())),
+                || format!("{variant}: {target} has an HTTP readiness probe, which its strict mTLS policy refuses"),
+            );
             for o in objs.iter().filter(|o| kind(o) != "Namespace") {
                 p.check(s(o, "/metadata/namespace") == Some("shop"), || {
                     format!("{variant}: {} is not in shop", describe(o))
@@ -933,7 +1122,28 @@ fn manifests_keep_the_properties_that_matter() {
             format!("the injector's source never says {needle}, which the PodMonitor selects")
         });
     }
+    // The control plane publishes the ConfigMap the injector and the scrape read.
+    let control_plane_src = rust_sources(&root().join("control-plane/src"));
+    for needle in [TRUST_ANCHORS.0, TRUST_ANCHORS.1] {
+        p.check(control_plane_src.contains(&format!("\"{needle}\"")), || {
+            format!("the control plane's source never says {needle:?}, which the injector mounts and the PodMonitor trusts")
+        });
+    }
     p.assert_none("deploy/ manifests");
+}
+
+/// Every `.rs` file under `dir`, concatenated.
+fn rust_sources(dir: &Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.push_str(&rust_sources(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+        }
+    }
+    out
 }
 
 // ---- 3. alerts and dashboard ------------------------------------------------------------
@@ -1189,6 +1399,7 @@ fn alerts_pass_promtool_and_alerts_and_dashboard_name_real_metrics() {
         "BallastRejectionsSurge",
         "BallastSidecarsDisconnected",
         "BallastControlPlaneDown",
+        "BallastInjectorWithoutTrustAnchors",
     ] {
         p.check(alerts.contains(want), || format!("no alert {want}"));
     }

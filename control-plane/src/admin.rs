@@ -7,11 +7,19 @@
 //! POST   /api/v1/apply                            body: YAML documents
 //! DELETE /api/v1/{policies|services}/NAMESPACE/NAME
 //! POST   /api/v1/wait                             {"revision", "services", "timeoutMs"}
+//! POST   /api/v1/tokens                           {"namespace", "serviceAccount", "ttl"} (identity on)
 //! ```
 //!
 //! Answers are JSON; errors are `{"error": MESSAGE, ...}` with a 4xx/5xx status. It is
-//! plain HTTP/1.1 on the control plane's runtime: nothing here is on a sidecar's data
-//! path, and the push streams are on their own listener.
+//! HTTP/1.1 on the control plane's runtime: nothing here is on a sidecar's data path,
+//! and the push streams are on their own listener.
+//!
+//! With workload identity on ([`crate::identity`]) it is HTTPS, with the control plane's
+//! serving certificate, and every `/api/` request needs `Authorization: Bearer <admin
+//! token>`: the API creates bootstrap tokens, which mint workload certificates, so
+//! reaching the port must not be enough. `/metrics`, `/live` and `/ready` stay open:
+//! kubelet probes and Prometheus carry no token, and they reveal nothing to act on. The
+//! token is compared in constant time.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -46,9 +54,23 @@ pub struct AdminContext {
     /// The Kubernetes sync's state, with `--kubernetes` (`/ready` waits for its first
     /// full sync on the leader).
     pub kubernetes: Option<watch::Receiver<crate::kubernetes::SyncState>>,
+    /// With workload identity on: the admin token and the trust domain.
+    pub identity: Option<AdminIdentity>,
 }
 
-pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, stopping: CancellationToken) {
+/// What the admin API needs of workload identity.
+pub struct AdminIdentity {
+    /// The bearer token every `/api/` request must carry.
+    pub admin_token: String,
+    pub trust_domain: String,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<AdminContext>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stopping: CancellationToken,
+) {
     loop {
         let (stream, _) = tokio::select! {
             _ = stopping.cancelled() => return,
@@ -63,22 +85,65 @@ pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, stopping: Canc
         };
         let ctx = ctx.clone();
         let stopping = stopping.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
-            });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stopping.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            match tls {
+                None => serve_connection(stream, ctx, stopping).await,
+                Some(tls) => {
+                    let handshake =
+                        tokio::time::timeout(crate::identity::tls::HANDSHAKE_TIMEOUT, tls.accept(stream));
+                    match handshake.await {
+                        Ok(Ok(stream)) => serve_connection(stream, ctx, stopping).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "admin TLS handshake failed"),
+                        Err(_) => tracing::debug!("admin TLS handshake timed out"),
+                    }
                 }
             }
         });
     }
+}
+
+async fn serve_connection<S>(stream: S, ctx: Arc<AdminContext>, stopping: CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
+    });
+    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stopping.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// With identity on, the 401 for an `/api/` request without the admin token; `None`
+/// when it may go on.
+fn unauthorized(ctx: &AdminContext, req: &Request<Incoming>) -> Option<Response<Body>> {
+    let identity = ctx.identity.as_ref()?;
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let message = match presented {
+        Some(t) if crate::identity::admin_token_matches(t, &identity.admin_token) => return None,
+        Some(_) => {
+            "the admin token is wrong: pass the control plane's --admin-token-file to ballastctl --token-file"
+        }
+        None => {
+            "missing Authorization: Bearer <admin token>: pass ballastctl --token-file (BALLAST_TOKEN_FILE) with the control plane's admin token"
+        }
+    };
+    let mut r = json_response(StatusCode::UNAUTHORIZED, &json!({"error": message}));
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    Some(r)
 }
 
 type Body = Full<Bytes>;
@@ -124,6 +189,11 @@ async fn handle(ctx: &AdminContext, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let method = req.method().clone();
+    if segments.first() == Some(&"api")
+        && let Some(refused) = unauthorized(ctx, &req)
+    {
+        return refused;
+    }
     let result: Result<Value, ApiError> = match (&method, segments.as_slice()) {
         (&Method::GET, ["live"]) => return text(StatusCode::OK, "live\n"),
         (&Method::GET, ["ready"]) => {
@@ -140,6 +210,10 @@ async fn handle(ctx: &AdminContext, req: Request<Incoming>) -> Response<Body> {
             );
             return r;
         }
+        (&Method::POST, ["api", "v1", "tokens"]) => match read_body(req).await {
+            Ok(body) => create_token(ctx, &body).await,
+            Err(e) => Err(e),
+        },
         (&Method::GET, ["api", "v1", kind]) => api::list(ctx, kind),
         (&Method::GET, ["api", "v1", "services", ns, name]) => api::describe(ctx, ns, name),
         (&Method::POST, ["api", "v1", "apply"]) => {
@@ -168,6 +242,46 @@ async fn handle(ctx: &AdminContext, req: Request<Incoming>) -> Response<Body> {
     match result {
         Ok(v) => json_response(StatusCode::OK, &v),
         Err(e) => error_response(e),
+    }
+}
+
+/// The body of `POST /api/v1/tokens`.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TokenRequest {
+    namespace: String,
+    service_account: String,
+    #[serde(default)]
+    ttl: Option<String>,
+}
+
+/// `POST /api/v1/tokens`: a bootstrap token (`ballastctl token create`).
+async fn create_token(ctx: &AdminContext, body: &[u8]) -> Result<Value, ApiError> {
+    let Some(identity) = &ctx.identity else {
+        return Err(ApiError::new(
+            404,
+            "workload identity is off: start the control plane with --identity to create bootstrap tokens",
+        ));
+    };
+    let r: TokenRequest = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(400, format!("tokens: {e}; expected {{\"namespace\", \"serviceAccount\", \"ttl\"}}"))
+    })?;
+    let ttl = match r.ttl.as_deref() {
+        None => crate::identity::tokens::DEFAULT_TTL,
+        Some(t) => {
+            ballast_api::duration::parse_flag(t).map_err(|e| ApiError::new(400, format!("ttl: {e}")))?
+        }
+    };
+    use crate::identity::tokens::TokenError;
+    match crate::identity::tokens::issue(&ctx.store, &ctx.keys, &r.namespace, &r.service_account, ttl).await {
+        Ok(t) => Ok(json!({
+            "token": t.token,
+            "expiresAt": t.expires_at,
+            "identity": format!("spiffe://{}/ns/{}/sa/{}", identity.trust_domain, r.namespace, r.service_account),
+        })),
+        Err(e @ TokenError::Store(_)) => Err(ApiError::new(503, e.to_string())),
+        Err(e @ TokenError::Random) => Err(ApiError::new(500, e.to_string())),
+        Err(e) => Err(ApiError::new(400, e.to_string())),
     }
 }
 

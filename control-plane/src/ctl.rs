@@ -1,7 +1,14 @@
 //! `ballastctl`'s commands other than `demo`: a client of the admin API
 //! ([`crate::admin`]) that prints tables for people and JSON (`-o json`) for scripts.
+//!
+//! With workload identity on, the admin API is HTTPS and wants a bearer token: `--ca-file`
+//! names the mesh's trust anchor (ballastctl trusts nothing else: the control plane's
+//! certificate comes from the mesh CA, never from a public one, so the system's roots
+//! would be both useless and a way around the mesh's own trust), and `--token-file` the
+//! admin token. An `https://` URL without `--ca-file` is refused before connecting.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -60,32 +67,105 @@ pub enum CtlError {
     Api(String),
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: std::io::Error },
+    #[error(
+        "{url} is HTTPS: pass --ca-file FILE (or BALLAST_CA_FILE) with the mesh's trust anchor (the CA certificate, PEM; kubectl -n ballast-system get configmap ballast-trust-anchors -o jsonpath='{{.data.ca\\.crt}}')"
+    )]
+    NoCaFile { url: String },
+    #[error("--ca-file {path}: {message}")]
+    CaFile { path: String, message: String },
+    #[error("--token-file {path} is empty; it must hold the control plane's admin token")]
+    EmptyToken { path: String },
+}
+
+type HttpConnector = hyper_util::client::legacy::connect::HttpConnector;
+
+enum Transport {
+    Http(Client<HttpConnector, Full<Bytes>>),
+    Https(Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>),
+    /// An `https://` URL and no trust anchor: every call says to pass `--ca-file`.
+    NoCaFile,
 }
 
 /// The admin API at one URL.
 pub struct Api {
     base: String,
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    transport: Transport,
+    /// The admin token, sent as `Authorization: Bearer`.
+    token: Option<String>,
 }
 
 impl Api {
+    /// The API at `base` without TLS material or token: plain `http://` (an `https://`
+    /// base fails each call, asking for `--ca-file`).
     pub fn new(base: &str) -> Self {
-        Self {
-            base: base.trim_end_matches('/').to_owned(),
-            client: Client::builder(TokioExecutor::new()).build_http(),
+        let transport = if is_https(base) {
+            Transport::NoCaFile
+        } else {
+            Transport::Http(Client::builder(TokioExecutor::new()).build_http())
+        };
+        Self { base: base.trim_end_matches('/').to_owned(), transport, token: None }
+    }
+
+    /// The API at `base`, trusting `ca_pem` (the mesh's trust anchors, PEM) for an
+    /// `https://` base and sending `token` as the admin token.
+    pub fn with_tls(base: &str, ca_pem: Option<&str>, token: Option<String>) -> Result<Self, CtlError> {
+        Self::build(base, ca_pem.map(|pem| ("trust anchors", pem)), token)
+    }
+
+    /// [`Api::with_tls`] from ballastctl's `--ca-file` and `--token-file`.
+    pub fn from_files(
+        base: &str,
+        ca_file: Option<&Path>,
+        token_file: Option<&Path>,
+    ) -> Result<Self, CtlError> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p)
+                .map_err(|source| CtlError::Read { path: p.display().to_string(), source })
+        };
+        let token = match token_file {
+            Some(p) => {
+                let t = read(p)?.trim().to_owned();
+                if t.is_empty() {
+                    return Err(CtlError::EmptyToken { path: p.display().to_string() });
+                }
+                Some(t)
+            }
+            None => None,
+        };
+        let ca = ca_file.map(|p| read(p).map(|pem| (p.display().to_string(), pem))).transpose()?;
+        Self::build(base, ca.as_ref().map(|(p, pem)| (p.as_str(), pem.as_str())), token)
+    }
+
+    fn build(base: &str, ca: Option<(&str, &str)>, token: Option<String>) -> Result<Self, CtlError> {
+        let mut api = Self::new(base);
+        api.token = token;
+        if is_https(base)
+            && let Some((path, pem)) = ca
+        {
+            let client =
+                https_client(pem).map_err(|message| CtlError::CaFile { path: path.to_owned(), message })?;
+            api.transport = Transport::Https(client);
         }
+        Ok(api)
     }
 
     /// Sends a request; a non-2xx answer is an error carrying the server's message.
     pub async fn call(&self, method: Method, path: &str, body: Option<Bytes>) -> Result<Value, CtlError> {
         let url = format!("{}{path}", self.base);
         let unreachable = |message: String| CtlError::Unreachable { url: self.base.clone(), message };
-        let req = Request::builder()
-            .method(method)
-            .uri(&url)
+        let mut req = Request::builder().method(method).uri(&url);
+        if let Some(token) = &self.token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req
             .body(Full::new(body.unwrap_or_default()))
             .map_err(|e| unreachable(format!("bad URL {url}: {e}")))?;
-        let resp = self.client.request(req).await.map_err(|e| unreachable(ballast_api::errors::chain(&e)))?;
+        let sent = match &self.transport {
+            Transport::Http(c) => c.request(req).await,
+            Transport::Https(c) => c.request(req).await,
+            Transport::NoCaFile => return Err(CtlError::NoCaFile { url: self.base.clone() }),
+        };
+        let resp = sent.map_err(|e| unreachable(ballast_api::errors::chain(&e)))?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await.map_err(|e| unreachable(e.to_string()))?.to_bytes();
         let value: Value = serde_json::from_slice(&bytes)
@@ -94,6 +174,62 @@ impl Api {
             return Ok(value);
         }
         Err(CtlError::Api(error_text(status, &value)))
+    }
+}
+
+fn is_https(base: &str) -> bool {
+    base.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+}
+
+/// An HTTPS client trusting only the certificates in `pem`, on ring.
+fn https_client(
+    pem: &str,
+) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("not PEM: {e}"))?;
+        roots.add(cert).map_err(|e| format!("not a usable CA certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("no CERTIFICATE in it; give the mesh's trust anchor (PEM)".into());
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+/// `ballastctl token create`: a bootstrap token for a service account, printed alone on
+/// its line (for `$(...)`); `-o json` adds its expiry and identity.
+pub async fn create_token(
+    api: &Api,
+    namespace: &str,
+    service_account: &str,
+    ttl: Duration,
+    output: Output,
+) -> Result<String, CtlError> {
+    let body = json!({
+        "namespace": namespace,
+        "serviceAccount": service_account,
+        "ttl": format!("{}s", ttl.as_secs().max(1)),
+    });
+    let v = api.call(Method::POST, "/api/v1/tokens", Some(body.to_string().into())).await?;
+    if output == Output::Json {
+        return Ok(pretty(&v));
+    }
+    match v["token"].as_str() {
+        Some(t) => Ok(format!("{t}\n")),
+        None => Err(CtlError::Api(format!("the control plane answered without a token: {v}"))),
     }
 }
 
@@ -248,15 +384,35 @@ pub async fn get(api: &Api, kind: Kind, namespace: Option<&str>, output: Output)
                 .collect(),
         ),
         Kind::Proxies => (
-            &["NAMESPACE", "POD", "SERVICE", "STATE", "SENT", "ACKED", "REPLICA", "VERSION", "NACK"],
+            &[
+                "NAMESPACE",
+                "POD",
+                "SERVICE",
+                "STATE",
+                "SENT",
+                "ACKED",
+                "REPLICA",
+                "VERSION",
+                "IDENTITY",
+                "NACK",
+            ],
             items
                 .iter()
                 .map(|p| {
-                    let mut row: Vec<String> =
-                        ["namespace", "pod", "service", "state", "sent", "acked", "replica", "proxyVersion"]
-                            .iter()
-                            .map(|k| s(&p[*k]))
-                            .collect();
+                    let mut row: Vec<String> = [
+                        "namespace",
+                        "pod",
+                        "service",
+                        "state",
+                        "sent",
+                        "acked",
+                        "replica",
+                        "proxyVersion",
+                        "identity",
+                    ]
+                    .iter()
+                    .map(|k| s(&p[*k]))
+                    .collect();
                     row.push(p["nack"]["reason"].as_str().map_or_else(|| "-".to_owned(), str::to_owned));
                     row
                 })

@@ -5,6 +5,8 @@
 //! <prefix>/services/<namespace>/<name>                  a Service as JSON
 //! <prefix>/endpoints/<namespace>/<service>/<id>         one endpoint, under a lease
 //! <prefix>/proxies/<namespace>/<pod>                    a connected sidecar's status
+//! <prefix>/identity/ca                                  the generated CA (--identity without --ca-*)
+//! <prefix>/identity/tokens/<sha256-hex>                 a bootstrap token, under a lease of its TTL
 //! ```
 //!
 //! The `proxies` keys are Ballast's addition to DESIGN §3: what each connected sidecar
@@ -82,6 +84,19 @@ impl Keys {
         format!("{}/locks/{name}", self.prefix)
     }
 
+    /// The generated CA of workload identity ([`crate::identity`], `CaSource::Generated`):
+    /// `<prefix>/identity/ca`, JSON `{"certificate": PEM, "key": PEM}`, written once by
+    /// whichever replica comes first so that every replica on one store shares it.
+    pub fn identity_ca(&self) -> String {
+        format!("{}/identity/ca", self.prefix)
+    }
+
+    /// A bootstrap token, by the hex SHA-256 of its text: `<prefix>/identity/tokens/<hex>`
+    /// (the token itself is never stored).
+    pub fn identity_token(&self, hash_hex: &str) -> String {
+        format!("{}/identity/tokens/{hash_hex}", self.prefix)
+    }
+
     pub fn key(&self, key: &Key) -> String {
         match key {
             Key::Policy { namespace, name } => format!("{}/policies/{namespace}/{name}", self.prefix),
@@ -145,6 +160,8 @@ mod tests {
             "/other/policies/a/b",
             "/ballast/services//x",
             "/ballastx/services/a/b",
+            "/ballast/identity/ca",
+            "/ballast/identity/tokens/00ff",
         ] {
             assert_eq!(keys.parse(k), None, "{k}");
         }

@@ -12,6 +12,8 @@
 //! * [`kubernetes`]: `--kubernetes`, ResiliencePolicies, Services and EndpointSlices
 //!   mirrored into the store by one replica, under a lock, with policy status written back;
 //! * [`push`]: the gRPC stream to each sidecar (`api/proto/ballast/v1/discovery.proto`);
+//! * [`identity`]: workload identity (off by default): the mesh CA, `Identity/Certify`
+//!   (`identity.proto`), bootstrap tokens and TokenReviews, TLS on both ports;
 //! * [`admin`] and [`api`]: `/metrics`, `/live`, `/ready` and the API of `ballastctl`;
 //!   [`metrics`] names the metrics;
 //! * [`ctl`]: `ballastctl`'s commands; [`demo`]: `ballastctl demo`;
@@ -22,6 +24,7 @@ pub mod api;
 pub mod compactor;
 pub mod ctl;
 pub mod demo;
+pub mod identity;
 pub mod keys;
 pub mod kubernetes;
 pub mod mesh;

@@ -47,6 +47,10 @@ pub struct Inner {
     pub kubernetes_full_syncs: IntCounter,
     /// Failures, by operation.
     pub kubernetes_errors: IntCounterVec,
+    /// Certify calls by result (`issued`, `unauthenticated`, `denied`, `invalid`, `error`).
+    pub certificates_issued: IntCounterVec,
+    /// The mesh CA certificate's expiry (unix seconds), with identity on; 0 otherwise.
+    pub ca_expiry: IntGauge,
 }
 
 impl std::ops::Deref for Metrics {
@@ -176,6 +180,15 @@ impl Metrics {
                 "Failures of the Kubernetes sync, by operation (watch, store, status, lock); each is retried.",
                 &["operation"],
             ),
+            certificates_issued: counter_vec(
+                "ballast_control_plane_certificates_issued_total",
+                "Workload certificate requests (Identity/Certify), by result: issued, unauthenticated (bad, unknown or expired token), denied (token for another identity), invalid (bad CSR or names), error (store, Kubernetes API or CA failure).",
+                &["result"],
+            ),
+            ca_expiry: gauge(
+                "ballast_control_plane_ca_expiry_timestamp_seconds",
+                "When the mesh CA certificate expires, in seconds since the Unix epoch (0 with identity off). Rotate the CA well before.",
+            ),
             registry,
         };
         Self { inner: Arc::new(inner) }
@@ -205,6 +218,7 @@ mod tests {
         m.kubernetes_store_writes.with_label_values(&["endpoint", "put"]).inc();
         m.kubernetes_status_writes.with_label_values(&["Invalid"]).inc();
         m.kubernetes_errors.with_label_values(&["watch"]).inc();
+        m.certificates_issued.with_label_values(&["issued"]).inc();
         let text = String::from_utf8(m.encode()).expect("utf-8");
         for name in [
             "ballast_control_plane_proxies_connected",
@@ -222,6 +236,8 @@ mod tests {
             "ballast_control_plane_kubernetes_status_writes_total",
             "ballast_control_plane_kubernetes_full_syncs_total",
             "ballast_control_plane_kubernetes_errors_total",
+            "ballast_control_plane_certificates_issued_total",
+            "ballast_control_plane_ca_expiry_timestamp_seconds",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

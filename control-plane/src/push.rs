@@ -21,6 +21,10 @@
 //!   are deleted at once, unless a newer stream has written them since. When this
 //!   replica stops, they are left for the sidecar's next replica to take over: deleting
 //!   them would make its callers drop a healthy endpoint for the time of a reconnect.
+//! * **Identity.** With workload identity on ([`crate::identity`]), a stream opened with
+//!   a client certificate records that certificate's SPIFFE ID in the sidecar's status
+//!   and its endpoint registration, so callers know to use mutual TLS to it. Only the
+//!   certificate counts: what the Hello says is never identity.
 //! * **Status writes** are coalesced: one in flight per stream, the latest status next.
 //!   Across streams they are batched ([`Writer`]): a thousand sidecars acking one change
 //!   make a handful of etcd transactions, not a thousand writes, each waiting its turn
@@ -124,6 +128,10 @@ pub struct PushContext {
     pub replica: String,
     /// Cancelled when the replica stops: every stream ends without deregistering.
     pub stopping: CancellationToken,
+    /// With workload identity on, its trust domain: a stream's client certificate (if
+    /// any, verified by the TLS handshake against the mesh CA) gives the sidecar its
+    /// identity ([`crate::identity::tls::peer_identity`]). `None`: no identities.
+    pub trust_domain: Option<String>,
 }
 
 /// The gRPC service.
@@ -156,6 +164,12 @@ impl discovery_server::Discovery for Push {
         request: Request<Streaming<FromSidecar>>,
     ) -> Result<Response<ToSidecarStream>, Status> {
         let peer = request.remote_addr();
+        // Identity comes only from the certificate the TLS handshake verified, never
+        // from the Hello, which the sidecar writes as it likes.
+        let identity = self.ctx.trust_domain.as_deref().and_then(|td| {
+            let certs = request.peer_certs();
+            crate::identity::tls::peer_identity(certs.as_deref().map(Vec::as_slice), td)
+        });
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(FromSidecar { message: Some(from_sidecar::Message::Hello(h)) }))) => h,
@@ -164,8 +178,20 @@ impl discovery_server::Discovery for Push {
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 10s")),
         };
-        let sidecar = Sidecar::from_hello(hello).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        tracing::info!(pod = %sidecar.status.pod, namespace = %sidecar.status.namespace, ?peer, "sidecar connected");
+        let mut sidecar = Sidecar::from_hello(hello).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(id) = &identity
+            && let Ok(parsed) = id.parse::<ballast_api::identity::Identity>()
+            && parsed.namespace != sidecar.status.namespace
+        {
+            // A certificate binds a workload to its namespace: it registers and
+            // configures itself there only.
+            return Err(Status::permission_denied(format!(
+                "hello.namespace {:?} is not the namespace of the client certificate's identity {id}",
+                sidecar.status.namespace
+            )));
+        }
+        sidecar.status.identity = identity;
+        tracing::info!(pod = %sidecar.status.pod, namespace = %sidecar.status.namespace, identity = ?sidecar.status.identity, ?peer, "sidecar connected");
         let (tx, rx) = mpsc::channel(4);
         let (inbound_tx, inbound_rx) = mpsc::channel(16);
         // Read by a task of its own, so that the stream's loop only ever waits on

@@ -6,6 +6,11 @@
 //! deregistering anything, so the sidecars move to another replica and re-register
 //! there while their callers notice nothing; then the servers stop. The Kubernetes sync
 //! stops first and frees its lock, so another replica takes it over at once.
+//!
+//! With workload identity ([`Options::identity`], see [`crate::identity`]) both ports
+//! speak TLS with a certificate from the mesh CA, the gRPC port also serves
+//! `Identity/Certify`, and the admin API wants the admin token. Without it, both are
+//! plain text, as they always were.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +19,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminContext};
+use crate::admin::{self, AdminContext, AdminIdentity};
+use crate::identity::certify::{Certifier, CertifyContext};
+use crate::identity::{IdentityError, IdentityOptions, IdentityState};
 use crate::keys::Keys;
 use crate::kubernetes::{KubernetesError, KubernetesSync};
 use crate::metrics::Metrics;
@@ -38,6 +45,9 @@ pub struct Options {
     /// Mirror Kubernetes into the store (`--kubernetes`), with the client
     /// [`crate::kubernetes::client`] builds.
     pub kubernetes: bool,
+    /// Workload identity (CA, Certify, TLS on both ports, admin token); `None`: off,
+    /// plain gRPC and HTTP.
+    pub identity: Option<IdentityOptions>,
 }
 
 /// How often the store's history is compacted by default.
@@ -57,6 +67,7 @@ impl Options {
             replica: replica.to_owned(),
             compact_every: DEFAULT_COMPACT_EVERY,
             kubernetes: false,
+            identity: None,
         }
     }
 }
@@ -67,6 +78,10 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Kubernetes(#[from] KubernetesError),
+    #[error("workload identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("cannot serve gRPC with TLS: {0}")]
+    GrpcTls(String),
     #[error(
         "cannot listen on {addr} ({role}): {source}; is another process using it? pass --{role}-addr to choose another"
     )]
@@ -83,6 +98,8 @@ pub struct ControlPlane {
     admin: tokio::task::JoinHandle<()>,
     compactor: tokio::task::AbortHandle,
     kubernetes: Option<KubernetesSync>,
+    trust_anchors_pem: Option<String>,
+    admin_token: Option<String>,
     _sync: Arc<MeshSync>,
     _session: Session,
 }
@@ -119,6 +136,19 @@ impl ControlPlane {
 
         let keys = Keys::new(&opts.prefix);
         let metrics = Metrics::new();
+        let identity = match opts.identity.clone() {
+            Some(o) => Some(
+                IdentityState::start(
+                    o,
+                    &store,
+                    &keys,
+                    client.as_ref(),
+                    &[grpc_addr, admin_addr, opts.grpc_addr],
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let sync = Arc::new(MeshSync::start(store.clone(), keys.clone()));
         let session = Session::start(store.clone(), opts.lease_ttl, metrics.clone());
         let stopping = CancellationToken::new();
@@ -142,22 +172,53 @@ impl ControlPlane {
             metrics: metrics.clone(),
             replica: opts.replica.clone(),
             stopping: stopping.clone(),
+            trust_domain: identity.as_ref().map(|i| i.trust_domain.clone()),
         }));
+        let mut grpc_server = tonic::transport::Server::builder()
+            // A sidecar whose host vanished sends no FIN: pings find it, and its
+            // stream ends (and its endpoint goes) within about the lease TTL.
+            .http2_keepalive_interval(Some(Duration::from_secs(5)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)));
+        let mut certifier = None;
+        if let Some(id) = &identity {
+            grpc_server = grpc_server
+                .tls_config(crate::identity::tls::grpc_config(&id.serving, id.authority.certificate_pem()))
+                .map_err(|e| ServeError::GrpcTls(ballast_api::errors::chain(&e)))?;
+            metrics.ca_expiry.set(id.authority.not_after());
+            certifier = Some(Certifier::new(Arc::new(CertifyContext {
+                authority: id.authority.clone(),
+                trust_domain: id.trust_domain.clone(),
+                lifetime: id.options.certificate_lifetime,
+                store: store.clone(),
+                keys: keys.clone(),
+                client: client.clone(),
+                metrics: metrics.clone(),
+            })));
+        }
+        let admin_tls = match &identity {
+            Some(id) => Some(crate::identity::tls::admin_acceptor(&id.serving).map_err(IdentityError::from)?),
+            None => None,
+        };
         let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let grpc_stop = stopping.clone();
         let grpc = tokio::spawn(async move {
-            let served = tonic::transport::Server::builder()
-                // A sidecar whose host vanished sends no FIN: pings find it, and its
-                // stream ends (and its endpoint goes) within about the lease TTL.
-                .http2_keepalive_interval(Some(Duration::from_secs(5)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            let served = grpc_server
                 .add_service(push.into_server())
+                .add_optional_service(certifier.map(Certifier::into_server))
                 .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
                 .await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "the push server failed");
             }
         });
+        if let (Some(id), Some(client)) = (&identity, &client) {
+            tokio::spawn(crate::identity::anchors::keep_publishing(
+                client.clone(),
+                id.options.namespace.clone(),
+                id.authority.certificate_pem().to_owned(),
+                stopping.clone(),
+            ));
+        }
         let kubernetes = client.map(|client| {
             KubernetesSync::start(client, store.clone(), keys.clone(), session.lease.clone(), metrics.clone())
         });
@@ -170,10 +231,15 @@ impl ControlPlane {
                 lease: session.lease.clone(),
                 metrics,
                 kubernetes: kubernetes.as_ref().map(KubernetesSync::state),
+                identity: identity.as_ref().map(|id| AdminIdentity {
+                    admin_token: id.admin_token.clone(),
+                    trust_domain: id.trust_domain.clone(),
+                }),
             }),
+            admin_tls,
             stopping.clone(),
         ));
-        tracing::info!(%grpc_addr, %admin_addr, store = %store.describe(), replica = %opts.replica, kubernetes = kubernetes.is_some(), "ballast-control-plane started");
+        tracing::info!(%grpc_addr, %admin_addr, store = %store.describe(), replica = %opts.replica, kubernetes = kubernetes.is_some(), identity = identity.is_some(), "ballast-control-plane started");
         Ok(Self {
             grpc_addr,
             admin_addr,
@@ -183,9 +249,28 @@ impl ControlPlane {
             admin,
             compactor: compactor.abort_handle(),
             kubernetes,
+            trust_anchors_pem: identity.as_ref().map(|id| id.authority.certificate_pem().to_owned()),
+            admin_token: identity.as_ref().map(|id| id.admin_token.clone()),
             _sync: sync,
             _session: session,
         })
+    }
+
+    /// The mesh's trust anchors (the CA certificate, PEM) with identity on: what a
+    /// sidecar or `ballastctl --ca-file` must trust to talk to this control plane.
+    pub fn trust_anchors_pem(&self) -> Option<String> {
+        self.trust_anchors_pem.clone()
+    }
+
+    /// The admin API's bearer token with identity on (the configured one, or the one
+    /// generated when [`IdentityOptions::admin_token`] was `None`).
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token.as_deref()
+    }
+
+    /// The URL scheme of both ports: `https` with identity on, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.trust_anchors_pem.is_some() { "https" } else { "http" }
     }
 
     /// The Kubernetes sync's state, with `--kubernetes`.

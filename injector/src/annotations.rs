@@ -34,6 +34,10 @@ pub const SERVICE: &str = "ballast.io/service";
 /// `true` (default) injects the proxy as a native sidecar (an init container with
 /// `restartPolicy: Always`, Kubernetes ≥ 1.29); `false` as an ordinary container.
 pub const NATIVE_SIDECAR: &str = "ballast.io/native-sidecar";
+/// `disabled` opts the pod out of workload identity: its proxy gets no trust anchors and
+/// no token, and speaks plain text to its peers. `enabled` (the default) takes identity
+/// whenever the injector has the mesh's trust anchors (see [`crate::identity`]).
+pub const IDENTITY: &str = "ballast.io/identity";
 
 /// Prometheus' conventional scrape annotations, set unless the pod already has its own.
 pub const PROMETHEUS_SCRAPE: &str = "prometheus.io/scrape";
@@ -85,6 +89,8 @@ pub struct Overrides {
     pub skip_outbound_cidrs: Vec<String>,
     pub service: Option<String>,
     pub native_sidecar: Option<bool>,
+    /// `Some(false)`: opted out of workload identity.
+    pub identity: Option<bool>,
 }
 
 impl Overrides {
@@ -144,6 +150,13 @@ impl Overrides {
                 _ => Err(bad(NATIVE_SIDECAR, v, "is not true or false")),
             })
             .transpose()?;
+        let identity = get(IDENTITY)
+            .map(|v| match v {
+                "enabled" => Ok(true),
+                "disabled" => Ok(false),
+                _ => Err(bad(IDENTITY, v, "is not one of: enabled, disabled")),
+            })
+            .transpose()?;
         Ok(Self {
             proxy_image,
             cpu_request: quantity(PROXY_CPU_REQUEST)?,
@@ -156,6 +169,7 @@ impl Overrides {
             skip_outbound_cidrs: list(SKIP_OUTBOUND_CIDRS, cidr_spec)?,
             service,
             native_sidecar,
+            identity,
         })
     }
 }
@@ -259,6 +273,10 @@ mod tests {
         assert_eq!(e.annotation, SKIP_OUTBOUND_CIDRS);
         assert!(Overrides::parse(&ann(&[(SERVICE, "Payments")])).is_err());
         assert!(Overrides::parse(&ann(&[(LOG_LEVEL, "debug; rm -rf /")])).is_err());
+        assert_eq!(Overrides::parse(&ann(&[(IDENTITY, "disabled")])).map(|o| o.identity), Ok(Some(false)));
+        assert_eq!(Overrides::parse(&ann(&[(IDENTITY, "enabled")])).map(|o| o.identity), Ok(Some(true)));
+        let e = Overrides::parse(&ann(&[(IDENTITY, "off")])).unwrap_err();
+        assert_eq!((e.annotation, e.value.as_str()), (IDENTITY, "off"));
     }
 
     #[test]

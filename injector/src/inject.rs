@@ -30,20 +30,29 @@
 //!   plane is down; the proxy passes traffic through until its configuration arrives.
 //! * **Shutdown**: a `preStop` sleep of 5 s lets endpoint removal reach callers before the
 //!   proxy stops accepting; then SIGTERM drains in-flight requests (`--drain-deadline`).
+//! * **Workload identity** (when [`Config::trust_anchors`] is set and the pod does not say
+//!   `ballast.io/identity: disabled`): the proxy gets the trust anchors and the path of a
+//!   projected service-account token, mounted from the volume `ballast-identity-token`
+//!   into the proxy alone (see [`crate::identity`]). A pod that already has a volume of
+//!   that name is skipped like a port clash, with or without identity, so that whether
+//!   a pod is meshed never depends on whether the anchors happen to be loaded.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler,
-    ObjectFieldSelector, Pod, Probe, ResourceRequirements, SeccompProfile, SecurityContext, SleepAction,
+    ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    SecurityContext, ServiceAccountTokenProjection, SleepAction, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 
 use crate::annotations::{self, AnnotationError, Opt, Overrides};
+use crate::identity;
 use ballast_api::names;
 
 /// Name of the init container that installs the iptables rules.
@@ -60,7 +69,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct Config {
     /// Image of both `ballast-init` and `ballast-proxy` (one binary, two subcommands).
     pub proxy_image: String,
-    /// `BALLAST_CONTROL_PLANE` for the proxy.
+    /// `BALLAST_CONTROL_PLANE` for the proxy; `https://` when identity is on (checked at
+    /// start, [`identity::check_control_plane_url`]).
     pub control_plane_url: String,
     /// Inject as a native sidecar unless the pod says otherwise.
     pub native_sidecar: bool,
@@ -69,6 +79,10 @@ pub struct Config {
     /// No CPU limit by default: throttling a proxy adds latency to every request.
     pub cpu_limit: Option<String>,
     pub memory_limit: Option<String>,
+    /// The mesh's trust anchors (PEM, checked by [`identity::parse_anchors`]): set, the
+    /// proxy of every pod that does not opt out gets workload identity. The server sets
+    /// it per review from the current trust anchors file.
+    pub trust_anchors: Option<Arc<str>>,
 }
 
 impl Default for Config {
@@ -81,6 +95,7 @@ impl Default for Config {
             memory_request: "20Mi".into(),
             cpu_limit: None,
             memory_limit: Some("256Mi".into()),
+            trust_anchors: None,
         }
     }
 }
@@ -107,6 +122,11 @@ pub enum Skip {
         "container {container:?} has a port named {ADMIN_PORT_NAME:?}, which the Ballast proxy's admin port uses; rename it"
     )]
     PortNameTaken { container: String },
+    #[error(
+        "the pod already has a volume named {:?}, which the Ballast proxy's identity token uses; rename it",
+        identity::TOKEN_VOLUME
+    )]
+    VolumeNameTaken,
 }
 
 impl Skip {
@@ -127,6 +147,7 @@ impl Skip {
             Skip::AlreadyInjected => "already-injected",
             Skip::HostNetwork => "host-network",
             Skip::PortTaken { .. } | Skip::PortNameTaken { .. } => "port-conflict",
+            Skip::VolumeNameTaken => "volume-conflict",
         }
     }
 }
@@ -144,6 +165,12 @@ pub enum Decision {
 /// itself; the server reads the label (an API call, cached) only then.
 pub fn needs_namespace_label(pod: &Pod) -> bool {
     matches!(annotations::opt(&annotations_of(pod)), Ok(Opt::Unset))
+}
+
+/// Whether the pod leaves workload identity on (no `ballast.io/identity: disabled`); a
+/// value that does not parse counts as on (such a pod is refused anyway).
+pub fn wants_identity(pod: &Pod) -> bool {
+    annotations_of(pod).get(annotations::IDENTITY).is_none_or(|v| v.trim() != "disabled")
 }
 
 fn annotations_of(pod: &Pod) -> BTreeMap<String, String> {
@@ -181,6 +208,9 @@ pub fn inject(pod: &Pod, namespace_enabled: bool, config: &Config) -> Decision {
             }
         }
     }
+    if spec.volumes.iter().flatten().any(|v| v.name == identity::TOKEN_VOLUME) {
+        return Decision::Skip(Skip::VolumeNameTaken);
+    }
     let overrides = match Overrides::parse(&annotations) {
         Ok(o) => o,
         Err(e) => return Decision::Deny(e),
@@ -204,11 +234,12 @@ fn ptr<'a>(tokens: impl IntoIterator<Item = &'a str>) -> PointerBuf {
 
 fn patch(pod: &Pod, o: &Overrides, config: &Config) -> Patch {
     let native = o.native_sidecar.unwrap_or(config.native_sidecar);
+    let anchors = config.trust_anchors.as_deref().filter(|_| o.identity != Some(false));
     let spec = pod.spec.as_ref();
     let mut ops = Vec::new();
 
     let init = serde_json::to_value(init_container(o, config)).unwrap_or(Value::Null);
-    let proxy = serde_json::to_value(proxy_container(pod, o, config, native)).unwrap_or(Value::Null);
+    let proxy = serde_json::to_value(proxy_container(pod, o, config, native, anchors)).unwrap_or(Value::Null);
     let has_inits = spec.is_some_and(|s| s.init_containers.as_ref().is_some_and(|v| !v.is_empty()));
     if native {
         // Prepend, in reverse: the result is [ballast-init, ballast-proxy, app inits...].
@@ -226,6 +257,14 @@ fn patch(pod: &Pod, o: &Overrides, config: &Config) -> Patch {
         }
         ops.push(add(ptr(["spec", "containers", "0"]), proxy));
     }
+    if anchors.is_some() {
+        let volume = serde_json::to_value(token_volume()).unwrap_or(Value::Null);
+        if spec.is_some_and(|s| s.volumes.is_some()) {
+            ops.push(add(ptr(["spec", "volumes", "-"]), volume));
+        } else {
+            ops.push(add(ptr(["spec", "volumes"]), json!([volume])));
+        }
+    }
 
     let existing = annotations_of(pod);
     let mut new_annotations = BTreeMap::new();
@@ -234,6 +273,7 @@ fn patch(pod: &Pod, o: &Overrides, config: &Config) -> Patch {
         "initContainers": if native { json!([INIT_CONTAINER, PROXY_CONTAINER]) } else { json!([INIT_CONTAINER]) },
         "containers": if native { json!([]) } else { json!([PROXY_CONTAINER]) },
         "image": o.proxy_image.as_deref().unwrap_or(&config.proxy_image),
+        "identity": anchors.is_some(),
     });
     new_annotations.insert(annotations::STATUS, status.to_string());
     let has_prometheus = existing.keys().any(|k| k.starts_with("prometheus.io/"));
@@ -354,7 +394,35 @@ fn service_of(pod: &Pod, o: &Overrides) -> Option<String> {
         .cloned()
 }
 
-fn proxy_container(pod: &Pod, o: &Overrides, config: &Config, native: bool) -> Container {
+/// The projected service-account token the proxy proves its identity with: bound to the
+/// pod, for Ballast's audience only, renewed by the kubelet. Independent of the pod's
+/// `automountServiceAccountToken`.
+fn token_volume() -> Volume {
+    let (_, file) = identity::token_mount();
+    Volume {
+        name: identity::TOKEN_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(identity::TOKEN_AUDIENCE.into()),
+                    expiration_seconds: Some(identity::TOKEN_EXPIRATION_SECONDS),
+                    path: file.into(),
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn proxy_container(
+    pod: &Pod,
+    o: &Overrides,
+    config: &Config,
+    native: bool,
+    anchors: Option<&str>,
+) -> Container {
     let mut env_vars = vec![
         env("BALLAST_CONTROL_PLANE", config.control_plane_url.clone()),
         field_env("POD_NAME", "metadata.name"),
@@ -369,6 +437,17 @@ fn proxy_container(pod: &Pod, o: &Overrides, config: &Config, native: bool) -> C
     if let Some(level) = &o.log_level {
         env_vars.push(env("BALLAST_LOG", level.clone()));
     }
+    let mut volume_mounts = None;
+    if let Some(pem) = anchors {
+        env_vars.push(env(identity::TRUST_ANCHORS_ENV, pem));
+        env_vars.push(env(identity::TOKEN_FILE_ENV, identity::TOKEN_PATH));
+        volume_mounts = Some(vec![VolumeMount {
+            name: identity::TOKEN_VOLUME.into(),
+            mount_path: identity::token_mount().0.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]);
+    }
     let cpu_limit = o.cpu_limit.as_deref().or(config.cpu_limit.as_deref());
     let memory_limit = o.memory_limit.as_deref().or(config.memory_limit.as_deref());
     Container {
@@ -376,6 +455,7 @@ fn proxy_container(pod: &Pod, o: &Overrides, config: &Config, native: bool) -> C
         image: Some(o.proxy_image.clone().unwrap_or_else(|| config.proxy_image.clone())),
         args: Some(vec!["run".into()]),
         env: Some(env_vars),
+        volume_mounts,
         ports: Some(vec![ContainerPort {
             name: Some(ADMIN_PORT_NAME.into()),
             container_port: i32::from(names::ADMIN_PORT),
@@ -490,6 +570,49 @@ spec:
     }
 
     #[test]
+    fn identity_gives_the_proxy_alone_the_anchors_and_a_projected_token() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let config = Config { trust_anchors: Some(pem.into()), ..Config::default() };
+        let p = pod(&APP.replace("spec:\n", "spec:\n  automountServiceAccountToken: false\n"));
+        let Decision::Inject(patch) = inject(&p, false, &config) else { panic!("not injected") };
+        let out = apply(&p, &patch);
+        let spec = out.spec.as_ref().expect("spec");
+        let proxy = spec.init_containers.iter().flatten().find(|c| c.name == PROXY_CONTAINER).expect("proxy");
+        let env = |n: &str| proxy.env.iter().flatten().find(|e| e.name == n).and_then(|e| e.value.clone());
+        assert_eq!(env(identity::TRUST_ANCHORS_ENV).as_deref(), Some(pem));
+        assert_eq!(env(identity::TOKEN_FILE_ENV).as_deref(), Some(identity::TOKEN_PATH));
+        let mount = &proxy.volume_mounts.as_ref().expect("mounts")[0];
+        assert_eq!(
+            (mount.name.as_str(), mount.mount_path.as_str(), mount.read_only),
+            (identity::TOKEN_VOLUME, "/var/run/secrets/ballast.io/serviceaccount", Some(true))
+        );
+        let volume = &spec.volumes.as_ref().expect("volumes")[0];
+        let token = volume.projected.as_ref().and_then(|p| p.sources.as_ref()).expect("projected")[0]
+            .service_account_token
+            .clone()
+            .expect("token");
+        assert_eq!(token.audience.as_deref(), Some(identity::TOKEN_AUDIENCE));
+        assert_eq!(token.path, "token");
+        // The app's containers get nothing of it.
+        assert!(spec.containers[0].volume_mounts.is_none());
+
+        // Opted out: a plain proxy, no volume.
+        let out_pod = pod(&APP.replace(
+            "ballast.io/inject: enabled",
+            "ballast.io/inject: enabled, ballast.io/identity: disabled",
+        ));
+        let Decision::Inject(patch) = inject(&out_pod, false, &config) else { panic!("not injected") };
+        assert!(!wants_identity(&out_pod));
+        let out = apply(&out_pod, &patch);
+        assert!(out.spec.as_ref().expect("spec").volumes.is_none());
+        let text = serde_json::to_string(&patch).expect("json");
+        assert!(
+            !text.contains(identity::TRUST_ANCHORS_ENV) && !text.contains(identity::TOKEN_VOLUME),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn conflicting_ports_and_host_network_are_skipped_with_a_warning() {
         let p = pod(&APP.replace("containerPort: 8080", "containerPort: 4191"));
         let d = inject(&p, false, &Config::default());
@@ -499,5 +622,11 @@ spec:
         assert!(matches!(inject(&p, false, &Config::default()), Decision::Skip(Skip::PortNameTaken { .. })));
         let p = pod(&APP.replace("spec:\n", "spec:\n  hostNetwork: true\n"));
         assert_eq!(inject(&p, false, &Config::default()), Decision::Skip(Skip::HostNetwork));
+        let p = pod(
+            &APP.replace("spec:\n", "spec:\n  volumes: [{name: ballast-identity-token, emptyDir: {}}]\n")
+        );
+        let d = inject(&p, false, &Config::default());
+        assert_eq!(d, Decision::Skip(Skip::VolumeNameTaken));
+        assert!(Skip::VolumeNameTaken.warning().is_some_and(|w| w.contains(identity::TOKEN_VOLUME)));
     }
 }

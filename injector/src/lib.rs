@@ -4,6 +4,9 @@
 //! The crate reads top to bottom:
 //! * [`annotations`]: the `ballast.io/*` annotations, parsed and checked;
 //! * [`inject`]: the injection, a pure function from a pod to a decision and a JSONPatch;
+//! * [`identity`]: workload identity for the injected proxies: the mesh's trust anchors,
+//!   read from the file the control plane's ConfigMap `ballast-trust-anchors` is mounted
+//!   as and followed when it changes, and the projected service-account token;
 //! * [`review`]: AdmissionReview `admission.k8s.io/v1` in and out, answering every body;
 //! * [`namespaces`]: the namespace opt-in label, read through the API and cached;
 //! * [`tls`]: the serving certificate, reloaded when its files change, or generated at
@@ -11,6 +14,7 @@
 //! * [`server`]: HTTPS on 8443 with `/inject`, `/live`, `/ready` and `/metrics`.
 
 pub mod annotations;
+pub mod identity;
 pub mod inject;
 pub mod namespaces;
 pub mod review;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ballast_injector::identity::TrustAnchors;
 use ballast_injector::inject::Config;
 use ballast_injector::namespaces::Namespaces;
 use ballast_injector::server::{self, Injector, Metrics};
@@ -40,13 +41,21 @@ struct Args {
     /// Image of the injected ballast-init and ballast-proxy containers.
     #[arg(long, env = "BALLAST_PROXY_IMAGE", default_value = "ghcr.io/ballast-mesh/proxy:0.1.0")]
     proxy_image: String,
-    /// The control plane the injected proxies connect to.
+    /// The control plane the injected proxies connect to; must be https:// with
+    /// --identity-trust-anchors (the control plane then serves TLS on its gRPC port). It
+    /// is injected as given, never rewritten.
     #[arg(
         long,
         env = "BALLAST_CONTROL_PLANE_URL",
         default_value = "http://ballast-control-plane.ballast-system.svc:8086"
     )]
     control_plane_url: String,
+    /// The mesh's trust anchors (PEM), e.g. the control plane's ConfigMap
+    /// ballast-trust-anchors mounted as a volume: injected proxies get workload identity
+    /// (mutual TLS) while it holds a certificate, and none while it is missing or invalid.
+    /// Re-read when it changes.
+    #[arg(long, env = "BALLAST_IDENTITY_TRUST_ANCHORS_FILE")]
+    identity_trust_anchors: Option<PathBuf>,
     /// Inject the proxy as a native sidecar (Kubernetes ≥ 1.29); pods can override with
     /// the ballast.io/native-sidecar annotation.
     #[arg(long, env = "BALLAST_NATIVE_SIDECAR", default_value_t = true, action = clap::ArgAction::Set)]
@@ -93,6 +102,12 @@ async fn run(args: Args) -> Result<(), String> {
             return Err(format!("{what} {q:?} is not a Kubernetes quantity (such as 10m, 64Mi)"));
         }
     }
+    let identity = args.identity_trust_anchors.is_some();
+    ballast_injector::identity::check_control_plane_url(&args.control_plane_url, identity)
+        .map_err(|e| e.to_string())?;
+    if !identity && args.control_plane_url.starts_with("https://") {
+        tracing::warn!(url = %args.control_plane_url, "an https control plane URL without --identity-trust-anchors: injected proxies have no trust anchors to verify the control plane with");
+    }
     let namespace = args
         .namespace
         .clone()
@@ -106,6 +121,11 @@ async fn run(args: Args) -> Result<(), String> {
         }
     };
     let metrics = Metrics::new();
+    // Read once now, so a missing file is reported at start; then at every review.
+    let trust_anchors = args
+        .identity_trust_anchors
+        .clone()
+        .map(|path| TrustAnchors::new(path, metrics.trust_anchors_loaded()));
     let certificate = match (&args.tls_cert, &args.tls_key, &args.tls_secret, &args.webhook_config) {
         (Some(cert), Some(key), _, _) => {
             let (pem, key_pair) = tls::load_files(cert, key).map_err(|e| e.to_string())?;
@@ -151,12 +171,13 @@ async fn run(args: Args) -> Result<(), String> {
         memory_request: args.proxy_memory_request,
         cpu_limit: None,
         memory_limit: Some(args.proxy_memory_limit),
+        trust_anchors: None,
     };
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
     tracing::info!(addr = %args.addr, "serving /inject");
-    let injector = Arc::new(Injector { config, namespaces, metrics });
+    let injector = Arc::new(Injector { config, namespaces, metrics, trust_anchors });
     server::serve(
         listener,
         Arc::new(certificate.server_config()),

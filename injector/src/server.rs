@@ -18,10 +18,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::identity::TrustAnchors;
 use crate::inject::{self, Config, Decision};
 use crate::namespaces::Namespaces;
 use crate::review::{self, Response as Review};
@@ -36,10 +37,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// `outcome`: injected, skipped, denied, unreadable, not-a-pod; `reason` for skips.
+    /// `outcome`: injected, skipped, denied, unreadable, not-a-pod; `reason`: why a pod
+    /// was skipped, or why it was injected without workload identity.
     reviews: IntCounterVec,
     /// `result`: ok or error.
     pub certificate_reloads: IntCounterVec,
+    /// 1 while the trust anchors file holds usable anchors; exported only with
+    /// `--identity-trust-anchors` (see [`Metrics::trust_anchors_loaded`]).
+    trust_anchors_loaded: IntGauge,
 }
 
 impl Metrics {
@@ -48,7 +53,7 @@ impl Metrics {
         let reviews = IntCounterVec::new(
             Opts::new(
                 "ballast_injector_reviews_total",
-                "Admission reviews answered, by outcome and skip reason.",
+                "Admission reviews answered, by outcome and reason (why a pod was skipped, or injected without workload identity).",
             ),
             &["outcome", "reason"],
         )
@@ -65,7 +70,21 @@ impl Metrics {
             // Fresh registry, distinct names: registration cannot fail.
             let _ = registry.register(Box::new(c.clone()));
         }
-        Self { registry, reviews, certificate_reloads }
+        let trust_anchors_loaded = IntGauge::new(
+            "ballast_injector_identity_trust_anchors_loaded",
+            "1 when the identity trust anchors file holds the mesh's CA certificates (injected proxies get workload identity), 0 when it is missing or invalid.",
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+        Self { registry, reviews, certificate_reloads, trust_anchors_loaded }
+    }
+
+    /// The trust anchors gauge, registered on first use: an injector without
+    /// `--identity-trust-anchors` does not export it, so an alert on 0 means a
+    /// configured file that is missing or invalid, never identity deliberately off.
+    pub fn trust_anchors_loaded(&self) -> IntGauge {
+        // A second registration is refused (AlreadyReg) and changes nothing.
+        let _ = self.registry.register(Box::new(self.trust_anchors_loaded.clone()));
+        self.trust_anchors_loaded.clone()
     }
 
     fn count(&self, outcome: &str, reason: &str) {
@@ -86,11 +105,15 @@ impl Default for Metrics {
     }
 }
 
-/// The webhook: configuration, the namespace label source, and counters.
+/// The webhook: configuration, the namespace label source, counters, and the trust
+/// anchors file when identity is configured.
 pub struct Injector {
     pub config: Config,
     pub namespaces: Namespaces,
     pub metrics: Metrics,
+    /// `--identity-trust-anchors`: read at every review, so a rotated file reaches the
+    /// next pod (see [`crate::identity`]).
+    pub trust_anchors: Option<TrustAnchors>,
 }
 
 impl Injector {
@@ -127,11 +150,33 @@ impl Injector {
             false
         };
         let name = pod.metadata.name.clone().or(pod.metadata.generate_name.clone()).unwrap_or_default();
-        let mut response = match inject::inject(&pod, namespace_enabled, &self.config) {
+        let anchors = self.trust_anchors.as_ref().map(TrustAnchors::current);
+        let with_anchors;
+        let config = match &anchors {
+            Some(Ok(pem)) => {
+                with_anchors = Config { trust_anchors: Some(pem.clone()), ..self.config.clone() };
+                &with_anchors
+            }
+            _ => &self.config,
+        };
+        let mut response = match inject::inject(&pod, namespace_enabled, config) {
             Decision::Inject(patch) => {
-                self.metrics.count("injected", "");
-                tracing::info!(%namespace, pod = %name, "injected");
-                Review { patch: Some(patch), ..Review::allow(&req.uid) }
+                let mut r = Review { patch: Some(patch), ..Review::allow(&req.uid) };
+                let reason = match &anchors {
+                    None => "",
+                    Some(_) if !inject::wants_identity(&pod) => "identity-disabled",
+                    Some(Err(e)) => {
+                        r.warnings.push(format!(
+                            "ballast: sidecar injected without workload identity (no mutual TLS): the injector has no trust anchors: {e}"
+                        ));
+                        "no-trust-anchors"
+                    }
+                    Some(Ok(_)) => "",
+                };
+                let identity = config.trust_anchors.is_some() && inject::wants_identity(&pod);
+                self.metrics.count("injected", reason);
+                tracing::info!(%namespace, pod = %name, identity, "injected");
+                r
             }
             Decision::Skip(skip) => {
                 self.metrics.count("skipped", skip.reason());
@@ -167,6 +212,10 @@ async fn handle(
     Ok(match (req.method(), path) {
         (&Method::GET, "/live" | "/ready") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/metrics") => {
+            // Brings the trust anchors gauge up to date between reviews.
+            if let Some(t) = &injector.trust_anchors {
+                let _ = t.current();
+            }
             let mut r = text(StatusCode::OK, injector.metrics.render());
             r.headers_mut()
                 .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));

@@ -3,7 +3,9 @@
 //! Every document of `../shared/corpus/kubernetes-manifests/` (Istio's injection test
 //! inputs and the Kubernetes examples) and of `tests/cases/` (our own edge cases) goes
 //! through [`inject::inject`]; workloads as the pod their template makes, which is what
-//! the webhook sees. The decision and patch are compared with `tests/golden/`
+//! the webhook sees. They run with workload identity on (the trust anchors of
+//! `tests/trust-anchors.pem`), as a deployed injector does; `tests/cases-without-identity/`
+//! runs with it off (no trust anchors). The decision and patch are compared with `tests/golden/`
 //! (`BLESS=1 cargo test -p ballast-injector --test golden` rewrites them; review the
 //! diff). Then every patch is applied, by an independent JSONPatch implementation
 //! (Python `jsonpatch`), to the original JSON, and the result validated against the
@@ -21,14 +23,17 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn corpus_dirs() -> Vec<PathBuf> {
+/// The corpus directories, each with whether it runs with workload identity on.
+fn corpus_dirs() -> Vec<(PathBuf, bool)> {
     let shared = workspace().join("../shared/corpus/kubernetes-manifests");
+    let own = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
     let dirs = vec![
-        shared.join("istio-inject-inputs"),
-        shared.join("kubernetes-examples"),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases"),
+        (shared.join("istio-inject-inputs"), true),
+        (shared.join("kubernetes-examples"), true),
+        (own.join("cases"), true),
+        (own.join("cases-without-identity"), false),
     ];
-    for d in &dirs {
+    for (d, _) in &dirs {
         assert!(
             d.is_dir(),
             "test corpus {} is missing (../shared/ must sit beside the checkout)",
@@ -77,6 +82,7 @@ struct Case {
     id: String,
     original: Value,
     patch: Value,
+    config: Config,
 }
 
 fn decide(pod_json: &Value, config: &Config) -> (Value, Option<Value>) {
@@ -96,14 +102,28 @@ fn decide(pod_json: &Value, config: &Config) -> (Value, Option<Value>) {
     }
 }
 
+/// The injector's configuration with the test trust anchors (identity on), or without.
+fn config(identity: bool) -> Config {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/trust-anchors.pem");
+    let pem = std::fs::read(&path).expect("read tests/trust-anchors.pem");
+    let anchors = ballast_injector::identity::parse_anchors(&path, &pem).expect("test trust anchors parse");
+    Config { trust_anchors: identity.then(|| anchors.into()), ..Config::default() }
+}
+
+/// Whether the case's proxy must have workload identity: anchors given, not opted out.
+fn with_identity(c: &Case) -> bool {
+    c.config.trust_anchors.is_some()
+        && serde_json::from_value::<Pod>(c.original.clone()).is_ok_and(|p| inject::wants_identity(&p))
+}
+
 #[test]
 fn corpus_matches_golden_files_and_patches_validate() {
-    let config = Config::default();
     let bless = std::env::var_os("BLESS").is_some();
     let mut cases = Vec::new();
     let mut mismatches = Vec::new();
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
-    for dir in corpus_dirs() {
+    for (dir, identity) in corpus_dirs() {
+        let config = config(identity);
         let set = dir.file_name().and_then(|n| n.to_str()).unwrap_or("cases").to_owned();
         let mut files: Vec<_> =
             std::fs::read_dir(&dir).expect("read corpus dir").flatten().map(|e| e.path()).collect();
@@ -128,6 +148,7 @@ fn corpus_matches_golden_files_and_patches_validate() {
                                     id: format!("{set}/{stem} {what}"),
                                     original: pod.clone(),
                                     patch,
+                                    config: config.clone(),
                                 });
                             }
                             results.push(json!({"object": what, "result": result}));
@@ -165,7 +186,7 @@ fn corpus_matches_golden_files_and_patches_validate() {
         json_patch::patch(&mut doc, &patch).unwrap_or_else(|e| panic!("{}: patch does not apply: {e}", c.id));
         let pod: Pod = serde_json::from_value(doc).expect("patched pod parses");
         assert_eq!(
-            inject::inject(&pod, true, &config),
+            inject::inject(&pod, true, &c.config),
             Decision::Skip(inject::Skip::AlreadyInjected),
             "{}",
             c.id
@@ -185,8 +206,10 @@ fn corpus_matches_golden_files_and_patches_validate() {
         python.display()
     );
     let input = tempfile::NamedTempFile::new().expect("temp file");
-    let list: Vec<_> =
-        cases.iter().map(|c| json!({"id": c.id, "pod": c.original, "patch": c.patch})).collect();
+    let list: Vec<_> = cases
+        .iter()
+        .map(|c| json!({"id": c.id, "pod": c.original, "patch": c.patch, "identity": with_identity(c)}))
+        .collect();
     std::fs::write(input.path(), serde_json::to_vec(&list).expect("json")).expect("write cases");
     let out = std::process::Command::new(&python)
         .arg(workspace().join("tests/python/check_injection.py"))
@@ -204,4 +227,9 @@ fn corpus_matches_golden_files_and_patches_validate() {
     // Every pod that was valid before is valid after; only a handful of the corpus are
     // invalid to begin with (typos in old examples).
     assert!(summary["valid_after"].as_u64() >= Some(cases.len() as u64 - 10), "{summary}");
+    // Identity was really on for the corpus (checked in depth by check_injection.py),
+    // and off where it should be.
+    let expected = cases.iter().filter(|c| with_identity(c)).count();
+    assert!(expected >= 100, "only {expected} cases with identity");
+    assert_eq!(summary["with_identity"].as_u64(), Some(expected as u64), "{summary}");
 }

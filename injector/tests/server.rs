@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ballast_injector::identity::{self, TrustAnchors};
 use ballast_injector::inject::Config;
 use ballast_injector::namespaces::Namespaces;
 use ballast_injector::server::{self, Injector, Metrics};
@@ -60,6 +61,16 @@ struct Running {
 }
 
 async fn start(namespaces: Namespaces) -> Running {
+    start_injector(Injector {
+        config: Config::default(),
+        namespaces,
+        metrics: Metrics::new(),
+        trust_anchors: None,
+    })
+    .await
+}
+
+async fn start_injector(injector: Injector) -> Running {
     provider();
     let generated = tls::generate(vec!["localhost".into()]).expect("generate");
     let ca = tempfile::NamedTempFile::new().expect("tmp");
@@ -67,7 +78,7 @@ async fn start(namespaces: Namespaces) -> Running {
     let cert = Certificate::new(tls::certified_key(&generated.serving, "test").expect("key"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let injector = Arc::new(Injector { config: Config::default(), namespaces, metrics: Metrics::new() });
+    let injector = Arc::new(injector);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let tls = Arc::new(cert.server_config());
     let task = tokio::spawn(async move {
@@ -392,6 +403,7 @@ async fn serve_pem(pem: &Pem) -> (std::net::SocketAddr, tokio::task::JoinHandle<
         config: Config::default(),
         namespaces: Namespaces::without_api(),
         metrics: Metrics::new(),
+        trust_anchors: None,
     });
     let tls = Arc::new(cert.server_config());
     let task =
@@ -467,4 +479,152 @@ async fn binary_reloads_its_certificate_files_and_stops_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "exit status {status}");
+}
+
+/// A ConfigMap volume's layout: `ca.crt -> ..data/ca.crt`, `..data -> ..<version>`; an
+/// update writes a new version directory and swaps `..data` atomically, as the kubelet
+/// does. `None` is the ConfigMap without the key (or deleted, the volume optional).
+fn configmap_version(dir: &Path, n: u32, ca: Option<&[u8]>) {
+    let version = dir.join(format!("..v{n}"));
+    std::fs::create_dir(&version).expect("mkdir");
+    if let Some(ca) = ca {
+        std::fs::write(version.join("ca.crt"), ca).expect("write ca.crt");
+    }
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(format!("..v{n}"), &tmp).expect("symlink");
+    std::fs::rename(&tmp, dir.join("..data")).expect("swap ..data");
+    if std::fs::symlink_metadata(dir.join("ca.crt")).is_err() {
+        std::os::unix::fs::symlink("..data/ca.crt", dir.join("ca.crt")).expect("symlink ca.crt");
+    }
+}
+
+/// The proxy's environment in the patch of a review answer, by name.
+fn proxy_env(answer: &[u8]) -> (std::collections::BTreeMap<String, String>, Value) {
+    let v: Value = serde_json::from_slice(answer).expect("json");
+    let encoded = v["response"]["patch"].as_str().expect("a patch");
+    let ops: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(encoded).expect("b64"))
+            .expect("json patch");
+    let proxy = ops
+        .as_array()
+        .expect("ops")
+        .iter()
+        .flat_map(|op| match &op["value"] {
+            Value::Array(a) => a.clone(),
+            other => vec![other.clone()],
+        })
+        .find(|c| c["name"] == "ballast-proxy")
+        .expect("the proxy container in the patch");
+    let env = proxy["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?.to_owned(), e["value"].as_str()?.to_owned())))
+        .collect();
+    (env, v)
+}
+
+/// The trust anchors file (a ConfigMap volume) changes while the injector runs: the next
+/// patch carries the new anchors; without them pods are injected without identity, with
+/// a warning, a count and the gauge at 0; back, identity is back.
+#[tokio::test]
+async fn rotated_trust_anchors_reach_the_next_patch() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (ca1, ca2) = (
+        tls::generate(vec!["a".into()]).expect("ca").ca_pem,
+        tls::generate(vec!["b".into()]).expect("ca").ca_pem,
+    );
+    let path = dir.path().join("ca.crt");
+    configmap_version(dir.path(), 1, Some(&ca1));
+    let metrics = Metrics::new();
+    let anchors = TrustAnchors::new(path.clone(), metrics.trust_anchors_loaded());
+    let config = Config {
+        control_plane_url: "https://ballast-control-plane.ballast-system.svc:8086".into(),
+        ..Config::default()
+    };
+    let s = start_injector(Injector {
+        config,
+        namespaces: Namespaces::without_api(),
+        metrics,
+        trust_anchors: Some(anchors),
+    })
+    .await;
+    let url = format!("https://localhost:{}/inject", s.addr.port());
+    let mut pod = app_pod();
+    pod["metadata"]["annotations"] = json!({"ballast.io/inject": "enabled"});
+    let pem = |ca: &[u8]| identity::parse_anchors(&path, ca).expect("anchors");
+
+    let (_, body) = curl(s.ca.path(), &url, "application/json", &review("r1", "shop", pod.clone())).await;
+    let (env, _) = proxy_env(&body);
+    assert_eq!(env.get(identity::TRUST_ANCHORS_ENV), Some(&pem(&ca1)));
+    assert_eq!(env.get(identity::TOKEN_FILE_ENV).map(String::as_str), Some(identity::TOKEN_PATH));
+    assert_eq!(
+        env.get("BALLAST_CONTROL_PLANE").map(String::as_str),
+        Some("https://ballast-control-plane.ballast-system.svc:8086")
+    );
+
+    // The control plane rotates its CA (old and new published together, then the new).
+    let both = [ca1.clone(), ca2.clone()].concat();
+    configmap_version(dir.path(), 2, Some(&both));
+    let (_, body) = curl(s.ca.path(), &url, "application/json", &review("r2", "shop", pod.clone())).await;
+    assert_eq!(proxy_env(&body).0.get(identity::TRUST_ANCHORS_ENV), Some(&pem(&both)));
+    configmap_version(dir.path(), 3, Some(&ca2));
+    let (_, body) = curl(s.ca.path(), &url, "application/json", &review("r3", "shop", pod.clone())).await;
+    assert_eq!(proxy_env(&body).0.get(identity::TRUST_ANCHORS_ENV), Some(&pem(&ca2)));
+
+    // The key disappears: injected all the same, without identity, and told so.
+    configmap_version(dir.path(), 4, None);
+    let (_, body) = curl(s.ca.path(), &url, "application/json", &review("r4", "shop", pod.clone())).await;
+    let (env, v) = proxy_env(&body);
+    assert!(!env.contains_key(identity::TRUST_ANCHORS_ENV) && !env.contains_key(identity::TOKEN_FILE_ENV));
+    assert!(
+        v["response"]["warnings"][0].as_str().is_some_and(|w| w.contains("without workload identity")),
+        "{v}"
+    );
+    let metrics_url = format!("https://localhost:{}/metrics", s.addr.port());
+    let scrape_args: Vec<String> = vec!["--cacert".into(), s.ca.path().display().to_string(), metrics_url];
+    let scrape = || curl_get(&scrape_args);
+    let (_, text) = scrape().await;
+    assert!(text.contains("ballast_injector_identity_trust_anchors_loaded 0"), "{text}");
+    assert!(
+        text.contains("ballast_injector_reviews_total{outcome=\"injected\",reason=\"no-trust-anchors\"} 1"),
+        "{text}"
+    );
+
+    // Back: seen by a scrape before any review, then in the next patch.
+    configmap_version(dir.path(), 5, Some(&ca1));
+    let (_, text) = scrape().await;
+    assert!(text.contains("ballast_injector_identity_trust_anchors_loaded 1"), "{text}");
+    let (_, body) = curl(s.ca.path(), &url, "application/json", &review("r5", "shop", pod.clone())).await;
+    assert_eq!(proxy_env(&body).0.get(identity::TRUST_ANCHORS_ENV), Some(&pem(&ca1)));
+
+    // A pod that opts out: no identity, counted as such, no warning.
+    pod["metadata"]["annotations"]["ballast.io/identity"] = json!("disabled");
+    let (_, body) = curl(s.ca.path(), &url, "application/json", &review("r6", "shop", pod.clone())).await;
+    let (env, v) = proxy_env(&body);
+    assert!(!env.contains_key(identity::TRUST_ANCHORS_ENV));
+    assert!(v["response"].get("warnings").is_none(), "{v}");
+    let (_, text) = scrape().await;
+    assert!(text.contains("reason=\"identity-disabled\"} 1"), "{text}");
+    assert!(text.contains("ballast_injector_reviews_total{outcome=\"injected\",reason=\"\"} 4"), "{text}");
+    promtool::check(&text);
+    stop(s).await;
+}
+
+/// The binary refuses a plain-text control plane URL with identity, before anything else.
+#[test]
+fn binary_refuses_identity_with_a_plain_text_control_plane_url() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = Command::new(env!("CARGO_BIN_EXE_ballast-injector"))
+        .args(["--addr", "127.0.0.1:0", "--control-plane-url", "http://cp.ballast-system.svc:8086"])
+        .arg("--identity-trust-anchors")
+        .arg(dir.path().join("ca.crt"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("KUBECONFIG", dir.path().join("no-kubeconfig"))
+        .env("HOME", dir.path())
+        .output()
+        .expect("run ballast-injector");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--control-plane-url") && stderr.contains("https://"), "{stderr}");
 }

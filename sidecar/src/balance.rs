@@ -82,9 +82,26 @@ impl OutlierConfig {
     }
 }
 
+/// One endpoint as a balancer is given it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// Its SPIFFE ID when a meshed sidecar fronts it: dialled with mesh TLS.
+    pub identity: Option<Arc<str>>,
+}
+
+impl Target {
+    /// An endpoint without identity (plain text).
+    pub fn plain(addr: SocketAddr, weight: u32) -> Self {
+        Self { addr, weight, identity: None }
+    }
+}
+
 struct Endpoint {
     addr: SocketAddr,
     weight: u32,
+    identity: Option<Arc<str>>,
     /// `PeakEwma::call` takes `&mut self`; the lock is held only to start a call or read
     /// the cost, never across an await.
     client: Mutex<PeakEwma<EndpointClient, CompleteOnResponse>>,
@@ -161,7 +178,7 @@ pub struct BalancerConfig {
 }
 
 impl Balancer {
-    pub fn new(config: BalancerConfig, metrics: &Metrics, endpoints: &[(SocketAddr, u32)]) -> Self {
+    pub fn new(config: BalancerConfig, metrics: &Metrics, endpoints: &[Target]) -> Self {
         let label = &config.label;
         let ready_gauge = metrics.endpoints.with_label_values(&[label, "ready"]);
         let ejected_gauge = metrics.endpoints.with_label_values(&[label, "ejected"]);
@@ -185,19 +202,24 @@ impl Balancer {
         balancer
     }
 
-    /// Replaces the endpoint set (address, weight). Endpoints in both keep their state,
-    /// so a replica coming or going does not reset the others' latency or ejections.
-    pub fn update(&self, endpoints: &[(SocketAddr, u32)]) {
+    /// Replaces the endpoint set. Endpoints in both keep their state, so a replica coming
+    /// or going does not reset the others' latency or ejections.
+    pub fn update(&self, endpoints: &[Target]) {
         let shared = &self.shared;
         let _serial = shared.ejecting.lock().unwrap_or_else(|p| p.into_inner());
         let old = shared.set.load();
         let next: Vec<Arc<Endpoint>> = endpoints
             .iter()
-            .map(|&(addr, weight)| {
-                let weight = weight.clamp(1, MAX_WEIGHT);
-                old.endpoints.iter().find(|e| e.addr == addr && e.weight == weight).cloned().unwrap_or_else(
-                    || Arc::new(Endpoint::new(addr, weight, shared.clients.get_with(addr, shared.pool))),
-                )
+            .map(|t| {
+                let weight = t.weight.clamp(1, MAX_WEIGHT);
+                old.endpoints
+                    .iter()
+                    .find(|e| e.addr == t.addr && e.weight == weight && e.identity == t.identity)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        let client = shared.clients.get_with(t.addr, shared.pool, t.identity.as_ref());
+                        Arc::new(Endpoint::new(t.addr, weight, t.identity.clone(), client))
+                    })
             })
             .collect();
         let now = Instant::now();
@@ -208,10 +230,11 @@ impl Balancer {
 }
 
 impl Endpoint {
-    fn new(addr: SocketAddr, weight: u32, client: EndpointClient) -> Self {
+    fn new(addr: SocketAddr, weight: u32, identity: Option<Arc<str>>, client: EndpointClient) -> Self {
         Endpoint {
             addr,
             weight,
+            identity,
             client: Mutex::new(PeakEwma::new(
                 client,
                 EWMA_DEFAULT_RTT,
@@ -486,11 +509,11 @@ mod tests {
             outlier: Some(outlier),
             why_empty: String::new(),
         };
-        let b = Balancer::new(config, &metrics, &[(addr(1), 1), (addr(2), 1)]);
+        let b = Balancer::new(config, &metrics, &[Target::plain(addr(1), 1), Target::plain(addr(2), 1)]);
         let first = b.shared.set.load().endpoints[0].clone();
         b.shared.record(&first, true);
         assert!(first.ejected(Instant::now()));
-        b.update(&[(addr(1), 1), (addr(2), 1), (addr(3), 1)]);
+        b.update(&[Target::plain(addr(1), 1), Target::plain(addr(2), 1), Target::plain(addr(3), 1)]);
         let set = b.shared.set.load();
         assert!(Arc::ptr_eq(&set.endpoints[0], &first), "same endpoint, same state");
         assert!(set.endpoints[0].ejected(Instant::now()));

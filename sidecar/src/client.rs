@@ -5,6 +5,13 @@
 //! the caller's `Host`/`:authority` unchanged, while the pool is still per endpoint.
 //! Clients are cached in [`Clients`] and shared by every stack, so a configuration change
 //! that rebuilds a service's stack keeps its warm connections.
+//!
+//! An endpoint with an identity (a meshed sidecar, as the control plane says) is dialled
+//! with mesh mutual TLS when this sidecar has an identity itself: the handshake proves
+//! the server holds exactly that identity. HTTP/1 requests then travel as HTTP/2 inside
+//! the tunnel (one multiplexed connection per peer, as linkerd2-proxy does), marked with
+//! `ballast-orig-proto` so the server sidecar speaks HTTP/1.1 to its app; upgrades
+//! (WebSocket) keep HTTP/1.1 on a tunnel of their own (ALPN `http/1.1`).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,15 +22,19 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response, Version};
+use ballast_api::names::HEADER_ORIG_PROTO;
+use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::body::Body;
+use crate::identity::MeshIdentity;
 
 /// How long an idle upstream connection stays pooled. Shorter than common server
 /// keep-alive timeouts would be ideal but varies (Node.js closes after 5 s); 30 s bounds
@@ -32,11 +43,13 @@ use crate::body::Body;
 /// per service.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Dials one fixed address, whatever the URI says.
+/// Dials one fixed address, whatever the URI says; with `tls`, then speaks mesh TLS
+/// expecting the server to prove that name.
 #[derive(Clone)]
 pub struct FixedConnector {
     addr: SocketAddr,
     connect_timeout: Duration,
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,49 +58,75 @@ pub enum ConnectError {
     Timeout { addr: SocketAddr, timeout: Duration },
     #[error("connecting to {addr}: {source}")]
     Io { addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "mesh TLS with {addr} failed (expecting the identity {name}): {source}; a peer with another identity or certificate authority is refused"
+    )]
+    Tls { addr: SocketAddr, name: String, source: std::io::Error },
 }
 
-/// An upstream connection. A newtype rather than the bare `TcpStream` only to tell
-/// hyper-util there is no connection info to attach: its `TcpStream` impl attaches the
-/// addresses (`HttpInfo`) to every response, three allocations per request that nothing
-/// here reads.
-pub struct UpstreamStream(TcpStream);
+/// An upstream connection, plain or in mesh TLS. Our own type rather than the bare
+/// `TcpStream` also to tell hyper-util there is no connection info to attach: its
+/// `TcpStream` impl attaches the addresses (`HttpInfo`) to every response, three
+/// allocations per request that nothing here reads.
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
 
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
-        Connected::new()
+        match self {
+            UpstreamStream::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                Connected::new().negotiated_h2()
+            }
+            _ => Connected::new(),
+        }
     }
 }
 
+macro_rules! both {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            UpstreamStream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            UpstreamStream::Tls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+        }
+    };
+}
+
 impl AsyncRead for UpstreamStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        both!(self, s => s.poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for UpstreamStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        both!(self, s => s.poll_write(cx, buf))
     }
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        both!(self, s => s.poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        match self {
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
     }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self, s => s.poll_flush(cx))
     }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self, s => s.poll_shutdown(cx))
     }
 }
 
@@ -101,7 +140,7 @@ impl tower::Service<http::Uri> for FixedConnector {
     }
 
     fn call(&mut self, _uri: http::Uri) -> Self::Future {
-        let (addr, timeout) = (self.addr, self.connect_timeout);
+        let (addr, timeout, tls) = (self.addr, self.connect_timeout, self.tls.clone());
         Box::pin(async move {
             let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
                 .await
@@ -109,7 +148,15 @@ impl tower::Service<http::Uri> for FixedConnector {
                 .map_err(|source| ConnectError::Io { addr, source })?;
             // Small requests and responses must not wait for Nagle.
             let _ = stream.set_nodelay(true);
-            Ok(TokioIo::new(UpstreamStream(stream)))
+            let Some((config, name)) = tls else { return Ok(TokioIo::new(UpstreamStream::Plain(stream))) };
+            let handshake = tokio_rustls::TlsConnector::from(config).connect(name.clone(), stream);
+            // The handshake shares the connect timeout: a peer that accepts and then
+            // says nothing must not hold the request.
+            let tls = tokio::time::timeout(timeout, handshake)
+                .await
+                .map_err(|_| ConnectError::Timeout { addr, timeout })?
+                .map_err(|source| ConnectError::Tls { addr, name: name.to_str().into_owned(), source })?;
+            Ok(TokioIo::new(UpstreamStream::Tls(Box::new(tls))))
         })
     }
 }
@@ -120,33 +167,53 @@ impl tower::Service<http::Uri> for FixedConnector {
 pub struct EndpointClient {
     h1: Client<FixedConnector, Body>,
     h2: Client<FixedConnector, Body>,
+    /// Mesh TLS to this endpoint: HTTP/1 requests go as HTTP/2 (module docs).
+    mesh: bool,
 }
 
 impl EndpointClient {
-    fn new(addr: SocketAddr, settings: ClientSettings) -> Self {
-        let connector = FixedConnector { addr, connect_timeout: settings.connect_timeout };
+    fn new(
+        addr: SocketAddr,
+        settings: &ClientSettings,
+        tls: Option<(&MeshIdentity, ServerName<'static>)>,
+    ) -> Self {
+        let connector = |config: fn(&MeshIdentity) -> &Arc<ClientConfig>| FixedConnector {
+            addr,
+            connect_timeout: settings.connect_timeout,
+            tls: tls.as_ref().map(|(mesh, name)| (config(mesh).clone(), name.clone())),
+        };
         let idle = settings.idle_timeout.unwrap_or(POOL_IDLE_TIMEOUT);
         let h1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(idle)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .build(connector.clone());
+            .build(connector(|m| &m.tls.client_http1));
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .pool_idle_timeout(idle)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .build(connector);
-        Self { h1, h2 }
+            .build(connector(|m| &m.tls.client_h2));
+        Self { h1, h2, mesh: tls.is_some() }
     }
 }
 
 impl EndpointClient {
     /// Sends `req` on a pooled connection; the pool queues, so there is no readiness to
     /// wait for.
-    pub fn request(&self, req: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
-        if req.version() == Version::HTTP_2 { self.h2.request(req) } else { self.h1.request(req) }
+    pub fn request(&self, mut req: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
+        if req.version() == Version::HTTP_2 {
+            return self.h2.request(req);
+        }
+        if self.mesh && !req.headers().contains_key(header::UPGRADE) {
+            // The URI already carries the authority (the proxy sets it on every request).
+            req.headers_mut().remove(header::HOST);
+            req.headers_mut().insert(HEADER_ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+            *req.version_mut() = Version::HTTP_2;
+            return self.h2.request(req);
+        }
+        self.h1.request(req)
     }
 }
 
@@ -172,10 +239,12 @@ pub struct PoolPolicy {
     pub idle_timeout: Option<Duration>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct ClientSettings {
     connect_timeout: Duration,
     idle_timeout: Option<Duration>,
+    /// The endpoint's identity (SPIFFE ID) when it is dialled with mesh TLS.
+    peer: Option<Arc<str>>,
 }
 
 /// Cache of endpoint clients by address and connection settings: two services with
@@ -185,6 +254,8 @@ struct ClientSettings {
 /// the cache is cleared (connections of dropped clients close when idle) rather than grown.
 pub struct Clients {
     connect_timeout: Duration,
+    /// This sidecar's identity: without one, every endpoint is dialled in plain text.
+    identity: Option<Arc<MeshIdentity>>,
     cache: Mutex<HashMap<(SocketAddr, ClientSettings), EndpointClient>>,
 }
 
@@ -192,28 +263,48 @@ impl Clients {
     const MAX: usize = 4096;
 
     pub fn new(connect_timeout: Duration) -> Arc<Self> {
-        Arc::new(Self { connect_timeout, cache: Mutex::new(HashMap::new()) })
+        Self::with_identity(connect_timeout, None)
     }
 
-    /// The client of `addr` with the sidecar's default settings.
+    pub fn with_identity(connect_timeout: Duration, identity: Option<Arc<MeshIdentity>>) -> Arc<Self> {
+        Arc::new(Self { connect_timeout, identity, cache: Mutex::new(HashMap::new()) })
+    }
+
+    /// The client of `addr` with the sidecar's default settings, in plain text.
     pub fn get(&self, addr: SocketAddr) -> EndpointClient {
-        self.get_with(addr, PoolPolicy::default())
+        self.get_with(addr, PoolPolicy::default(), None)
     }
 
-    pub fn get_with(&self, addr: SocketAddr, policy: PoolPolicy) -> EndpointClient {
+    /// The client of `addr`; with `peer` (the endpoint's SPIFFE ID) and an identity of
+    /// our own, over mesh TLS requiring that identity.
+    pub fn get_with(&self, addr: SocketAddr, policy: PoolPolicy, peer: Option<&Arc<str>>) -> EndpointClient {
+        let tls = match (&self.identity, peer) {
+            (Some(mesh), Some(peer)) => match peer.parse::<ballast_api::identity::Identity>() {
+                Ok(id) => ServerName::try_from(id.dns_name()).ok().map(|name| (mesh.as_ref(), name)),
+                Err(e) => {
+                    // Validated on arrival, so not expected; plain text beats no traffic,
+                    // and a strict server will refuse it visibly.
+                    tracing::warn!(endpoint = %addr, error = %e, "endpoint identity unusable; dialling in plain text");
+                    None
+                }
+            },
+            _ => None,
+        };
         let settings = ClientSettings {
             connect_timeout: policy.connect_timeout.unwrap_or(self.connect_timeout),
             idle_timeout: policy.idle_timeout,
+            peer: tls.as_ref().and(peer.cloned()),
         };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.get(&(addr, settings)) {
+        let key = (addr, settings);
+        if let Some(c) = cache.get(&key) {
             return c.clone();
         }
         if cache.len() >= Self::MAX {
             cache.clear();
         }
-        let c = EndpointClient::new(addr, settings);
-        cache.insert((addr, settings), c.clone());
+        let c = EndpointClient::new(addr, &key.1, tls);
+        cache.insert(key, c.clone());
         c
     }
 }

@@ -67,6 +67,8 @@ use tonic::codec::Streaming;
 use tonic::transport::Endpoint;
 
 use crate::drain::Shutdown;
+use crate::identity::MeshIdentity;
+use crate::identity::certify::{TlsConnector, for_connector};
 use crate::metrics::Metrics;
 use crate::routes::ConfigStore;
 
@@ -126,18 +128,16 @@ pub fn default_advertise_addr(inbound: SocketAddr, pod_ip: Option<IpAddr>) -> So
     }
 }
 
-/// Checks a `--control-plane` URL: `http://host:port`. Returns it unchanged when valid.
+/// Checks a `--control-plane` URL: `http://host:port`, or `https://host:port` when the
+/// mesh has identity (the control plane then serves TLS). Returns it unchanged when valid.
 pub fn parse_url(url: &str) -> Result<String, String> {
     let uri: http::Uri =
         url.parse().map_err(|e| format!("{url:?} is not a URL ({e}); expected http://HOST:PORT"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "{url:?}: https is not supported by this build yet (no TLS to the control plane); use http://"
-            ));
+        Some("http" | "https") => {}
+        _ => {
+            return Err(format!("{url:?} does not start with http:// or https://; expected http://HOST:PORT"));
         }
-        _ => return Err(format!("{url:?} does not start with http://; expected http://HOST:PORT")),
     }
     if uri.authority().is_none_or(|a| a.host().is_empty()) {
         return Err(format!("{url:?} names no host; expected http://HOST:PORT"));
@@ -186,12 +186,27 @@ pub fn parse_calls(calls: &[String], namespace: &str) -> Result<Vec<String>, Str
 
 /// Runs the control plane client until the drain starts: connects, applies what the
 /// control plane sends, and reconnects when the stream breaks.
-pub async fn run(opts: ControlOptions, store: Arc<ConfigStore>, metrics: Metrics, shutdown: Shutdown) {
+pub async fn run(
+    opts: ControlOptions,
+    identity: Option<Arc<MeshIdentity>>,
+    store: Arc<ConfigStore>,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) {
     if opts.endpoints.is_empty() {
         tracing::error!("no control plane endpoint given; the sidecar gets no configuration");
         return;
     }
-    let mut client = Client { opts, store, metrics, shutdown, applied: Applied::default() };
+    if let Some(identity) = &identity {
+        // The stream registers this pod as an endpoint callers reach over mesh TLS, and
+        // the control plane reads the identity from the certificate the stream presents.
+        tracing::info!("waiting for the workload certificate before opening the control plane stream");
+        tokio::select! {
+            _ = shutdown.signaled() => return,
+            _ = identity.ready() => {}
+        }
+    }
+    let mut client = Client { opts, identity, store, metrics, shutdown, applied: Applied::default() };
     let mut next = rand::random_range(0..client.opts.endpoints.len());
     let mut backoff = Backoff::default();
     loop {
@@ -263,26 +278,34 @@ fn describe(status: &Status) -> String {
     ballast_api::errors::with_sources(head, std::error::Error::source(status))
 }
 
-/// The jittered exponential backoff between attempts (module docs).
-struct Backoff {
+/// The jittered exponential backoff between attempts (module docs): "equal jitter", each
+/// delay in [d/2, d] for a step d doubling from `base` to `max`. Also the identity
+/// client's, with its own bounds.
+pub(crate) struct Backoff {
     next: Duration,
+    base: Duration,
+    max: Duration,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self { next: BACKOFF_BASE }
+        Self::new(BACKOFF_BASE, BACKOFF_MAX)
     }
 }
 
 impl Backoff {
-    fn reset(&mut self) {
-        self.next = BACKOFF_BASE;
+    pub(crate) fn new(base: Duration, max: Duration) -> Self {
+        Self { next: base, base, max }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = self.base;
     }
 
     /// The delay before the next attempt, in [d/2, d] for the current step d.
-    fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let delay = self.next.mul_f64(rand::random_range(0.5..=1.0));
-        self.next = (self.next * 2).min(BACKOFF_MAX);
+        self.next = (self.next * 2).min(self.max);
         delay
     }
 }
@@ -301,6 +324,7 @@ struct Applied {
 
 struct Client {
     opts: ControlOptions,
+    identity: Option<Arc<MeshIdentity>>,
     store: Arc<ConfigStore>,
     metrics: Metrics,
     shutdown: Shutdown,
@@ -334,15 +358,27 @@ impl Client {
     /// One stream to `endpoint`, until it fails (`Err`) or the drain starts (`Ok`).
     /// `delivered` is set once the stream delivered a snapshot.
     async fn session(&mut self, endpoint: &str, delivered: &mut bool) -> Result<(), StreamError> {
-        let channel = Endpoint::from_shared(endpoint.to_owned())
+        let uri = if self.identity.is_some() { for_connector(endpoint) } else { endpoint.to_owned() };
+        let channel = Endpoint::from_shared(uri)
             .map_err(|e| StreamError::Url(endpoint.to_owned(), ballast_api::errors::chain(&e)))?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
+        let connect = async {
+            match &self.identity {
+                // Over TLS, presenting the workload certificate.
+                Some(identity) => {
+                    channel
+                        .connect_with_connector(TlsConnector { config: identity.tls.control_plane.clone() })
+                        .await
+                }
+                None => channel.connect().await,
+            }
+        };
         let channel = tokio::select! {
             _ = self.shutdown.signaled() => return Ok(()),
-            c = channel.connect() => c.map_err(|e| StreamError::Connect(ballast_api::errors::chain(&e)))?,
+            c = connect => c.map_err(|e| StreamError::Connect(ballast_api::errors::chain(&e)))?,
         };
         let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
         // The outbound half: Hello first, then an Ack or Nack per update. Unbounded, as
@@ -642,7 +678,7 @@ mod tests {
             ports: vec![8080],
             calls: vec!["catalog.shop".into()],
         };
-        let task = tokio::spawn(run(opts, store.clone(), metrics.clone(), shutdown.clone()));
+        let task = tokio::spawn(run(opts, None, store.clone(), metrics.clone(), shutdown.clone()));
         Sidecar { store, metrics, shutdown, task }
     }
 
@@ -902,9 +938,8 @@ mod tests {
     fn checks_urls_and_defaults_the_advertised_address() {
         assert_eq!(parse_url("http://127.0.0.1:8086").unwrap(), "http://127.0.0.1:8086");
         assert!(parse_url("http://control-plane.ballast:8086/").is_ok());
-        for bad in
-            ["127.0.0.1:8086", "ftp://x:1", "https://x:8086", "http://x:8086/v1", "http://", "not a url"]
-        {
+        assert!(parse_url("https://ballast-control-plane.ballast-system.svc:8086").is_ok());
+        for bad in ["127.0.0.1:8086", "ftp://x:1", "http://x:8086/v1", "http://", "not a url"] {
             assert!(parse_url(bad).unwrap_err().contains(&format!("{bad:?}")), "{bad}");
         }
         let inbound: SocketAddr = "0.0.0.0:4143".parse().unwrap();

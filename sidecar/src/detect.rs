@@ -179,6 +179,10 @@ impl<T> PrefixedIo<T> {
     pub fn prefix(&self) -> &[u8] {
         &self.prefix
     }
+    /// The bytes not yet read again, and the connection.
+    pub fn into_parts(self) -> (Bytes, T) {
+        (self.prefix, self.io)
+    }
 }
 
 impl<T: AsyncRead> AsyncRead for PrefixedIo<T> {

@@ -14,6 +14,7 @@
 //! * [`metrics`], [`admin`], [`drain`], [`rejection`]: telemetry, the admin API, graceful
 //!   shutdown, and the responses the mesh makes itself.
 //! * [`resilience`]: the policy's layers (rate limit, bulkhead, timeout, faults).
+//! * [`identity`]: this sidecar's workload certificate and mesh mutual TLS.
 //! * [`init`]: the iptables rules of the init container.
 
 pub mod admin;
@@ -23,6 +24,7 @@ pub mod client;
 pub mod control;
 pub mod detect;
 pub mod drain;
+pub mod identity;
 pub mod init;
 pub mod metrics;
 pub mod orig_dst;

@@ -96,6 +96,66 @@ struct RunArgs {
     /// wake-ups, the cheapest way to serve a pod with one core or less.
     #[arg(long, env = "BALLAST_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: Option<u16>,
+    /// The mesh's trust anchors (its CA certificate), PEM text or a file: turns on
+    /// workload identity and mutual TLS between sidecars. The control plane then issues
+    /// this sidecar's certificate and must be given as https://.
+    #[arg(long, env = "BALLAST_IDENTITY_TRUST_ANCHORS", value_name = "PEM|FILE")]
+    identity_trust_anchors: Option<String>,
+    /// The token proving this pod's service account, re-read at each renewal. Default
+    /// in Kubernetes: the injector's projected token.
+    #[arg(long, env = "BALLAST_IDENTITY_TOKEN_FILE", value_name = "FILE", conflicts_with = "identity_token")]
+    identity_token_file: Option<PathBuf>,
+    /// A bootstrap token (`ballastctl token create`), outside Kubernetes.
+    #[arg(long, env = "BALLAST_IDENTITY_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    identity_token: Option<String>,
+    /// This pod's service account: its identity is spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/NAME.
+    /// Default: env POD_SERVICE_ACCOUNT (set by the injector), else `default`.
+    #[arg(long, env = "BALLAST_SERVICE_ACCOUNT", value_name = "NAME")]
+    service_account: Option<String>,
+}
+
+/// The identity options from the flags; `None` when identity is off.
+fn identity_options(a: &RunArgs) -> Result<Option<ballast_sidecar::identity::IdentityOptions>, String> {
+    use ballast_sidecar::identity::{IdentityOptions, TokenSource};
+    let https = a.control_plane.iter().filter(|u| u.starts_with("https://")).count();
+    let Some(anchors) = &a.identity_trust_anchors else {
+        if https > 0 {
+            return Err("an https:// control plane needs --identity-trust-anchors to verify it".into());
+        }
+        return Ok(None);
+    };
+    if https != a.control_plane.len() {
+        return Err("with --identity-trust-anchors the control plane serves TLS: give --control-plane https://HOST:8086".into());
+    }
+    let trust_anchors_pem = if anchors.trim_start().starts_with("-----BEGIN") {
+        anchors.clone()
+    } else {
+        std::fs::read_to_string(anchors).map_err(|e| {
+            format!("--identity-trust-anchors: cannot read {anchors:?}: {e} (give PEM text or a file)")
+        })?
+    };
+    let token = match (&a.identity_token_file, &a.identity_token) {
+        (Some(path), _) => TokenSource::File(path.clone()),
+        (None, Some(token)) => TokenSource::Literal(token.clone()),
+        (None, None) if std::path::Path::new(ballast_api::identity::TOKEN_PATH).exists() => {
+            TokenSource::File(ballast_api::identity::TOKEN_PATH.into())
+        }
+        (None, None) => {
+            return Err(format!(
+                "identity needs a token proving the service account: --identity-token-file (in Kubernetes, {} from the injector) or --identity-token (ballastctl token create)",
+                ballast_api::identity::TOKEN_PATH
+            ));
+        }
+    };
+    let service_account = a
+        .service_account
+        .clone()
+        .or_else(|| std::env::var("POD_SERVICE_ACCOUNT").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "default".into());
+    if !ballast_api::identity::dns_subdomain(&service_account) {
+        return Err(format!("--service-account: {service_account:?} is not a service account name"));
+    }
+    Ok(Some(IdentityOptions { trust_anchors_pem, token, namespace: a.namespace.clone(), service_account }))
 }
 
 /// Default for `--workers`.
@@ -228,6 +288,13 @@ fn main() -> ExitCode {
                 eprintln!("ballast-sidecar: --pod: {e}");
                 return ExitCode::FAILURE;
             }
+            let identity = match identity_options(&a) {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("ballast-sidecar: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             if a.control_plane.is_empty() && !calls.is_empty() {
                 tracing::warn!("--calls has no effect without --control-plane");
             }
@@ -249,6 +316,7 @@ fn main() -> ExitCode {
                 connect_timeout: a.connect_timeout,
                 egress_dns: a.egress_dns,
                 config_poll: a.config_poll,
+                identity,
             };
             let rt = match runtime(a.workers) {
                 Ok(rt) => rt,

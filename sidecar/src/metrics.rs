@@ -39,6 +39,10 @@ pub struct Inner {
     pub retries_total: IntCounterVec,
     pub retry_budget_exhausted: IntCounterVec,
     pub circuit_state: IntGaugeVec,
+    pub identity_certificate_expiry: IntGauge,
+    pub identity_certify_total: IntCounterVec,
+    pub mesh_tls_handshakes: IntCounterVec,
+    pub inbound_peer_requests: IntCounterVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -153,6 +157,29 @@ impl Metrics {
                 "ballast_circuit_state",
                 "Circuit breaker state per service: 0 closed, 1 open, 2 half-open.",
                 &["service"],
+            ),
+            identity_certificate_expiry: reg(
+                &registry,
+                IntGauge::new(
+                    "ballast_identity_certificate_expiry_timestamp_seconds",
+                    "When this sidecar's workload certificate expires (Unix seconds); 0 before the first.",
+                )
+                .expect("valid gauge"),
+            ),
+            identity_certify_total: counter(
+                "ballast_identity_certify_total",
+                "Workload certificate requests to the control plane, by result (issued, failed).",
+                &["result"],
+            ),
+            mesh_tls_handshakes: counter(
+                "ballast_mesh_tls_handshakes_total",
+                "Mesh mutual TLS handshakes, by direction and result (ok, failed).",
+                &["direction", "result"],
+            ),
+            inbound_peer_requests: counter(
+                "ballast_inbound_requests_by_peer_total",
+                "Inbound HTTP requests by the caller's verified identity (SPIFFE ID; empty for plain text) and whether they came over mesh TLS.",
+                &["service", "peer_identity", "tls"],
             ),
             registry,
         };

@@ -16,6 +16,8 @@ pub enum Reason {
     CircuitOpen,
     NoEndpoints,
     Timeout,
+    /// The inbound policy does not admit the caller (`inbound.mtls`, `inbound.allow`).
+    Forbidden,
 }
 
 impl Reason {
@@ -26,6 +28,7 @@ impl Reason {
             Reason::CircuitOpen => "circuit-open",
             Reason::NoEndpoints => "no-endpoints",
             Reason::Timeout => "timeout",
+            Reason::Forbidden => "forbidden",
         }
     }
     pub fn http_status(self) -> StatusCode {
@@ -35,14 +38,17 @@ impl Reason {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Reason::Forbidden => StatusCode::FORBIDDEN,
         }
     }
-    /// gRPC status code (RESOURCE_EXHAUSTED 8, UNAVAILABLE 14, DEADLINE_EXCEEDED 4).
+    /// gRPC status code (RESOURCE_EXHAUSTED 8, UNAVAILABLE 14, DEADLINE_EXCEEDED 4,
+    /// PERMISSION_DENIED 7).
     pub fn grpc_status(self) -> u8 {
         match self {
             Reason::RateLimited | Reason::BulkheadFull => 8,
             Reason::CircuitOpen | Reason::NoEndpoints => 14,
             Reason::Timeout => 4,
+            Reason::Forbidden => 7,
         }
     }
 }

@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use ballast_api::service::{EndpointAddr, Protocol};
 use ballast_api::{Config, ResiliencePolicy, Service};
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, Target};
 use crate::resilience::inbound::InboundLimits;
 use crate::stack::{HttpService, StackContext};
 
@@ -38,30 +38,38 @@ enum Stacks {
 
 struct PerPort {
     ctx: Arc<StackContext>,
-    endpoints: Mutex<Vec<(EndpointAddr, u32)>>,
+    endpoints: Mutex<Vec<Parsed>>,
     why_empty: String,
     by_port: Mutex<HashMap<u16, (HttpService, Balancer)>>,
 }
 
-/// The endpoints as (address, weight), bare IPs taking `port`.
-fn at_port(endpoints: &[(EndpointAddr, u32)], port: u16) -> Vec<(SocketAddr, u32)> {
-    endpoints.iter().map(|&(a, w)| (a.with_default_port(port), w)).collect()
+/// An endpoint as configured: its address (maybe a bare IP), weight and identity.
+type Parsed = (EndpointAddr, u32, Option<Arc<str>>);
+
+/// The endpoints, bare IPs taking `port`.
+fn at_port(endpoints: &[Parsed], port: u16) -> Vec<Target> {
+    endpoints
+        .iter()
+        .map(|(a, w, id)| Target { addr: a.with_default_port(port), weight: *w, identity: id.clone() })
+        .collect()
 }
 
 /// Per-port stacks kept per service; requests to further ports get an uncached stack.
 const MAX_PORT_STACKS: usize = 64;
 
-fn parse_endpoints(service: &Service) -> Vec<(EndpointAddr, u32)> {
+fn parse_endpoints(service: &Service) -> Vec<Parsed> {
     service
         .spec
         .endpoints
         .iter()
-        .filter_map(|e| EndpointAddr::parse(&e.address).map(|a| (a, e.weight)))
+        .filter_map(|e| {
+            EndpointAddr::parse(&e.address).map(|a| (a, e.weight, e.identity.as_deref().map(Arc::from)))
+        })
         .collect()
 }
 
-fn all_fixed(endpoints: &[(EndpointAddr, u32)]) -> bool {
-    endpoints.iter().all(|(a, _)| matches!(a, EndpointAddr::Socket(_)))
+fn all_fixed(endpoints: &[Parsed]) -> bool {
+    endpoints.iter().all(|(a, _, _)| matches!(a, EndpointAddr::Socket(_)))
 }
 
 impl ServiceEntry {
@@ -192,6 +200,45 @@ pub struct Snapshot {
     /// The `inbound` limits of the policy targeting this pod's own service, and the
     /// inbound stacks built within them, per app address.
     inbound: Option<(Arc<InboundLimits>, InboundStacks)>,
+    /// Who may call this pod's app (`inbound.mtls`, `inbound.allow`).
+    pub access: Access,
+}
+
+/// `inbound.mtls` and `inbound.allow` of the policy targeting this pod's service.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// Only mesh TLS callers are served.
+    pub strict: bool,
+    /// Empty: everyone the mode admits.
+    pub allow: Vec<ballast_api::identity::IdentityPattern>,
+}
+
+impl Access {
+    fn from_policy(inbound: Option<&ballast_api::policy::Inbound>) -> Self {
+        let Some(i) = inbound else { return Self::default() };
+        Self {
+            strict: i.mtls == Some(ballast_api::policy::MtlsMode::Strict),
+            // Validated on arrival: a pattern that does not parse never gets here.
+            allow: i.allow.iter().filter_map(|p| p.parse().ok()).collect(),
+        }
+    }
+
+    /// Whether a caller with `peer` (None: plain text) may call; `trust_domain` is this
+    /// sidecar's. Err: why not, for the 403's body.
+    pub fn check(
+        &self,
+        peer: Option<&ballast_api::identity::Identity>,
+        trust_domain: Option<&str>,
+    ) -> Result<(), String> {
+        match peer {
+            None if self.strict => Err("this service accepts only mesh mutual TLS (inbound.mtls: strict), and the caller sent plain text".into()),
+            None if !self.allow.is_empty() => Err("this service admits only the identities in inbound.allow, and the caller presented none (plain text)".into()),
+            Some(id) if !self.allow.is_empty() && !self.allow.iter().any(|p| p.matches(id, trust_domain.unwrap_or(&id.trust_domain))) => {
+                Err(format!("{id} is not in this service's inbound.allow"))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Snapshot {
@@ -204,6 +251,7 @@ impl Snapshot {
             by_addr: HashMap::new(),
             by_ip: HashMap::new(),
             inbound: None,
+            access: Access::default(),
         }
     }
 
@@ -241,6 +289,7 @@ impl Snapshot {
         let own_policy = own_service.and_then(|s| config.policy_for(namespace, s)).map(|p| &p.spec);
         let request_timeout =
             own_policy.and_then(|p| p.timeouts.as_ref()).and_then(|t| t.request).map(|d| d.get());
+        snap.access = Access::from_policy(own_policy.and_then(|p| p.inbound.as_ref()));
         let inbound_policy = match own_policy.and_then(|p| p.inbound.clone()) {
             Some(i) => Some(i),
             None => request_timeout.map(|_| Default::default()),

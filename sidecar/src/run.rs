@@ -45,6 +45,8 @@ pub struct RunOptions {
     pub connect_timeout: Duration,
     pub egress_dns: bool,
     pub config_poll: Duration,
+    /// Workload identity and mesh TLS; needs a control plane (`https://`).
+    pub identity: Option<crate::identity::IdentityOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +63,12 @@ pub enum RunError {
     Signals(std::io::Error),
     #[error("cannot start the admin server: {0}")]
     Admin(std::io::Error),
+    #[error("{0}")]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error(
+        "identity (--identity-trust-anchors) needs a control plane to issue certificates: give --control-plane https://HOST:8086"
+    )]
+    IdentityWithoutControlPlane,
 }
 
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
@@ -68,8 +76,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     if use_control_plane && opts.config.is_some() {
         return Err(RunError::TwoSources);
     }
+    if opts.identity.is_some() && !use_control_plane {
+        return Err(RunError::IdentityWithoutControlPlane);
+    }
+    let identity = opts.identity.clone().map(crate::identity::MeshIdentity::new).transpose()?;
     let metrics = Metrics::new();
-    let ctx = StackContext::new(Clients::new(opts.connect_timeout), metrics.clone());
+    let ctx =
+        StackContext::new(Clients::with_identity(opts.connect_timeout, identity.clone()), metrics.clone());
     let store = ConfigStore::new(ctx.clone(), &opts.namespace, opts.service.as_deref());
     let source: Arc<str> = match &opts.config {
         // Nothing is applied until the control plane's first snapshot: until then the
@@ -116,6 +129,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             own_ports,
         },
         shutdown: shutdown.clone(),
+        identity: identity.clone(),
     });
     admin::spawn(
         admin_listener,
@@ -130,6 +144,14 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     tokio::spawn(server::accept_loop(inbound, Direction::Inbound, shared.clone()));
     if let Some(path) = opts.config.clone() {
         tokio::spawn(watch_file(path, store.clone(), metrics.clone(), opts.config_poll, shutdown.clone()));
+    }
+    if let Some(identity) = &identity {
+        tokio::spawn(crate::identity::certify::run(
+            identity.clone(),
+            opts.control_plane.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
     }
     // Started once the inbound listener accepts, since it registers this pod's endpoint.
     let control_task = use_control_plane.then(|| {
@@ -149,7 +171,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             control_plane = %opts.control_plane.join(","), pod = %control.pod, advertise = %address,
             "waiting for the control plane's first configuration"
         );
-        tokio::spawn(control::run(control, store.clone(), metrics.clone(), shutdown.clone()))
+        tokio::spawn(control::run(
+            control,
+            identity.clone(),
+            store.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ))
     });
 
     use tokio::signal::unix::{SignalKind, signal};

@@ -7,13 +7,16 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use ballast_api::service::Protocol as DeclaredProtocol;
 
 use crate::detect::{self, Detection, Protocol};
+use crate::identity::tls::{ALPN_H2, ALPN_HTTP1, ALPN_OPAQUE};
 use crate::metrics::OpenConnection;
-use crate::proxy::{ConnInfo, Shared, http, tcp};
+use crate::proxy::{ConnInfo, MeshPeer, Shared, http, tcp};
+use crate::rejection::Reason;
 use crate::stack::Direction;
 
 /// Accepts until the drain starts; then the listener is dropped, so new connections are
@@ -50,7 +53,7 @@ async fn handle(stream: TcpStream, peer: std::net::SocketAddr, direction: Direct
     let Ok(local) = stream.local_addr() else { return };
     let orig_dst = crate::orig_dst::original_dst(&stream);
     let _open = OpenConnection::new(&shared.metrics, direction.as_str());
-    let conn = ConnInfo { direction, peer, local, orig_dst };
+    let conn = ConnInfo { direction, peer, local, orig_dst, mesh_peer: None };
     let dir = direction.as_str();
     // A port the configuration declares `tcp` is forwarded at once: no detection delay for
     // server-speaks-first protocols, and no chance of HTTP-looking bytes being rewritten.
@@ -84,6 +87,16 @@ async fn handle(stream: TcpStream, peer: std::net::SocketAddr, direction: Direct
         && protocol == Protocol::Http1
         && orig_dst.is_some_and(|dst| shared.store.load().by_original_dst(dst).is_none())
         && detect::is_proxy_request(io.prefix());
+    if direction == Direction::Inbound && protocol == Protocol::Tls {
+        return inbound_tls(io, conn, shared).await;
+    }
+    if direction == Direction::Inbound
+        && protocol == Protocol::Opaque
+        && let Err(why) = shared.store.load().access.check(None, None)
+    {
+        refuse_opaque(&shared, &conn, &why);
+        return;
+    }
     match protocol {
         Protocol::Http1 if own_proxy => tcp::forward(shared, conn, io).await,
         Protocol::Http1 | Protocol::Http2 => serve_http(io, protocol, conn, shared).await,
@@ -91,12 +104,104 @@ async fn handle(stream: TcpStream, peer: std::net::SocketAddr, direction: Direct
     }
 }
 
-async fn serve_http(
-    io: detect::PrefixedIo<TcpStream>,
-    protocol: Protocol,
-    conn: ConnInfo,
-    shared: Arc<Shared>,
-) {
+/// An inbound TLS connection: mesh TLS when its SNI is this sidecar's identity name,
+/// terminated here; else the app's own TLS, passed through (unless the policy refuses
+/// callers without mesh TLS).
+async fn inbound_tls(io: detect::PrefixedIo<TcpStream>, conn: ConnInfo, shared: Arc<Shared>) {
+    let current = shared.identity.as_ref().and_then(|m| m.current().map(|c| (m.clone(), c)));
+    let (io, mesh) = match current {
+        Some((mesh, current)) => {
+            match crate::identity::tls::read_sni(io, shared.settings.detect_timeout).await {
+                Ok((sni, io)) => {
+                    let ours = sni.as_deref() == Some(current.dns_name.as_str());
+                    (io, ours.then_some(mesh))
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, peer = %conn.peer, "connection failed while reading its TLS ClientHello");
+                    return;
+                }
+            }
+        }
+        None => (io, None),
+    };
+    let Some(mesh) = mesh else {
+        if let Err(why) = shared.store.load().access.check(None, None) {
+            refuse_opaque(&shared, &conn, &why);
+            return;
+        }
+        return tcp::forward(shared, conn, io).await;
+    };
+    let handshakes = &shared.metrics.mesh_tls_handshakes;
+    let acceptor = tokio_rustls::TlsAcceptor::from(mesh.tls.server.clone());
+    // The handshake gets the detection timeout too: a client that stalls mid-handshake
+    // holds nothing for long.
+    let tls = match tokio::time::timeout(
+        shared.settings.detect_timeout.max(Duration::from_secs(5)),
+        acceptor.accept(io),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            handshakes.with_label_values(&["inbound", "failed"]).inc();
+            tracing::info!(peer = %conn.peer, error = %e, "mesh TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            handshakes.with_label_values(&["inbound", "failed"]).inc();
+            tracing::info!(peer = %conn.peer, "mesh TLS handshake timed out");
+            return;
+        }
+    };
+    handshakes.with_label_values(&["inbound", "ok"]).inc();
+    let session = tls.get_ref().1;
+    let identity =
+        session.peer_certificates().and_then(|c| c.first()).and_then(crate::identity::peer_identity);
+    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    let Some(identity) = identity else {
+        // The chain verified, so this is a certificate of our CA without a workload
+        // identity (not one the control plane issues to sidecars).
+        tracing::info!(peer = %conn.peer, "mesh TLS client certificate carries no SPIFFE ID; closing");
+        return;
+    };
+    let header = match ::http::HeaderValue::from_str(&identity.to_string()) {
+        Ok(h) => h,
+        Err(_) => return,
+    };
+    let conn = ConnInfo { mesh_peer: Some(Arc::new(MeshPeer { identity, header })), ..conn };
+    tracing::trace!(peer = %conn.peer, identity = ?conn.mesh_peer, "mesh TLS accepted");
+    match alpn.as_deref() {
+        Some(ALPN_H2) => serve_http(tls, Protocol::Http2, conn, shared).await,
+        Some(ALPN_HTTP1) => serve_http(tls, Protocol::Http1, conn, shared).await,
+        Some(ALPN_OPAQUE) => {
+            let peer = conn.mesh_peer.as_ref().map(|p| &p.identity);
+            let trust_domain = mesh.current().map(|c| c.identity.trust_domain.clone());
+            if let Err(why) = shared.store.load().access.check(peer, trust_domain.as_deref()) {
+                refuse_opaque(&shared, &conn, &why);
+                return;
+            }
+            tcp::forward(shared, conn, tls).await
+        }
+        _ => {
+            tracing::info!(peer = %conn.peer, "mesh TLS client negotiated no known protocol (ALPN); closing")
+        }
+    }
+}
+
+/// Closes an inbound non-HTTP connection the policy refuses, counting it as a rejection.
+fn refuse_opaque(shared: &Shared, conn: &ConnInfo, why: &str) {
+    shared
+        .metrics
+        .rejections_total
+        .with_label_values(&["inbound", &shared.settings.inbound_label, Reason::Forbidden.as_str()])
+        .inc();
+    tracing::info!(peer = %conn.peer, reason = %why, "inbound connection refused");
+}
+
+async fn serve_http<T>(io: T, protocol: Protocol, conn: ConnInfo, shared: Arc<Shared>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let conn = Arc::new(conn);
     let svc = {
         let shared = shared.clone();

@@ -31,7 +31,7 @@ use tower::Service;
 
 use ballast_api::policy::PolicySpec;
 
-use crate::balance::{Balancer, BalancerConfig, OutlierConfig};
+use crate::balance::{Balancer, BalancerConfig, OutlierConfig, Target};
 use crate::body::{self, Body, BoxError};
 use crate::client::{Clients, PoolPolicy};
 use crate::metrics::Metrics;
@@ -113,13 +113,13 @@ impl StackContext {
         Arc::new(Self { clients, metrics, endpoint_stacks: Mutex::new(HashMap::new()) })
     }
 
-    /// The stack for a configured service with these endpoints (address, weight), with the
+    /// The stack for a configured service with these endpoints, with the
     /// layers `policy` turns on (see [`crate::resilience`] for their order), and its
     /// balancer, through which the endpoints can change without rebuilding the stack.
     pub fn service_stack(
         &self,
         label: Arc<str>,
-        endpoints: &[(SocketAddr, u32)],
+        endpoints: &[Target],
         why_empty: &str,
         policy: Option<&PolicySpec>,
     ) -> (HttpService, Balancer) {
@@ -181,6 +181,23 @@ impl StackContext {
                 }
             })
         })
+    }
+
+    /// A stack that answers every request with the `reason` rejection, counted in the
+    /// metrics like any other request of `label`.
+    pub fn rejecting_stack(
+        &self,
+        direction: Direction,
+        label: &Arc<str>,
+        reason: rejection::Reason,
+        detail: String,
+    ) -> HttpService {
+        let detail: Arc<str> = detail.into();
+        let inner = HttpService::from_fn(move |req: HttpRequest| {
+            let rsp = rejection::response(reason, rejection::is_grpc(&req), &detail);
+            Box::pin(async move { Ok(rsp) })
+        });
+        RecordMetrics::new(&self.metrics, direction, label.clone(), inner).into_service()
     }
 
     /// The inbound forward to the app at `addr` within the pod's `inbound` limits.

@@ -1,6 +1,8 @@
 //! `ballastctl`: the operator's command line (DESIGN §5).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use ballast_control_plane::ctl::{self, Api, ApplyArgs, DeleteKind, Kind, Output};
 use clap::{Parser, Subcommand};
@@ -11,6 +13,14 @@ struct Cli {
     /// The control plane's admin API.
     #[arg(long, env = "BALLAST_CONTROL_PLANE", default_value = "http://127.0.0.1:9990", global = true)]
     control_plane: String,
+    /// The admin token (a file holding the control plane's --admin-token-file token),
+    /// needed when the control plane runs with workload identity.
+    #[arg(long, env = "BALLAST_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// The mesh's trust anchor (CA certificate, PEM) to verify an https://
+    /// --control-plane with (ConfigMap ballast-trust-anchors, key ca.crt).
+    #[arg(long, env = "BALLAST_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +67,27 @@ enum Command {
     Demo(ballast_control_plane::demo::DemoArgs),
     /// Print the ResiliencePolicy CustomResourceDefinition (YAML) for `kubectl apply -f -`.
     Crd,
+    /// Bootstrap tokens: proof of a service account for sidecars without a Kubernetes
+    /// token (workload identity).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a bootstrap token and print it (shown once; the control plane keeps only
+    /// its hash). A sidecar passes it to get certificates for that service account.
+    Create {
+        #[arg(short = 'n', long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        /// How long the token stays valid (at most 365 days).
+        #[arg(long, default_value = "24h", value_parser = ballast_api::duration::parse_flag)]
+        ttl: Duration,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,7 +108,17 @@ fn main() -> ExitCode {
             }
         };
     }
-    let api = Api::new(&cli.control_plane);
+    if let Command::Crd = cli.command {
+        print!("{}", ctl::crd());
+        return ExitCode::SUCCESS;
+    }
+    let api = match Api::from_files(&cli.control_plane, cli.ca_file.as_deref(), cli.token_file.as_deref()) {
+        Ok(api) => api,
+        Err(e) => {
+            eprintln!("ballastctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = rt.block_on(async {
         match &cli.command {
             Command::Apply { args, output } => ctl::apply(&api, args, *output).await,
@@ -87,6 +128,9 @@ fn main() -> ExitCode {
             Command::Delete { kind, name, namespace } => ctl::delete(&api, *kind, namespace, name).await,
             Command::Describe { name, namespace, output, .. } => {
                 ctl::describe(&api, namespace, name, *output).await
+            }
+            Command::Token(TokenCommand::Create { namespace, service_account, ttl, output }) => {
+                ctl::create_token(&api, namespace, service_account, *ttl, *output).await
             }
             Command::Crd => Ok(ctl::crd()),
             Command::Demo(_) => unreachable!("handled above"),

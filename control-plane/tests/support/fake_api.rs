@@ -211,7 +211,8 @@ impl FakeApi {
         }
     }
 
-    async fn handle(&self, client: &str, req: Request<kube::client::Body>) -> Response<Body> {
+    /// Answers one request as `client` (other fakes route what they do not serve here).
+    pub async fn handle(&self, client: &str, req: Request<kube::client::Body>) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let body = match body.collect().await {
             Ok(b) => b.to_bytes(),

@@ -4,6 +4,7 @@
 
 pub mod etcd;
 pub mod fake_api;
+pub mod identity;
 pub mod promtool;
 
 /// A store for a test, on one backend: the embedded one, or a real etcd started for it

@@ -19,6 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ballast_api::names::{HEADER_ORIG_PROTO, HEADER_PEER_IDENTITY};
 use ballast_api::service::Protocol as DeclaredProtocol;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -30,7 +31,7 @@ use super::{ConnInfo, Shared, tcp};
 use crate::body::{self, Body, BoxError};
 use crate::metrics::{OpenConnection, PASSTHROUGH};
 use crate::outcome::UpstreamFailure;
-use crate::rejection::text_response;
+use crate::rejection::{Reason, text_response};
 use crate::routes::{ServiceEntry, split_host_port};
 use crate::stack::{Direction, HttpRequest, HttpService};
 
@@ -111,8 +112,42 @@ async fn outbound(
 async fn inbound(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
-    req: HttpRequest,
+    mut req: HttpRequest,
 ) -> Result<Response<Body>, BoxError> {
+    // The mesh's own request headers are never taken from a caller: removed from every
+    // request, and set again only from what this connection's handshake proved.
+    let headers = req.headers_mut();
+    headers.remove(HEADER_PEER_IDENTITY);
+    let orig_proto = headers.remove(HEADER_ORIG_PROTO);
+    let label = &shared.settings.inbound_label;
+    let peer = conn.mesh_peer.as_deref();
+    if let Some(peer) = peer {
+        req.headers_mut().insert(HEADER_PEER_IDENTITY, peer.header.clone());
+        // A client sidecar carried an HTTP/1 request over HTTP/2: the app hears HTTP/1.1.
+        if orig_proto.is_some_and(|v| v.as_bytes() == b"HTTP/1.1") && req.version() == Version::HTTP_2 {
+            *req.version_mut() = Version::HTTP_11;
+        }
+    }
+    shared
+        .metrics
+        .inbound_peer_requests
+        .with_label_values(&[
+            label.as_ref(),
+            peer.and_then(|p| p.header.to_str().ok()).unwrap_or(""),
+            if peer.is_some() { "true" } else { "false" },
+        ])
+        .inc();
+    let trust_domain =
+        shared.identity.as_ref().and_then(|m| m.current()).map(|c| c.identity.trust_domain.clone());
+    let denied = { shared.store.load().access.check(peer.map(|p| &p.identity), trust_domain.as_deref()) };
+    if let Err(why) = denied {
+        tracing::info!(peer = %conn.peer, identity = ?peer.map(|p| p.identity.to_string()), reason = %why, "inbound request forbidden");
+        let stack = shared.ctx.rejecting_stack(Direction::Inbound, label, Reason::Forbidden, why);
+        return Ok(stack
+            .call(req)
+            .await
+            .unwrap_or_else(|_| text_response(StatusCode::FORBIDDEN, "ballast: forbidden")));
+    }
     if req.method() == Method::CONNECT {
         return Ok(text_response(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -128,7 +163,6 @@ async fn inbound(
             ),
         ));
     }
-    let label = &shared.settings.inbound_label;
     let limited = { shared.store.load().inbound_stack(&shared.ctx, label, target) };
     let stack = limited.unwrap_or_else(|| shared.ctx.endpoint_stack(Direction::Inbound, label, target));
     let authority = request_authority(&req);

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::drain::Shutdown;
+use crate::identity::MeshIdentity;
 use crate::metrics::Metrics;
 use crate::routes::ConfigStore;
 use crate::stack::{Direction, StackContext};
@@ -34,6 +35,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub settings: Settings,
     pub shutdown: Shutdown,
+    /// This sidecar's workload identity, when the mesh has one (`--identity-trust-anchors`).
+    pub identity: Option<Arc<MeshIdentity>>,
 }
 
 /// What is known of one accepted connection.
@@ -44,6 +47,17 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// Where the client meant to connect, when iptables redirected it here.
     pub orig_dst: Option<SocketAddr>,
+    /// Inbound over mesh TLS: the caller's verified identity. `None`: plain text (or the
+    /// app's own TLS, passed through).
+    pub mesh_peer: Option<Arc<MeshPeer>>,
+}
+
+/// The verified identity of an inbound mesh TLS caller.
+#[derive(Debug)]
+pub struct MeshPeer {
+    pub identity: ballast_api::identity::Identity,
+    /// Its SPIFFE ID, ready for the `ballast-peer-identity` header and metric labels.
+    pub header: ::http::HeaderValue,
 }
 
 impl Shared {

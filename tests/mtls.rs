@@ -183,6 +183,17 @@ fn sidecars_use_mutual_tls_and_the_app_learns_the_verified_caller() {
     assert_eq!(status, 200, "{rsp}");
     assert!(json_body(&rsp).get("ballast-peer-identity").is_none(), "{rsp}");
 
+    // A pod opted out of identity (trust anchors, no token): it verifies the control
+    // plane's TLS and gets its configuration, and calls in plain text.
+    let opted_out = Sidecar::start_meshed(
+        &mesh.url(),
+        &["--namespace", "shop", "--pod", "legacy-1", &format!("--identity-trust-anchors={}", mesh.anchors)],
+    );
+    let (status, rsp) = get(&opted_out, "/headers", "");
+    assert_eq!(status, 200, "{rsp}\n{}\n---\n{}", opted_out.log(), server.log());
+    assert!(json_body(&rsp).get("ballast-peer-identity").is_none(), "{rsp}");
+    assert_eq!(opted_out.metric(r#"ballast_identity_certify_total{result="issued"}"#), 0.0);
+
     // Unmeshed endpoints stay plain and work: a Service whose endpoint is the app itself.
     mesh.put(
         "/ballast/services/shop/ledger",
@@ -218,6 +229,12 @@ fn strict_mode_and_allow_lists_refuse_who_they_must() {
     assert!(out.to_ascii_lowercase().contains("ballast-rejected: forbidden"), "{out}");
     assert!(out.contains("inbound.mtls: strict"), "the body says why: {out}");
     assert_eq!(get(&web, "/name", "").0, 200, "mesh callers still get through");
+    // Opaque TCP (a CONNECT tunnel through the client sidecar) to a meshed endpoint goes
+    // in mesh TLS too (ALPN ballast.io/opaque), so strict mode admits it.
+    let tunnel =
+        run(curl().args(["-sS", "-p", "-x", &format!("http://{}", web.outbound), "http://payments/name"]));
+    assert_eq!(stdout(&tunnel), "payments-app", "{tunnel:?}");
+    assert!(web.metric(r#"ballast_mesh_tls_handshakes_total{direction="outbound",result="ok"}"#) >= 1.0);
     // Raw TCP that is not HTTP is closed, counted as a rejection.
     let before = server
         .metric(r#"ballast_rejections_total{direction="inbound",reason="forbidden",service="payments"}"#);

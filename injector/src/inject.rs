@@ -33,7 +33,9 @@
 //! * **Workload identity** (when [`Config::trust_anchors`] is set and the pod does not say
 //!   `ballast.io/identity: disabled`): the proxy gets the trust anchors and the path of a
 //!   projected service-account token, mounted from the volume `ballast-identity-token`
-//!   into the proxy alone (see [`crate::identity`]). A pod that already has a volume of
+//!   into the proxy alone (see [`crate::identity`]). An opted-out pod's proxy still gets
+//!   the anchors, to verify the control plane's TLS, but no token: no certificate, plain
+//!   text to its peers. A pod that already has a volume of
 //!   that name is skipped like a port clash, with or without identity, so that whether
 //!   a pod is meshed never depends on whether the anchors happen to be loaded.
 
@@ -438,8 +440,13 @@ fn proxy_container(
         env_vars.push(env("BALLAST_LOG", level.clone()));
     }
     let mut volume_mounts = None;
-    if let Some(pem) = anchors {
+    // The anchors go to every proxy when the mesh has them, also to a pod that opted out
+    // of identity: its control plane serves TLS, which the proxy must verify. Without a
+    // token the proxy gets no certificate of its own and speaks plain text to its peers.
+    if let Some(pem) = config.trust_anchors.as_deref() {
         env_vars.push(env(identity::TRUST_ANCHORS_ENV, pem));
+    }
+    if anchors.is_some() {
         env_vars.push(env(identity::TOKEN_FILE_ENV, identity::TOKEN_PATH));
         volume_mounts = Some(vec![VolumeMount {
             name: identity::TOKEN_VOLUME.into(),
@@ -606,10 +613,9 @@ spec:
         let out = apply(&out_pod, &patch);
         assert!(out.spec.as_ref().expect("spec").volumes.is_none());
         let text = serde_json::to_string(&patch).expect("json");
-        assert!(
-            !text.contains(identity::TRUST_ANCHORS_ENV) && !text.contains(identity::TOKEN_VOLUME),
-            "{text}"
-        );
+        assert!(!text.contains(identity::TOKEN_FILE_ENV) && !text.contains(identity::TOKEN_VOLUME), "{text}");
+        // It still verifies the control plane, which serves TLS: the anchors are there.
+        assert!(text.contains(identity::TRUST_ANCHORS_ENV), "{text}");
     }
 
     #[test]

@@ -598,11 +598,13 @@ async fn rotated_trust_anchors_reach_the_next_patch() {
     let (_, body) = curl(s.ca.path(), &url, "application/json", &review("r5", "shop", pod.clone())).await;
     assert_eq!(proxy_env(&body).0.get(identity::TRUST_ANCHORS_ENV), Some(&pem(&ca1)));
 
-    // A pod that opts out: no identity, counted as such, no warning.
+    // A pod that opts out: no identity (no token), counted as such, no warning; the
+    // anchors stay, to verify the control plane's TLS.
     pod["metadata"]["annotations"]["ballast.io/identity"] = json!("disabled");
     let (_, body) = curl(s.ca.path(), &url, "application/json", &review("r6", "shop", pod.clone())).await;
     let (env, v) = proxy_env(&body);
-    assert!(!env.contains_key(identity::TRUST_ANCHORS_ENV));
+    assert!(!env.contains_key(identity::TOKEN_FILE_ENV));
+    assert_eq!(env.get(identity::TRUST_ANCHORS_ENV), Some(&pem(&ca1)));
     assert!(v["response"].get("warnings").is_none(), "{v}");
     let (_, text) = scrape().await;
     assert!(text.contains("reason=\"identity-disabled\"} 1"), "{text}");

@@ -136,7 +136,9 @@ pub fn parse_url(url: &str) -> Result<String, String> {
     match uri.scheme_str() {
         Some("http" | "https") => {}
         _ => {
-            return Err(format!("{url:?} does not start with http:// or https://; expected http://HOST:PORT"));
+            return Err(format!(
+                "{url:?} does not start with http:// or https://; expected http://HOST:PORT"
+            ));
         }
     }
     if uri.authority().is_none_or(|a| a.host().is_empty()) {
@@ -197,7 +199,7 @@ pub async fn run(
         tracing::error!("no control plane endpoint given; the sidecar gets no configuration");
         return;
     }
-    if let Some(identity) = &identity {
+    if let Some(identity) = identity.as_ref().filter(|i| i.has_workload_identity()) {
         // The stream registers this pod as an endpoint callers reach over mesh TLS, and
         // the control plane reads the identity from the certificate the stream presents.
         tracing::info!("waiting for the workload certificate before opening the control plane stream");

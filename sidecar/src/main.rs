@@ -135,16 +135,18 @@ fn identity_options(a: &RunArgs) -> Result<Option<ballast_sidecar::identity::Ide
         })?
     };
     let token = match (&a.identity_token_file, &a.identity_token) {
-        (Some(path), _) => TokenSource::File(path.clone()),
-        (None, Some(token)) => TokenSource::Literal(token.clone()),
+        (Some(path), _) => Some(TokenSource::File(path.clone())),
+        (None, Some(token)) => Some(TokenSource::Literal(token.clone())),
         (None, None) if std::path::Path::new(ballast_api::identity::TOKEN_PATH).exists() => {
-            TokenSource::File(ballast_api::identity::TOKEN_PATH.into())
+            Some(TokenSource::File(ballast_api::identity::TOKEN_PATH.into()))
         }
+        // A pod opted out of identity: the control plane is still verified over TLS.
         (None, None) => {
-            return Err(format!(
-                "identity needs a token proving the service account: --identity-token-file (in Kubernetes, {} from the injector) or --identity-token (ballastctl token create)",
+            tracing::warn!(
+                "no identity token (--identity-token-file, --identity-token, or {}): no workload certificate; only the control plane connection uses TLS",
                 ballast_api::identity::TOKEN_PATH
-            ));
+            );
+            None
         }
     };
     let service_account = a

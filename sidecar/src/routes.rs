@@ -173,14 +173,19 @@ impl ServiceEntry {
             .protocol
     }
 
-    /// An endpoint for an opaque TCP connection to `port`; spreads connections at random.
-    pub fn tcp_endpoint(&self, port: u16) -> Option<SocketAddr> {
+    /// An endpoint for an opaque TCP connection to `port`, with its identity when it is
+    /// meshed; spreads connections at random.
+    pub fn tcp_endpoint(&self, port: u16) -> Option<Target> {
         let eps = &self.service.spec.endpoints;
         if eps.is_empty() {
             return None;
         }
         let pick = &eps[rand::random_range(0..eps.len())];
-        EndpointAddr::parse(&pick.address).map(|a| a.with_default_port(port))
+        EndpointAddr::parse(&pick.address).map(|a| Target {
+            addr: a.with_default_port(port),
+            weight: pick.weight,
+            identity: pick.identity.as_deref().map(Arc::from),
+        })
     }
 }
 
@@ -483,8 +488,8 @@ mod tests {
         assert!(snap.by_original_dst("10.96.0.10:81".parse().unwrap()).is_none());
         let e = snap.by_authority("web").unwrap();
         // A bare-IP endpoint listens on the port the caller asked for.
-        assert_eq!(e.tcp_endpoint(80), Some("127.0.0.1:80".parse().unwrap()));
-        assert_eq!(e.tcp_endpoint(8080), Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(e.tcp_endpoint(80).map(|t| t.addr), Some("127.0.0.1:80".parse().unwrap()));
+        assert_eq!(e.tcp_endpoint(8080).map(|t| t.addr), Some("127.0.0.1:8080".parse().unwrap()));
         assert_eq!(&*e.label, "web.shop");
         // An unchanged service keeps its entry (and so its stacks) across snapshots.
         let again = Snapshot::build(cfg, &ctx, "shop", None, Some(&snap));

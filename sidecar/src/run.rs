@@ -79,7 +79,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     if opts.identity.is_some() && !use_control_plane {
         return Err(RunError::IdentityWithoutControlPlane);
     }
-    let identity = opts.identity.clone().map(crate::identity::MeshIdentity::new).transpose()?;
+    // With trust anchors but no token, only the control plane connection uses TLS: no
+    // certificate of our own, so no mesh TLS either way.
+    let control_tls = opts.identity.clone().map(crate::identity::MeshIdentity::new).transpose()?;
+    let identity = control_tls.clone().filter(|m| m.has_workload_identity());
     let metrics = Metrics::new();
     let ctx =
         StackContext::new(Clients::with_identity(opts.connect_timeout, identity.clone()), metrics.clone());
@@ -173,7 +176,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         );
         tokio::spawn(control::run(
             control,
-            identity.clone(),
+            control_tls.clone(),
             store.clone(),
             metrics.clone(),
             shutdown.clone(),

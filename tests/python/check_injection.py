@@ -10,7 +10,8 @@ Input: a JSON file, a list of {"id", "pod", "patch", "identity"}. For each case:
   cannot say either);
 - workload identity is there exactly when "identity" is true: the trust anchors (PEM)
   and token path in ballast-proxy's environment, and the token path inside a read-only
-  mount of a projected service-account token for the audience "ballast".
+  mount of a projected service-account token for the audience "ballast". Trust anchors
+  without a token (an opted-out pod verifying the control plane) are not identity.
 Prints failures, then one summary JSON line; exits 1 on any failure.
 """
 import json
@@ -50,16 +51,18 @@ def identity_problems(pod):
     for m in mounts:
         if m.get("name") not in volumes:
             problems.append(f"ballast-proxy mounts volume {m.get('name')!r}, which the pod does not have")
-    if anchors is None and token is None:
+    if anchors is not None:
+        # Also without identity (an opted-out pod): the proxy verifies the control plane.
+        pem = anchors.get("value") or ""
+        if not pem.startswith("-----BEGIN CERTIFICATE-----\n") or not pem.endswith("-----END CERTIFICATE-----\n"):
+            problems.append("BALLAST_IDENTITY_TRUST_ANCHORS is not PEM certificates")
+    if token is None:
         if any(m.get("name") == TOKEN_VOLUME for m in mounts):
             problems.append("token volume mounted without identity")
         return problems, False
-    if anchors is None or token is None:
-        problems.append("only one of BALLAST_IDENTITY_TRUST_ANCHORS, BALLAST_IDENTITY_TOKEN_FILE")
+    if anchors is None:
+        problems.append("BALLAST_IDENTITY_TOKEN_FILE without BALLAST_IDENTITY_TRUST_ANCHORS")
         return problems, True
-    pem = anchors.get("value") or ""
-    if not pem.startswith("-----BEGIN CERTIFICATE-----\n") or not pem.endswith("-----END CERTIFICATE-----\n"):
-        problems.append("BALLAST_IDENTITY_TRUST_ANCHORS is not PEM certificates")
     if token.get("value") != TOKEN_PATH:
         problems.append(f"BALLAST_IDENTITY_TOKEN_FILE is {token.get('value')!r}, want {TOKEN_PATH}")
     holding = [m for m in mounts if TOKEN_PATH.startswith(m.get("mountPath", "").rstrip("/") + "/")]

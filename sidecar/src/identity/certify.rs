@@ -94,7 +94,7 @@ pub async fn run(identity: Arc<MeshIdentity>, endpoints: Vec<String>, metrics: M
 /// Returns the installed certificate and when it was received.
 pub async fn certify(identity: &MeshIdentity, url: &str) -> Result<(Current, SystemTime), CertifyError> {
     let opts = &identity.options;
-    let token = opts.token.read()?;
+    let token = opts.token.as_ref().ok_or(super::IdentityError::NoToken)?.read()?;
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&identity.key)
         .map_err(|e| super::IdentityError::Key(e.to_string()))?;

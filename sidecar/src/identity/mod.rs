@@ -62,7 +62,9 @@ impl TokenSource {
 pub struct IdentityOptions {
     /// PEM: the mesh's root certificates.
     pub trust_anchors_pem: String,
-    pub token: TokenSource,
+    /// `None`: no workload identity, only TLS to the control plane (a pod opted out of
+    /// identity in a mesh whose control plane serves TLS).
+    pub token: Option<TokenSource>,
     pub namespace: String,
     pub service_account: String,
 }
@@ -83,6 +85,8 @@ pub enum IdentityError {
     Key(String),
     #[error("cannot build the TLS configuration: {0}")]
     Tls(String),
+    #[error("no identity token: give --identity-token-file or --identity-token")]
+    NoToken,
 }
 
 /// The certificate in use, with what it says.
@@ -138,6 +142,12 @@ impl MeshIdentity {
     /// The identity in use, once the first certificate arrived.
     pub fn current(&self) -> Option<Arc<Current>> {
         self.slot.load()
+    }
+
+    /// Whether this sidecar gets a workload certificate (it has a token), rather than
+    /// only verifying the control plane.
+    pub fn has_workload_identity(&self) -> bool {
+        self.options.token.is_some()
     }
 
     /// Resolves once a certificate is in place.

@@ -286,22 +286,22 @@ async fn connect_tunnel(
     let target = match service_ep {
         Some(t) => t,
         None => match resolve(shared.settings.egress_dns, authority.clone(), 443).await {
-            Ok(t) => t,
+            Ok(t) => crate::balance::Target::plain(t, 1),
             Err(msg) => return Ok(text_response(StatusCode::BAD_GATEWAY, msg)),
         },
     };
-    if shared.is_own_listener(target, &conn) {
+    if shared.is_own_listener(target.addr, &conn) {
         return Ok(text_response(
             StatusCode::LOOP_DETECTED,
             "ballast: CONNECT to this sidecar itself would loop",
         ));
     }
-    let upstream = match tcp::connect(target, shared.settings.connect_timeout).await {
+    let upstream = match tcp::connect_target(&shared, &target).await {
         Ok(s) => s,
         Err(e) => {
             return Ok(text_response(
                 StatusCode::BAD_GATEWAY,
-                format!("ballast: cannot connect to {authority} ({target}): {e}"),
+                format!("ballast: cannot connect to {authority} ({}): {e}", target.addr),
             ));
         }
     };

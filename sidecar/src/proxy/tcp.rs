@@ -10,42 +10,77 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use rustls::pki_types::ServerName;
+
 use super::{ConnInfo, Shared};
+use crate::balance::Target;
+use crate::client::UpstreamStream;
 use crate::metrics::Metrics;
 use crate::stack::Direction;
 
 /// Forwards a connection whose protocol the sidecar does not speak.
 ///
 /// Outbound it goes to an endpoint of the service whose virtual address was dialled, else
-/// to the original destination. A client that used the outbound port directly (no
-/// original destination) and did not speak HTTP has named no destination: it is closed.
+/// to the original destination; a meshed endpoint is reached in mesh TLS (ALPN
+/// `ballast.io/opaque`), so strict servers accept it and the bytes are encrypted. A client
+/// that used the outbound port directly (no original destination) and did not speak HTTP
+/// has named no destination: it is closed.
 pub async fn forward<T>(shared: Arc<Shared>, conn: ConnInfo, downstream: T)
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let target = match conn.direction {
-        Direction::Inbound => Some(shared.app_target(&conn)),
+        Direction::Inbound => Some(Target::plain(shared.app_target(&conn), 1)),
         Direction::Outbound => conn.orig_dst.map(|dst| {
             let snap = shared.store.load();
-            snap.by_original_dst(dst).and_then(|e| e.tcp_endpoint(dst.port())).unwrap_or(dst)
+            snap.by_original_dst(dst)
+                .and_then(|e| e.tcp_endpoint(dst.port()))
+                .unwrap_or_else(|| Target::plain(dst, 1))
         }),
     };
     let Some(target) = target else {
         tracing::debug!(peer = %conn.peer, "opaque connection to the outbound port without an original destination; closing");
         return;
     };
-    if shared.is_own_listener(target, &conn) {
-        tracing::warn!(%target, "refusing to forward a connection to this sidecar's own listener");
+    if shared.is_own_listener(target.addr, &conn) {
+        tracing::warn!(target = %target.addr, "refusing to forward a connection to this sidecar's own listener");
         return;
     }
-    let upstream = match connect(target, shared.settings.connect_timeout).await {
+    let upstream = match connect_target(&shared, &target).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::info!(%target, error = %e, direction = conn.direction.as_str(), "TCP upstream connect failed");
+            tracing::info!(target = %target.addr, error = %e, direction = conn.direction.as_str(), "TCP upstream connect failed");
             return;
         }
     };
     splice(&shared.metrics, conn.direction, downstream, upstream).await;
+}
+
+/// Connects to `target`: in mesh TLS when it has an identity and so does this sidecar,
+/// else in plain TCP.
+pub async fn connect_target(shared: &Shared, target: &Target) -> std::io::Result<UpstreamStream> {
+    let timeout = shared.settings.connect_timeout;
+    let tcp = connect(target.addr, timeout).await?;
+    let (Some(mesh), Some(peer)) = (&shared.identity, &target.identity) else {
+        return Ok(UpstreamStream::Plain(tcp));
+    };
+    let name = peer
+        .parse::<ballast_api::identity::Identity>()
+        .ok()
+        .and_then(|id| ServerName::try_from(id.dns_name()).ok())
+        .ok_or_else(|| std::io::Error::other(format!("endpoint identity {peer:?} is not a SPIFFE ID")))?;
+    let handshake = tokio_rustls::TlsConnector::from(mesh.tls.client_opaque.clone()).connect(name, tcp);
+    let result = tokio::time::timeout(timeout, handshake).await.unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("mesh TLS handshake timed out after {timeout:?}"),
+        ))
+    });
+    let outcome = if result.is_ok() { "ok" } else { "failed" };
+    shared.metrics.mesh_tls_handshakes.with_label_values(&["outbound", outcome]).inc();
+    result
+        .map(|tls| UpstreamStream::Tls(Box::new(tls)))
+        .map_err(|e| std::io::Error::other(format!("mesh TLS with {} (expecting {peer}): {e}", target.addr)))
 }
 
 pub async fn connect(target: SocketAddr, timeout: std::time::Duration) -> std::io::Result<TcpStream> {

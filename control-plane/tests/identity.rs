@@ -13,6 +13,7 @@
 //! endpoint, one without carries none; plain text cannot reach the TLS port; the admin
 //! API wants the token except on `/metrics`; replicas on one store share the generated CA.
 
+#[macro_use]
 mod support;
 
 use std::sync::Arc;
@@ -86,28 +87,6 @@ fn verify(chain: &[Vec<u8>], anchor: &[u8], dns_name: &str) {
         .build()
         .expect("verifier");
     client.verify_client_cert(&leaf, &rest, UnixTime::now()).expect("verifies as a client certificate");
-}
-
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(super::Backend::memory().await.store).await;
-                }
-            )*
-        }
-        mod etcd {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let backend = super::Backend::etcd().await;
-                    super::$name(backend.store.clone()).await;
-                }
-            )*
-        }
-    };
 }
 
 on_both_stores!(a_bootstrap_token_buys_a_certificate_for_exactly_its_identity);

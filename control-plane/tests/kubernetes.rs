@@ -10,6 +10,7 @@
 //! EndpointSlice name it; one writer among two replicas, and the other taking over;
 //! `/ready`, `/metrics` (promtool) and the admin API with `--kubernetes`.
 
+#[macro_use]
 mod support;
 
 use std::collections::BTreeMap;
@@ -31,29 +32,6 @@ use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
-
-/// Each test once on the embedded store and once on a real etcd.
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(super::Backend::memory().await.store).await;
-                }
-            )*
-        }
-        mod etcd {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let backend = super::Backend::etcd().await;
-                    super::$name(backend.store.clone()).await;
-                }
-            )*
-        }
-    };
-}
 
 on_both_stores!(policies_follow_their_resources, services_and_endpoint_slices_are_mirrored);
 

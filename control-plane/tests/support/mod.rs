@@ -27,3 +27,28 @@ impl Backend {
         Self { store, _etcd: Some(server) }
     }
 }
+
+/// Each test once on the embedded store and once on a real etcd ([`Backend`]); the
+/// test file needs `Backend` in scope (`use support::Backend`).
+#[allow(unused_macros)]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Backend::memory().await.store).await;
+                }
+            )*
+        }
+        mod etcd {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let backend = super::Backend::etcd().await;
+                    super::$name(backend.store.clone()).await;
+                }
+            )*
+        }
+    };
+}

@@ -1,5 +1,6 @@
 //! `ballastctl demo` end to end: the real binary with its control plane, sample services
-//! and sidecar processes, run for 12 s as a user would (stdin closed).
+//! and sidecar processes, run as a user would (stdin closed): for 12 s with workload
+//! identity and mutual TLS (the default), and briefly with `--no-mtls`.
 
 mod support;
 
@@ -9,13 +10,17 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// Generous: the run is 12 s, start-up and shutdown take about a second.
+/// Generous: the longest run is 12 s, start-up and shutdown take about a second.
 const WITHIN: Duration = Duration::from_secs(90);
+
+/// The part of the output from the final table on.
+fn final_part<'a>(out: &'a str) -> &'a str {
+    out.split("== final").nth(1).unwrap_or_else(|| panic!("no final table:\n{out}"))
+}
 
 /// The success rate (percent) of one row of the final table, e.g. `payments mesh`.
 fn final_success(out: &str, service: &str, path: &str) -> f64 {
-    let table = out.split("== final").nth(1).unwrap_or_else(|| panic!("no final table:\n{out}"));
-    let row = table
+    let row = final_part(out)
         .lines()
         .find(|l| {
             let mut cells = l.split_whitespace();
@@ -29,15 +34,49 @@ fn final_success(out: &str, service: &str, path: &str) -> f64 {
         .unwrap_or_else(|| panic!("no success rate in {row:?}"))
 }
 
+/// The final share of the services' inbound requests that came over mutual TLS
+/// (percent), and how many did.
+fn final_mtls(out: &str) -> (f64, f64) {
+    let line = final_part(out)
+        .lines()
+        .find(|l| l.starts_with("mTLS: "))
+        .unwrap_or_else(|| panic!("no mTLS line after the final table:\n{out}"));
+    let pct = line
+        .strip_prefix("mTLS: ")
+        .and_then(|r| r.split('%').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no share in {line:?}"));
+    let n = line
+        .split('(')
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line:?}"));
+    (pct, n)
+}
+
+/// The requests of one row of the final "who called whom" table.
+fn calls(out: &str, service: &str, caller: &str, over: &str) -> Option<f64> {
+    let table = out.split("Who called whom").nth(1)?;
+    table.lines().find_map(|l| {
+        // service, the caller (which may contain spaces), over, requests.
+        let cells: Vec<&str> = l.split_whitespace().collect();
+        let [s, middle @ .., o, n] = &cells[..] else { return None };
+        (*s == service && middle.join(" ") == caller && *o == over).then(|| n.parse().ok())?
+    })
+}
+
 /// Whether `pid` is still a ballast-sidecar (a reused pid running something else is not).
 fn is_sidecar(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "ballast-sidecar")
 }
 
-#[test]
-fn demo_shows_the_control_plane_retries_and_a_circuit_opening_and_closing() {
+/// Runs `ballastctl demo ARGS` to its end; its stdout, and stdout with stderr for
+/// messages. Checks that it succeeded and that no sidecar outlives it.
+fn run_demo(args: &[&str]) -> (String, String) {
     let mut child = Command::new(binary("ballastctl"))
-        .args(["demo", "--duration", "12s", "--report-every", "4"])
+        .arg("demo")
+        .args(args)
         .arg("--sidecar-bin")
         .arg(binary("ballast-sidecar"))
         .stdin(Stdio::null())
@@ -97,13 +136,39 @@ fn demo_shows_the_control_plane_retries_and_a_circuit_opening_and_closing() {
         assert!(synced.contains(&pod), "{pod} is SYNCED in the proxies table:\n{all}");
     }
     assert!(out.contains("acked by 5 sidecar(s)"), "the policies reached every sidecar:\n{all}");
-
-    // The side-by-side table, and what the mesh changes for the flaky service.
     for (service, path) in
         [("catalog", "direct"), ("catalog", "mesh"), ("payments", "direct"), ("payments", "mesh")]
     {
         final_success(&out, service, path);
     }
+    (out, all)
+}
+
+#[test]
+fn demo_shows_the_control_plane_retries_a_circuit_and_mutual_tls() {
+    let (out, all) = run_demo(&["--duration", "12s", "--report-every", "4"]);
+
+    // Identity: the control plane recorded each sidecar's SPIFFE ID (from its client
+    // certificate), and each sidecar holds a certificate.
+    let td = "spiffe://cluster.local/ns/demo/sa";
+    for (pod, account) in [
+        ("catalog-1", "catalog"),
+        ("catalog-2", "catalog"),
+        ("client", "client"),
+        ("payments-1", "payments"),
+        ("payments-2", "payments"),
+    ] {
+        let id = format!("{td}/{account}");
+        assert!(
+            out.lines().any(|l| l.starts_with("demo ")
+                && l.split_whitespace().nth(1) == Some(pod)
+                && l.split_whitespace().any(|c| c == id)),
+            "{pod} has identity {id} in the proxies table:\n{all}"
+        );
+    }
+    assert!(out.contains("5 of 5 sidecars hold a certificate."), "{all}");
+
+    // The side-by-side table, and what the mesh changes for the flaky service.
     let (direct, mesh) = (final_success(&out, "payments", "direct"), final_success(&out, "payments", "mesh"));
     assert!(
         mesh > direct,
@@ -124,4 +189,46 @@ fn demo_shows_the_control_plane_retries_and_a_circuit_opening_and_closing() {
         .unwrap_or_else(|| panic!("the circuit never closed:\n{all}"));
     assert!(outage < opened && opened < closed && closed < rejected, "in order:\n{all}");
     assert!(line("catalog is back").is_some_and(|back| back > outage), "the outage ends:\n{all}");
+
+    // Mutual TLS: the services' sidecars saw the client's verified identity on (nearly)
+    // every request; the only plain-text one is the lockdown's probe.
+    let (pct, mtls) = final_mtls(&out);
+    assert!(mtls > 0.0 && pct > 99.0, "requests over mutual TLS: {mtls} ({pct}%)\n{all}");
+    for service in ["catalog", "payments"] {
+        let n = calls(&out, service, &format!("{td}/client"), "mTLS").unwrap_or(0.0);
+        assert!(n > 0.0, "the client called {service} over mTLS:\n{all}");
+    }
+
+    // The lockdown: a plain-text caller and a mesh workload outside the allow list get
+    // 403 forbidden, while the client's traffic keeps going through.
+    let lockdown = line("LOCKDOWN").unwrap_or_else(|| panic!("no lockdown:\n{all}"));
+    assert!(lockdown > outage, "after the outage:\n{all}");
+    let refused = |who: &str| {
+        out.lines().position(|l| l.contains(who) && l.ends_with(": 403 (ballast-rejected: forbidden)"))
+    };
+    let plain = refused("a caller outside the mesh (plain text").unwrap_or_else(|| panic!("{all}"));
+    let catalog = refused("catalog-1's sidecar (demo/catalog").unwrap_or_else(|| panic!("{all}"));
+    assert!(lockdown < plain && lockdown < catalog, "{all}");
+    assert!(out.contains("inbound.mtls: strict"), "the refusal says why:\n{all}");
+    assert!(out.contains(&format!("{td}/catalog is not in this service's inbound.allow")), "{all}");
+    assert!(calls(&out, "payments", "(none: plain text)", "plain").is_some_and(|n| n >= 1.0), "{all}");
+    assert!(calls(&out, "payments", &format!("{td}/catalog"), "mTLS").is_some_and(|n| n >= 1.0), "{all}");
+    // A lockdown that also refused the client would cost payments a quarter of the run.
+    assert!(mesh >= 90.0, "the client still gets through after the lockdown: {mesh}%\n{all}");
+}
+
+#[test]
+fn demo_without_mtls_runs_in_plain_text() {
+    let (out, all) = run_demo(&["--duration", "5s", "--report-every", "2", "--no-mtls"]);
+    assert!(out.contains("in plain text (--no-mtls)"), "{all}");
+    assert!(out.contains("Workload identity is off (--no-mtls)"), "{all}");
+    assert!(out.contains("push http://") && out.contains("admin API http://"), "{all}");
+    assert!(!out.contains("spiffe://"), "no identities without mTLS:\n{all}");
+    assert!(!out.contains("LOCKDOWN"), "no lockdown without mTLS:\n{all}");
+    let (pct, mtls) = final_mtls(&out);
+    assert_eq!((pct, mtls), (0.0, 0.0), "{all}");
+    for service in ["catalog", "payments"] {
+        let n = calls(&out, service, "(none: plain text)", "plain").unwrap_or(0.0);
+        assert!(n > 0.0, "{service} was called in plain text:\n{all}");
+    }
 }

@@ -3,13 +3,20 @@
 //!
 //! What runs:
 //! * a control plane in this process, on the embedded store, serving the push stream
-//!   and the admin API on loopback ports;
+//!   and the admin API on loopback ports; with workload identity on (the default, off
+//!   with `--no-mtls`), both over TLS, with a CA generated into the store, the admin API
+//!   behind a random admin token, and `Identity/Certify` next to the push stream;
 //! * sample services, also in this process: `catalog`, two healthy replicas, and
 //!   `payments`, two replicas that each fail 20% of requests with a 503 and answer 10%
 //!   after 300 ms;
 //! * one real `ballast-sidecar` process per replica, started with `--control-plane` and
 //!   `--service`, so the control plane registers it as an endpoint of its service, and
-//!   one for the demo's own traffic (`client`, no `--service`);
+//!   one for the demo's own traffic (`client`, no `--service`). With identity each runs
+//!   as a service account (`catalog`, `payments`, `client`: one per service, as a
+//!   Deployment's pods share theirs) with a bootstrap token of its own, as a sidecar
+//!   outside Kubernetes joins a mesh; it is ready once it holds its certificate, and the
+//!   control plane registers its endpoint as meshed, so that the client sidecar calls
+//!   the replicas' sidecars over mutual TLS;
 //! * policies applied through the admin API, as `ballastctl apply --wait` does: for
 //!   `payments` a per-try timeout, retries with a budget and a circuit breaker that
 //!   opens only on a failure rate of 50%; for `catalog` a circuit breaker that opens
@@ -33,6 +40,16 @@
 //! at once, without loading `catalog` while it is down, which the demo shows by counting
 //! the requests each path delivered to the replicas meanwhile.
 //!
+//! What identity changes is shown from both ends: at start, each sidecar's SPIFFE ID as
+//! the control plane recorded it and the certificate the sidecar holds; with every
+//! report, the share of the requests the services' sidecars received over mutual TLS
+//! and who called whom, as they verified it (`ballast_inbound_requests_by_peer_total`).
+//! At three quarters of the run (without `--duration`, at 25 s) `payments` is locked
+//! down (`inbound: {mtls: strict, allow: [demo/client]}`): a plain-text caller and
+//! catalog's sidecar, a mesh workload with a certificate but not on the list, get 403
+//! `ballast-rejected: forbidden`, while the client's traffic goes on. The "direct" path
+//! is not affected: it reaches the apps without a sidecar, as the demo's baseline.
+//!
 //! Stopping (after `--duration`, or on Ctrl-C or SIGTERM) sends SIGTERM to every sidecar
 //! and waits for it (SIGKILL after 5 s), then stops the control plane. The sidecars run
 //! in their own process group, so a Ctrl-C in the terminal reaches only the demo, which
@@ -49,6 +66,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ballast_api::identity::Identity;
 use bytes::Bytes;
 use http::Method;
 use http_body_util::{BodyExt, Empty, Full};
@@ -59,6 +77,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::ctl::{self, Api, ApplyArgs, CtlError, Kind, Output};
+use crate::identity::IdentityOptions;
+use crate::identity::tokens::TokenError;
+use crate::keys::Keys;
 use crate::server::{ControlPlane, Options, ServeError};
 use crate::store::Store;
 
@@ -76,6 +97,16 @@ pub struct DemoArgs {
     /// Seconds between reports.
     #[arg(long, default_value_t = 5)]
     pub report_every: u64,
+    /// Run in plain text, without workload identity or mutual TLS.
+    ///
+    /// By default the demo's control plane has a CA (generated, in its in-memory store)
+    /// and serves TLS; each sidecar proves its service account (catalog, payments,
+    /// client) with a bootstrap token, gets a certificate, and the sidecars call each
+    /// other over mutual TLS; partway through, payments is locked down to mutual TLS from
+    /// the client only. With --no-mtls: no CA, no certificates, plain text between the
+    /// sidecars and to the control plane, and no lockdown.
+    #[arg(long)]
+    pub no_mtls: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +123,8 @@ pub enum DemoError {
     ControlPlane(#[from] ServeError),
     #[error("applying the demo's policies: {0}")]
     Apply(#[from] CtlError),
+    #[error("cannot create a sidecar's bootstrap token: {0}")]
+    Token(#[from] TokenError),
     #[error("interrupted before the traffic started")]
     Interrupted,
     #[error("I/O: {0}")]
@@ -148,6 +181,15 @@ metadata: {name: catalog, namespace: demo}
 spec:
   targetRef: {service: catalog}
   circuitBreaker: {consecutiveFailures: 5, openFor: 1s, maxOpenFor: 2s}
+";
+
+/// The lockdown, appended to [`PAYMENTS_POLICY`] (the rest of which stays): `payments`
+/// takes only mutual TLS, and of the mesh's identities only the demo's client. Callers
+/// outside the mesh (plain text) and other workloads (`catalog`, whose sidecar has a
+/// certificate too) get 403 from the payments sidecars.
+const PAYMENTS_LOCKDOWN: &str = "  inbound:
+    mtls: strict
+    allow: [demo/client]
 ";
 
 /// How a sample replica answers.
@@ -313,32 +355,83 @@ impl Proc {
     }
 }
 
+/// How the demo's sidecars join a control plane with workload identity: as a sidecar
+/// outside Kubernetes does, with the mesh's trust anchors and a bootstrap token for its
+/// service account (`ballastctl token create`), both in files of the demo's directory.
+struct Enrolment {
+    /// The control plane's store and keys: the tokens are created there directly, as
+    /// `POST /api/v1/tokens` would.
+    store: Store,
+    keys: Keys,
+    /// The trust anchors (the CA certificate, PEM), in a file: given inline, a PEM would
+    /// read as a flag.
+    anchors: PathBuf,
+}
+
+/// A bootstrap token's lifetime. The store is in memory and ends with the demo, so no
+/// token outlives it; the longest lifetime lets a demo left running for days renew its
+/// certificates (every 16 h) with the token it started with.
+const TOKEN_TTL: Duration = crate::identity::tokens::MAX_TTL;
+
 /// The demo's sidecar processes. Dropping it stops and reaps every one still running, so
 /// an early return leaves none behind.
 struct Sidecars {
     bin: PathBuf,
-    grpc: SocketAddr,
+    /// The control plane's gRPC URL (https:// with identity).
+    control_plane: String,
     dir: tempfile::TempDir,
+    /// With identity (the default; `None` with `--no-mtls`).
+    enrolment: Option<Enrolment>,
     procs: Vec<Proc>,
 }
 
 impl Sidecars {
-    fn new(bin: PathBuf, grpc: SocketAddr) -> std::io::Result<Self> {
+    /// Sidecars of the control plane `cp`; with identity on there, each gets a certificate.
+    fn new(bin: PathBuf, cp: &ControlPlane, keys: Keys) -> std::io::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("ballast-demo").tempdir()?;
+        let enrolment = match cp.trust_anchors_pem() {
+            Some(pem) => {
+                let anchors = dir.path().join("ca.crt");
+                std::fs::write(&anchors, pem)?;
+                Some(Enrolment { store: cp.store.clone(), keys, anchors })
+            }
+            None => None,
+        };
         Ok(Self {
             bin,
-            grpc,
-            dir: tempfile::Builder::new().prefix("ballast-demo").tempdir()?,
+            control_plane: format!("{}://{}", cp.scheme(), cp.grpc_addr),
+            dir,
+            enrolment,
             procs: Vec::new(),
         })
     }
 
-    /// Starts a sidecar named `pod` (registered for `service`, forwarding to `app`, when
-    /// given) and waits until it is ready. A port taken between choosing and binding it
-    /// is retried with fresh ports.
-    async fn start(&mut self, pod: &str, service: Option<(&str, SocketAddr)>) -> Result<usize, DemoError> {
+    /// Starts a sidecar named `pod` of service account `account` (registered for
+    /// `service`, forwarding to `app`, when given) and waits until it is ready: with
+    /// identity, once it holds its certificate. A port taken between choosing and binding
+    /// it is retried with fresh ports.
+    async fn start(
+        &mut self,
+        pod: &str,
+        account: &str,
+        service: Option<(&str, SocketAddr)>,
+    ) -> Result<usize, DemoError> {
+        // One token per sidecar, as each pod would get its own.
+        let token = match &self.enrolment {
+            Some(e) => {
+                let token =
+                    crate::identity::create_bootstrap_token(&e.store, &e.keys, NAMESPACE, account, TOKEN_TTL)
+                        .await?;
+                let file = self.dir.path().join(format!("{pod}.token"));
+                std::fs::write(&file, token)?;
+                Some(file)
+            }
+            None => None,
+        };
+        let identity = token.as_deref().map(|t| (account, t));
         let mut attempt = 1;
         loop {
-            let i = self.spawn(pod, service)?;
+            let i = self.spawn(pod, service, identity)?;
             match self.ready(i).await {
                 Ok(()) => return Ok(i),
                 Err(log) if attempt < 3 && log.contains("Address already in use") => attempt += 1,
@@ -362,12 +455,18 @@ impl Sidecars {
         }
     }
 
-    fn spawn(&mut self, pod: &str, service: Option<(&str, SocketAddr)>) -> Result<usize, DemoError> {
+    /// Spawns a sidecar; `identity`: its service account and token file.
+    fn spawn(
+        &mut self,
+        pod: &str,
+        service: Option<(&str, SocketAddr)>,
+        identity: Option<(&str, &std::path::Path)>,
+    ) -> Result<usize, DemoError> {
         let (outbound, inbound, admin) = (loopback_port()?, loopback_port()?, loopback_port()?);
         let log = self.dir.path().join(format!("{pod}-{}.log", self.procs.len()));
         let mut cmd = Command::new(&self.bin);
         cmd.arg("run")
-            .args(["--control-plane", &format!("http://{}", self.grpc)])
+            .args(["--control-plane", &self.control_plane])
             .args(["--namespace", NAMESPACE, "--pod", pod])
             .args(["--outbound-addr", &outbound.to_string(), "--inbound-addr", &inbound.to_string()])
             .args(["--admin-addr", &admin.to_string()])
@@ -379,6 +478,13 @@ impl Sidecars {
         if let Some((service, app)) = service {
             cmd.args(["--service", service, "--app-addr", &app.to_string()])
                 .args(["--advertise-addr", &inbound.to_string()]);
+        }
+        if let (Some(e), Some((account, token))) = (&self.enrolment, identity) {
+            cmd.arg("--identity-trust-anchors")
+                .arg(&e.anchors)
+                .arg("--identity-token-file")
+                .arg(token)
+                .args(["--service-account", account]);
         }
         // Its own process group: a Ctrl-C in the terminal goes to the demo alone, which
         // then stops the sidecars after its last report.
@@ -583,6 +689,186 @@ async fn run_outages(outage: Outage, catalog: Vec<App>, started: Instant) {
     }
 }
 
+/// The lockdown step (identity on only): [`PAYMENTS_LOCKDOWN`] is applied while the
+/// traffic runs, and two callers that must now be refused try `payments`.
+#[derive(Clone)]
+struct Lockdown {
+    api: Arc<Api>,
+    /// The payments policy with the lockdown, as a file for `ctl::apply`.
+    file: PathBuf,
+    /// A payments sidecar's inbound listener: where a caller outside the mesh lands
+    /// (in Kubernetes, redirected there by the pod's iptables rules).
+    payments_inbound: SocketAddr,
+    /// catalog-1's sidecar's outbound listener: a workload of the mesh, with its own
+    /// certificate (`demo/catalog`), that the allow list leaves out.
+    catalog_outbound: SocketAddr,
+}
+
+impl Lockdown {
+    /// When it happens: at three quarters of the run, after the catalog outage and its
+    /// breaker have played out; without `--duration`, once, at 25 s.
+    fn at(duration: Option<Duration>) -> Duration {
+        match duration {
+            Some(d) => d * 3 / 4,
+            None => Duration::from_secs(25),
+        }
+    }
+
+    /// Applies the lockdown and shows who is refused, in one print so event lines do not
+    /// split it. The client's traffic goes on meanwhile: the payments mesh row shows it
+    /// still gets through.
+    async fn run(self, at: Duration, started: Instant) {
+        tokio::time::sleep_until((started + at).into()).await;
+        let mut out = format!(
+            "{} LOCKDOWN: payments now takes only mutual TLS, and only from the client:\n",
+            stamp(started)
+        );
+        let args = ApplyArgs { file: self.file.clone(), wait: true, timeout: READY_WITHIN };
+        match ctl::apply(&self.api, &args, Output::Table).await {
+            Ok(applied) => {
+                let _ = writeln!(out, "         $ ballastctl apply -f payments-lockdown.yaml --wait");
+                for line in applied.lines().chain(PAYMENTS_LOCKDOWN.lines()) {
+                    let _ = writeln!(out, "           {line}");
+                }
+            }
+            Err(e) => {
+                println!("{out}         cannot apply it: {e}");
+                return;
+            }
+        }
+        let callers = [
+            ("a caller outside the mesh (plain text to a payments sidecar)", self.payments_inbound),
+            ("catalog-1's sidecar (demo/catalog, over mutual TLS)", self.catalog_outbound),
+        ];
+        for (who, via) in callers {
+            // Every sidecar acked the policy, so the first answer is the new one; a few
+            // tries cover a connection the old policy had admitted.
+            let mut answer = None;
+            for _ in 0..10 {
+                answer = get_payments(via).await;
+                if answer.as_ref().is_some_and(|a| a.status == 403) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            match answer {
+                Some(a) => {
+                    let rejected = a.rejected.as_deref().unwrap_or("-");
+                    let _ = writeln!(
+                        out,
+                        "         {who}: {} (ballast-rejected: {rejected})\n           {}",
+                        a.status, a.body
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "         {who}: no answer");
+                }
+            }
+        }
+        out.push_str(
+            "         The client's requests keep going over mutual TLS: see the payments mesh row.\n",
+        );
+        print!("{out}");
+    }
+}
+
+/// An answer from [`get_payments`].
+struct Answer {
+    status: u16,
+    /// The `ballast-rejected` header: why a sidecar refused.
+    rejected: Option<String>,
+    /// The body's first line.
+    body: String,
+}
+
+/// `GET /charge` for host `payments`, sent to the sidecar listener `via`.
+async fn get_payments(via: SocketAddr) -> Option<Answer> {
+    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = http::Request::get(format!("http://{via}/charge"))
+        .header(http::header::HOST, "payments")
+        .body(Empty::new())
+        .ok()?;
+    let rsp = tokio::time::timeout(Duration::from_secs(2), client.request(req)).await.ok()?.ok()?;
+    let status = rsp.status().as_u16();
+    let rejected = rsp.headers().get("ballast-rejected").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let body = rsp.into_body().collect().await.ok()?.to_bytes();
+    let body = String::from_utf8_lossy(&body).lines().next().unwrap_or_default().to_owned();
+    Some(Answer { status, rejected, body })
+}
+
+/// What the services' sidecars counted of their callers
+/// (`ballast_inbound_requests_by_peer_total`), summed over replicas: requests by service,
+/// the caller's verified identity (empty: none, plain text) and whether it came over
+/// mutual TLS.
+#[derive(Default)]
+struct Peers(BTreeMap<(String, String, bool), f64>);
+
+impl Peers {
+    async fn read(admins: &[SocketAddr]) -> Peers {
+        let mut peers = Peers::default();
+        for &admin in admins {
+            if let Some((200, text)) = admin_call(admin, Method::GET, "/metrics").await {
+                peers.add(&text);
+            }
+        }
+        peers
+    }
+
+    fn add(&mut self, text: &str) {
+        for (l, v) in samples(text, "ballast_inbound_requests_by_peer_total") {
+            let (Some(s), Some(peer), Some(tls)) = (l.get("service"), l.get("peer_identity"), l.get("tls"))
+            else {
+                continue;
+            };
+            *self.0.entry((s.to_string(), peer.to_string(), *tls == "true")).or_default() += v;
+        }
+    }
+
+    /// Requests over mutual TLS, and in all.
+    fn share(&self) -> (f64, f64) {
+        // Folded from 0.0: an empty `sum` of floats is -0.0, printed "-0".
+        let mtls = self.0.iter().filter(|((_, _, tls), _)| *tls).fold(0.0, |a, (_, v)| a + v);
+        (mtls, self.0.values().fold(0.0, |a, v| a + v))
+    }
+
+    /// `demo/client` for a SPIFFE ID, `plain text` for none.
+    fn caller(peer: &str) -> String {
+        match peer.parse::<Identity>() {
+            Ok(id) => format!("{}/{}", id.namespace, id.service_account),
+            Err(_) if peer.is_empty() => "plain text".to_owned(),
+            Err(_) => peer.to_owned(),
+        }
+    }
+
+    /// One line: the share over mutual TLS, and who called whom.
+    fn summary(&self) -> String {
+        let (mtls, total) = self.share();
+        // Rounded down: one plain-text request in thousands must not read as 100%.
+        let pct = if total > 0.0 { (1000.0 * mtls / total).floor() / 10.0 } else { 0.0 };
+        let calls: Vec<String> = self
+            .0
+            .iter()
+            .map(|((service, peer, _), n)| format!("{} -> {service} {n}", Self::caller(peer)))
+            .collect();
+        format!(
+            "mTLS: {pct:.1}% of the {total} requests the services' sidecars received ({mtls} over mutual TLS)\n  \
+             callers: {}\n",
+            if calls.is_empty() { "-".to_owned() } else { calls.join(", ") }
+        )
+    }
+
+    /// Who called whom, a row per service and caller.
+    fn table(&self) -> String {
+        let mut out = format!("  {:<10} {:<44} {:<6} {:>8}\n", "service", "caller", "over", "requests");
+        for ((service, peer, tls), n) in &self.0 {
+            let peer = if peer.is_empty() { "(none: plain text)" } else { peer };
+            let over = if *tls { "mTLS" } else { "plain" };
+            let _ = writeln!(out, "  {service:<10} {peer:<44} {over:<6} {n:>8}");
+        }
+        out
+    }
+}
+
 /// The samples of metric `name` in a Prometheus text exposition: (labels, value).
 fn samples<'a>(text: &'a str, name: &str) -> Vec<(BTreeMap<&'a str, &'a str>, f64)> {
     text.lines()
@@ -759,10 +1045,16 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     let stop = stop_signal()?;
     tokio::pin!(stop);
 
-    let cp = ControlPlane::start_on(Store::memory(), Options::loopback("demo")).await?;
-    let mut sidecars = Sidecars::new(sidecar_bin, cp.grpc_addr)?;
+    // Identity on unless --no-mtls: a CA generated into the (in-memory) store, 24 h
+    // certificates, TLS on both ports and a random admin token, as `IdentityOptions`
+    // defaults to for embedding callers.
+    let opts =
+        Options { identity: (!args.no_mtls).then(IdentityOptions::default), ..Options::loopback("demo") };
+    let keys = Keys::new(&opts.prefix);
+    let cp = ControlPlane::start_on(Store::memory(), opts).await?;
+    let mut sidecars = Sidecars::new(sidecar_bin, &cp, keys)?;
     let result = tokio::select! {
-        r = setup(&mut sidecars, cp.admin_addr) => r,
+        r = setup(&mut sidecars, &cp) => r,
         _ = &mut stop => Err(DemoError::Interrupted),
     };
     if let Ok(mesh) = &result {
@@ -790,12 +1082,25 @@ struct Mesh {
     /// The client sidecar's outbound listener and admin address.
     outbound: SocketAddr,
     client_admin: SocketAddr,
+    /// The services' sidecars' admin addresses: where their callers are counted.
+    servers: Vec<SocketAddr>,
+    /// With identity: the lockdown step's targets.
+    lockdown: Option<Lockdown>,
 }
+
+/// The service accounts: one per service, as pods of one Deployment share theirs, and
+/// one for the demo's own traffic.
+const CLIENT_ACCOUNT: &str = "client";
 
 /// Starts the sample services and their sidecars, applies the policies and waits until
 /// every sidecar has them.
-async fn setup(sidecars: &mut Sidecars, cp_admin: SocketAddr) -> Result<Mesh, DemoError> {
-    let api = Api::new(&format!("http://{cp_admin}"));
+async fn setup(sidecars: &mut Sidecars, cp: &ControlPlane) -> Result<Mesh, DemoError> {
+    let admin_url = format!("{}://{}", cp.scheme(), cp.admin_addr);
+    let api = Arc::new(Api::with_tls(
+        &admin_url,
+        cp.trust_anchors_pem().as_deref(),
+        cp.admin_token().map(str::to_owned),
+    )?);
     let catalog = [spawn_app("catalog-1", HEALTHY).await?, spawn_app("catalog-2", HEALTHY).await?];
     let payments = [spawn_app("payments-1", FLAKY).await?, spawn_app("payments-2", FLAKY).await?];
     let replicas: [(&str, &str, &App); 4] = [
@@ -804,17 +1109,21 @@ async fn setup(sidecars: &mut Sidecars, cp_admin: SocketAddr) -> Result<Mesh, De
         ("payments-1", "payments", &payments[0]),
         ("payments-2", "payments", &payments[1]),
     ];
+    let mut servers = Vec::new();
     for (pod, service, app) in replicas {
-        sidecars.start(pod, Some((service, app.addr))).await?;
+        let i = sidecars.start(pod, service, Some((service, app.addr))).await?;
+        servers.push(sidecars.procs[i].admin);
     }
-    let client = sidecars.start("client", None).await?;
+    let client = sidecars.start("client", CLIENT_ACCOUNT, None).await?;
     let (outbound, client_admin) = (sidecars.procs[client].outbound, sidecars.procs[client].admin);
+    let identity = sidecars.enrolment.is_some();
 
     println!(
-        "Ballast demo: a control plane on the embedded store (in this process) and {} sidecars.",
-        replicas.len() + 1
+        "Ballast demo: a control plane on the embedded store (in this process) and {} sidecars, {}.",
+        replicas.len() + 1,
+        if identity { "with workload identity and mutual TLS" } else { "in plain text (--no-mtls)" }
     );
-    println!("  control plane  push http://{} (gRPC), admin API http://{cp_admin}", sidecars.grpc);
+    println!("  control plane  push {} (gRPC), admin API {admin_url}", sidecars.control_plane);
     for (pod, _, app) in replicas {
         let Some(p) = sidecars.find(pod) else { continue };
         let what = if pod.starts_with("payments") { "flaky" } else { "healthy" };
@@ -834,6 +1143,18 @@ async fn setup(sidecars: &mut Sidecars, cp_admin: SocketAddr) -> Result<Mesh, De
         );
     }
     println!("  flaky: fails 20% of requests (503) and answers 10% after 300 ms");
+    // With identity the admin API wants the CA and the token: written next to the
+    // sidecars' files (a directory only this user can read), so ballastctl can be pointed
+    // at the running demo from another terminal.
+    if let (Some(e), Some(token)) = (&sidecars.enrolment, cp.admin_token()) {
+        let token_file = sidecars.dir.path().join("admin.token");
+        std::fs::write(&token_file, token)?;
+        println!(
+            "  try meanwhile: ballastctl --control-plane {admin_url} --ca-file {} --token-file {} get proxies",
+            e.anchors.display(),
+            token_file.display()
+        );
+    }
 
     // Applied once the control plane has every sidecar's status, so that `--wait` waits
     // for all of them (a sidecar is ready before the control plane has recorded its ack).
@@ -849,7 +1170,72 @@ async fn setup(sidecars: &mut Sidecars, cp_admin: SocketAddr) -> Result<Mesh, De
     settle(&api, client_admin, replicas.len() + 1).await?;
     println!("$ ballastctl get proxies");
     print!("{}", ctl::get(&api, Kind::Proxies, Some(NAMESPACE), Output::Table).await?);
-    Ok(Mesh { catalog, payments, outbound, client_admin })
+    print!("\n{}", certificates(&api, sidecars, identity).await?);
+
+    let lockdown = match (identity, sidecars.find("payments-1"), sidecars.find("catalog-1")) {
+        (true, Some(payments), Some(catalog)) => {
+            let file = sidecars.dir.path().join("payments-lockdown.yaml");
+            std::fs::write(&file, format!("{PAYMENTS_POLICY}{PAYMENTS_LOCKDOWN}"))?;
+            Some(Lockdown {
+                api: api.clone(),
+                file,
+                payments_inbound: payments.inbound,
+                catalog_outbound: catalog.outbound,
+            })
+        }
+        _ => None,
+    };
+    Ok(Mesh { catalog, payments, outbound, client_admin, servers, lockdown })
+}
+
+/// What workload identity did at start-up: each sidecar's identity as the control plane
+/// recorded it (from the client certificate of its push stream) and its certificate's
+/// expiry as the sidecar reports it (`ballast_identity_certificate_expiry_timestamp_seconds`).
+async fn certificates(api: &Api, sidecars: &Sidecars, identity: bool) -> Result<String, DemoError> {
+    let mut sorted: Vec<&Proc> = sidecars.procs.iter().filter(|p| p.exited.is_none()).collect();
+    sorted.sort_by(|a, b| a.pod.cmp(&b.pod));
+    if !identity {
+        return Ok(format!(
+            "Workload identity is off (--no-mtls): no certificates; the {} sidecars and the control\n\
+             plane talk plain text, and the services' sidecars cannot tell who calls them.\n",
+            sorted.len()
+        ));
+    }
+    let proxies = api.call(Method::GET, "/api/v1/proxies", None).await?;
+    let recorded = |pod: &str| {
+        proxies
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["namespace"] == NAMESPACE && p["pod"] == pod)
+            .and_then(|p| p["identity"].as_str())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let mut out = String::from(
+        "Workload identity: each sidecar generated its key, proved its service account with its\n\
+         bootstrap token, and got a certificate signed by the control plane's CA (generated\n\
+         into its store); mesh calls between sidecars then use mutual TLS (TLS 1.3).\n",
+    );
+    let _ = writeln!(out, "  {:<10}  {:<44}  certificate", "pod", "identity (SPIFFE ID)");
+    let mut holding = 0;
+    for p in &sorted {
+        let metrics = admin_call(p.admin, Method::GET, "/metrics").await.map(|(_, m)| m).unwrap_or_default();
+        let expiry = samples(&metrics, "ballast_identity_certificate_expiry_timestamp_seconds")
+            .first()
+            .map_or(0.0, |(_, v)| *v);
+        let cert = if expiry > now {
+            holding += 1;
+            format!("valid for {:.1}h more", (expiry - now) / 3600.0)
+        } else {
+            "none".to_owned()
+        };
+        let _ = writeln!(out, "  {:<10}  {:<44}  {cert}", p.pod, recorded(&p.pod));
+    }
+    let _ = writeln!(out, "{holding} of {} sidecars hold a certificate.", sorted.len());
+    Ok(out)
 }
 
 /// Waits until the control plane lists every sidecar as having applied the latest
@@ -897,13 +1283,21 @@ async fn settle(api: &Api, client_admin: SocketAddr, sidecars: usize) -> Result<
 /// goes.
 async fn traffic(args: &DemoArgs, mesh: &Mesh, stop: std::pin::Pin<&mut impl Future<Output = ()>>) {
     let outage = Outage::for_run(args.duration);
+    let lockdown_at = Lockdown::at(args.duration);
     println!(
         "\nEach service gets {} req/s straight to its replicas in turn ('direct') and the same\n\
-         through the client sidecar ('mesh').\n{}",
+         through the client sidecar ('mesh'{}).\n{}",
         args.rate,
+        if mesh.lockdown.is_some() { ", which calls their sidecars over mutual TLS" } else { "" },
         outage.describe()
     );
-    let Mesh { catalog, payments, outbound, client_admin } = mesh;
+    if mesh.lockdown.is_some() {
+        println!(
+            "At {:.0}s, payments is locked down: mutual TLS only, and only from the client.",
+            lockdown_at.as_secs_f64()
+        );
+    }
+    let Mesh { catalog, payments, outbound, client_admin, servers, lockdown } = mesh;
     let (outbound, client_admin) = (*outbound, *client_admin);
     let direct: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mesh: Client<_, Empty<Bytes>> =
@@ -912,10 +1306,13 @@ async fn traffic(args: &DemoArgs, mesh: &Mesh, stop: std::pin::Pin<&mut impl Fut
         }));
     let table: Table = Arc::default();
     let started = Instant::now();
-    let background = [
+    let mut background = vec![
         tokio::spawn(run_outages(outage, catalog.to_vec(), started)),
         tokio::spawn(watch_circuits(client_admin, started)),
     ];
+    if let Some(l) = lockdown {
+        background.push(tokio::spawn(l.clone().run(lockdown_at, started)));
+    }
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
     let mut report = tokio::time::interval(Duration::from_secs(args.report_every.max(1)));
     report.tick().await;
@@ -928,6 +1325,8 @@ async fn traffic(args: &DemoArgs, mesh: &Mesh, stop: std::pin::Pin<&mut impl Fut
     tokio::pin!(until);
     let mut stop = stop;
     let mut n: usize = 0;
+    // The report being printed, awaited before the final one so that it comes first.
+    let mut last_report = None;
     loop {
         tokio::select! {
             _ = &mut until => break,
@@ -936,7 +1335,13 @@ async fn traffic(args: &DemoArgs, mesh: &Mesh, stop: std::pin::Pin<&mut impl Fut
                 // The final table follows at once.
                 let ending = args.duration.is_some_and(|d| started.elapsed() + Duration::from_millis(500) >= d);
                 if !ending {
-                    print!("{}", render_table(&table, "so far", started.elapsed()));
+                    // Printed with the callers the services' sidecars counted, read
+                    // aside so that the traffic keeps its pace meanwhile.
+                    let table = render_table(&table, "so far", started.elapsed());
+                    let servers = servers.clone();
+                    last_report = Some(tokio::spawn(async move {
+                        print!("{table}{}", Peers::read(&servers).await.summary());
+                    }));
                 }
             }
             _ = tick.tick() => {
@@ -979,11 +1384,20 @@ async fn traffic(args: &DemoArgs, mesh: &Mesh, stop: std::pin::Pin<&mut impl Fut
     }
     // Let the requests in flight finish (the slowest take 300 ms, bounded by 2 s).
     tokio::time::sleep(Duration::from_millis(400)).await;
-    print!("{}", render_table(&table, "final", started.elapsed()));
+    if let Some(report) = last_report {
+        let _ = report.await;
+    }
+    let peers = Peers::read(servers).await;
+    print!("{}{}", render_table(&table, "final", started.elapsed()), peers.summary());
     if let Some((200, metrics)) = admin_call(client_admin, Method::GET, "/metrics").await {
         println!("\nWhat the client sidecar counted (its /metrics):");
         print!("{}", render_counted(&metrics));
     }
+    println!(
+        "\nWho called whom, as the services' sidecars verified it\n\
+         (ballast_inbound_requests_by_peer_total{{service,peer_identity,tls}}):"
+    );
+    print!("{}", peers.table());
 }
 
 async fn admin_call(admin: SocketAddr, method: Method, path: &str) -> Option<(u16, String)> {
@@ -1030,5 +1444,29 @@ mod tests {
     fn the_demo_policies_validate() {
         let docs = format!("{SERVICES}---\n{PAYMENTS_POLICY}---\n{CATALOG_POLICY}");
         ballast_api::Config::from_yaml(&docs, "demo").expect("valid");
+        let locked = format!("{SERVICES}---\n{PAYMENTS_POLICY}{PAYMENTS_LOCKDOWN}");
+        let config = ballast_api::Config::from_yaml(&locked, "demo").expect("valid");
+        let inbound = config.policies["demo/payments"].spec.inbound.clone().expect("inbound");
+        assert_eq!(inbound.mtls, Some(ballast_api::policy::MtlsMode::Strict));
+        assert_eq!(inbound.allow, ["demo/client"]);
+        assert!(config.policies["demo/payments"].spec.retries.is_some(), "the rest stays");
+    }
+
+    #[test]
+    fn peers_sum_replicas_and_name_callers() {
+        let client = "spiffe://cluster.local/ns/demo/sa/client";
+        let mut peers = Peers::default();
+        for _ in 0..2 {
+            peers.add(&format!(
+                "ballast_inbound_requests_by_peer_total{{peer_identity=\"{client}\",service=\"payments\",tls=\"true\"}} 9\n\
+                 ballast_inbound_requests_by_peer_total{{peer_identity=\"\",service=\"payments\",tls=\"false\"}} 1\n"
+            ));
+        }
+        assert_eq!(peers.share(), (18.0, 20.0));
+        let summary = peers.summary();
+        assert!(summary.starts_with("mTLS: 90.0% of the 20 requests"), "{summary}");
+        assert!(summary.contains("demo/client -> payments 18"), "{summary}");
+        assert!(summary.contains("plain text -> payments 2"), "{summary}");
+        assert!(peers.table().contains(client), "{}", peers.table());
     }
 }

@@ -63,7 +63,8 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// Run the local mesh demo: a control plane, sample services behind sidecars, traffic.
+    /// Run the local mesh demo: a control plane, sample services behind sidecars that
+    /// call each other over mutual TLS, traffic.
     Demo(ballast_control_plane::demo::DemoArgs),
     /// Print the ResiliencePolicy CustomResourceDefinition (YAML) for `kubectl apply -f -`.
     Crd,

@@ -123,10 +123,12 @@ impl Drop for Mesh {
 /// `payments` (service account `payments`) fronting `app`.
 fn payments(mesh: &Mesh, app: &Upstream) -> Sidecar {
     let app_addr = app.addr.to_string();
+    // The app's readiness probe, as the injector passes it: plain text is admitted there.
+    let probes = format!("--inbound-probes={}:/status/204", app.addr.port());
     mesh.sidecar(
         "payments-1",
         "payments",
-        &["--service", "payments", "--advertise-addr", "{inbound}", "--app-addr", &app_addr],
+        &["--service", "payments", "--advertise-addr", "{inbound}", "--app-addr", &app_addr, &probes],
     )
 }
 
@@ -228,6 +230,15 @@ fn strict_mode_and_allow_lists_refuse_who_they_must() {
     let out = plain();
     assert!(out.to_ascii_lowercase().contains("ballast-rejected: forbidden"), "{out}");
     assert!(out.contains("inbound.mtls: strict"), "the body says why: {out}");
+    // The kubelet's probe (plain GET of the exact path) still gets through; nothing else.
+    let probe = |args: &[&str], path: &str| {
+        let url = format!("http://{}{path}", server.inbound);
+        stdout(&run(curl().args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"]).args(args).arg(url)))
+    };
+    assert_eq!(probe(&[], "/status/204"), "204");
+    assert_eq!(probe(&[], "/status/204?x=1"), "403");
+    assert_eq!(probe(&["-X", "POST"], "/status/204"), "403");
+    assert_eq!(probe(&[], "/status/200"), "403");
     assert_eq!(get(&web, "/name", "").0, 200, "mesh callers still get through");
     // Opaque TCP (a CONNECT tunnel through the client sidecar) to a meshed endpoint goes
     // in mesh TLS too (ALPN ballast.io/opaque), so strict mode admits it.

@@ -418,6 +418,43 @@ fn token_volume() -> Volume {
     }
 }
 
+/// The app containers' plain-HTTP probes as `PORT:PATH`, for the proxy's
+/// `--inbound-probes`: the kubelet has no mesh certificate, so under `inbound.mtls:
+/// strict` or an allow list its probes would be refused. Named ports are resolved from
+/// the container's ports; probes with a query or a comma in the path, HTTPS probes (the
+/// app's own TLS, passed through) and unresolvable ports are left out.
+fn http_probes(pod: &Pod) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+        let probes = [&c.liveness_probe, &c.readiness_probe, &c.startup_probe];
+        for get in probes.into_iter().flatten().filter_map(|p| p.http_get.as_ref()) {
+            if get.scheme.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("https")) {
+                continue;
+            }
+            let port = match &get.port {
+                IntOrString::Int(p) => u16::try_from(*p).ok(),
+                IntOrString::String(name) => c
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.as_deref() == Some(name.as_str()))
+                    .and_then(|p| u16::try_from(p.container_port).ok()),
+            };
+            let path = get.path.as_deref().unwrap_or("/");
+            let path = if path.starts_with('/') { path.to_owned() } else { format!("/{path}") };
+            if let Some(port) = port.filter(|p| *p > 0)
+                && !path.contains(['?', ','])
+            {
+                let entry = format!("{port}:{path}");
+                if !out.contains(&entry) {
+                    out.push(entry);
+                }
+            }
+        }
+    }
+    out
+}
+
 fn proxy_container(
     pod: &Pod,
     o: &Overrides,
@@ -438,6 +475,10 @@ fn proxy_container(
     }
     if let Some(level) = &o.log_level {
         env_vars.push(env("BALLAST_LOG", level.clone()));
+    }
+    let probes = http_probes(pod);
+    if !probes.is_empty() {
+        env_vars.push(env("BALLAST_INBOUND_PROBES", probes.join(",")));
     }
     let mut volume_mounts = None;
     // The anchors go to every proxy when the mesh has them, also to a pod that opted out

@@ -112,6 +112,20 @@ struct RunArgs {
     /// Default: env POD_SERVICE_ACCOUNT (set by the injector), else `default`.
     #[arg(long, env = "BALLAST_SERVICE_ACCOUNT", value_name = "NAME")]
     service_account: Option<String>,
+    /// The app's HTTP probes, comma-separated PORT:PATH (the injector sets them from the
+    /// pod's httpGet probes): plain-text GET/HEAD of exactly these are served whatever
+    /// `inbound.mtls` and `inbound.allow` say, since the kubelet has no mesh certificate.
+    #[arg(long, env = "BALLAST_INBOUND_PROBES", value_delimiter = ',', value_parser = parse_probe, value_name = "PORT:PATH")]
+    inbound_probes: Vec<(u16, String)>,
+}
+
+fn parse_probe(s: &str) -> Result<(u16, String), String> {
+    let (port, path) = s.split_once(':').ok_or_else(|| format!("{s:?} is not PORT:PATH"))?;
+    let port: u16 = port.parse().map_err(|_| format!("{s:?}: {port:?} is not a port"))?;
+    if !path.starts_with('/') || path.contains('?') {
+        return Err(format!("{s:?}: the path must start with / and have no query"));
+    }
+    Ok((port, path.to_owned()))
 }
 
 /// The identity options from the flags; `None` when identity is off.
@@ -319,6 +333,7 @@ fn main() -> ExitCode {
                 egress_dns: a.egress_dns,
                 config_poll: a.config_poll,
                 identity,
+                inbound_probes: a.inbound_probes.clone(),
             };
             let rt = match runtime(a.workers) {
                 Ok(rt) => rt,

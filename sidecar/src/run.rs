@@ -45,6 +45,8 @@ pub struct RunOptions {
     pub connect_timeout: Duration,
     pub egress_dns: bool,
     pub config_poll: Duration,
+    /// The app's HTTP probes (port, path), admitted in plain text under any policy.
+    pub inbound_probes: Vec<(u16, String)>,
     /// Workload identity and mesh TLS; needs a control plane (`https://`).
     pub identity: Option<crate::identity::IdentityOptions>,
 }
@@ -130,6 +132,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             inbound_label: opts.service.clone().unwrap_or_else(|| "app".into()).into(),
             app_addr: opts.app_addr,
             own_ports,
+            inbound_probes: opts.inbound_probes.clone(),
         },
         shutdown: shutdown.clone(),
         identity: identity.clone(),

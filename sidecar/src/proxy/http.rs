@@ -139,7 +139,11 @@ async fn inbound(
         .inc();
     let trust_domain =
         shared.identity.as_ref().and_then(|m| m.current()).map(|c| c.identity.trust_domain.clone());
-    let denied = { shared.store.load().access.check(peer.map(|p| &p.identity), trust_domain.as_deref()) };
+    let denied = if is_probe(&shared, &conn, &req) {
+        Ok(())
+    } else {
+        shared.store.load().access.check(peer.map(|p| &p.identity), trust_domain.as_deref())
+    };
     if let Err(why) = denied {
         tracing::info!(peer = %conn.peer, identity = ?peer.map(|p| p.identity.to_string()), reason = %why, "inbound request forbidden");
         let stack = shared.ctx.rejecting_stack(Direction::Inbound, label, Reason::Forbidden, why);
@@ -167,6 +171,19 @@ async fn inbound(
     let stack = limited.unwrap_or_else(|| shared.ctx.endpoint_stack(Direction::Inbound, label, target));
     let authority = request_authority(&req);
     forward(shared, conn.direction, stack, req, authority, target, None).await
+}
+
+/// A plain-text GET or HEAD of one of the app's HTTP probes (`--inbound-probes`): the
+/// kubelet's, which has no mesh certificate. Only the exact path (no query) on the
+/// probe's port, so the exemption opens nothing else of the app.
+fn is_probe(shared: &Shared, conn: &ConnInfo, req: &HttpRequest) -> bool {
+    let probes = &shared.settings.inbound_probes;
+    if probes.is_empty() || conn.mesh_peer.is_some() || !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return false;
+    }
+    let port = shared.app_target(conn).port();
+    let path = req.uri().path();
+    req.uri().query().is_none() && probes.iter().any(|(p, probe)| *p == port && probe == path)
 }
 
 fn passthrough_label() -> Arc<str> {

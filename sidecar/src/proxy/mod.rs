@@ -26,6 +26,9 @@ pub struct Settings {
     pub app_addr: SocketAddr,
     /// Ports of our own listeners: a passthrough to one of them on this host would loop.
     pub own_ports: Vec<u16>,
+    /// The app's HTTP probes (app port, path), which the kubelet sends in plain text:
+    /// admitted whatever `inbound.mtls` and `inbound.allow` say, as Linkerd admits probes.
+    pub inbound_probes: Vec<(u16, String)>,
 }
 
 /// State shared by every connection.

@@ -14,7 +14,7 @@ use support::*;
 const WITHIN: Duration = Duration::from_secs(90);
 
 /// The part of the output from the final table on.
-fn final_part<'a>(out: &'a str) -> &'a str {
+fn final_part(out: &str) -> &str {
     out.split("== final").nth(1).unwrap_or_else(|| panic!("no final table:\n{out}"))
 }
 

@@ -10,7 +10,13 @@
 //! * `ballast x1 +policy`: the same sidecar, to a service whose policy turns on every
 //!   resilience layer (retries, timeouts, breaker, bulkhead, rate limit, outliers).
 //! * `ballast x2`: client → client sidecar → server sidecar (inbound) → upstream, the
-//!   path of a request in a mesh.
+//!   path of a request in a mesh, in plain text (static configuration).
+//! * `ballast x2 mTLS`: the same path between two sidecars with workload identity: an
+//!   in-process control plane (`identity.rs`) issues their certificates and pushes the
+//!   server sidecar's registration, and the client sidecar reaches it over mutual TLS
+//!   (TLS 1.3, HTTP/2 inside the tunnel, whatever the client spoke). Besides the load
+//!   scenarios, new mesh TLS connections to the server sidecar are timed, full and
+//!   resumed (`handshake.rs`).
 //! * `haproxy`: client → HAProxy (one thread, keep-alive both sides) → upstream.
 //!
 //! Placement: the load generator and the upstream run on the first CPU, every proxy on
@@ -21,10 +27,14 @@
 //! proxy-CPU-second, which compare proxies whatever the bound.
 //!
 //! Options (after `--`): `--quick` (1 run, short phases), `--repeats N`,
-//! `--protocols http1,http2,grpc`, `--setups direct,ballast-x1,ballast-x1-policy,ballast-x2,haproxy`,
-//! `--modes fixed,max`, `--rates 1000,10000`, `--seconds S`, `--no-tcp`, `--json PATH`.
+//! `--protocols http1,http2,grpc`,
+//! `--setups direct,ballast-x1,ballast-x1-policy,ballast-x2,ballast-x2-mtls,haproxy`,
+//! `--modes fixed,max`, `--rates 1000,10000`, `--seconds S`, `--no-tcp`, `--no-handshakes`,
+//! `--json PATH`.
 //! To profile a proxy: `perf record -g -C 1` (the proxy CPU) while a filtered run goes.
 
+mod handshake;
+mod identity;
 mod loadgen;
 mod procs;
 mod report;
@@ -45,6 +55,10 @@ use report::{Spread, table};
 const SERVICE: &str = "bench";
 /// The same upstream behind a policy with every resilience layer on.
 const SERVICE_WITH_POLICY: &str = "bench-policy";
+/// The namespace of the mTLS pair (and the identities of the handshake runs).
+const MTLS_NAMESPACE: &str = "bench";
+/// The server sidecar's count of accepted mesh TLS handshakes.
+const TLS_OK: &str = r#"ballast_mesh_tls_handshakes_total{direction="inbound",result="ok"}"#;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
 enum Setup {
@@ -56,6 +70,8 @@ enum Setup {
     Ballast1Policy,
     #[serde(rename = "ballast-x2")]
     Ballast2,
+    #[serde(rename = "ballast-x2-mtls")]
+    Ballast2Mtls,
     #[serde(rename = "haproxy")]
     Haproxy,
 }
@@ -67,9 +83,20 @@ impl Setup {
             Setup::Ballast1 => "ballast x1",
             Setup::Ballast1Policy => "ballast x1 +policy",
             Setup::Ballast2 => "ballast x2 (mesh)",
+            Setup::Ballast2Mtls => "ballast x2 mTLS",
             Setup::Haproxy => "haproxy",
         }
     }
+
+    /// Every set-up, in the order of the tables.
+    const ALL: [Setup; 6] = [
+        Setup::Direct,
+        Setup::Ballast1,
+        Setup::Ballast1Policy,
+        Setup::Ballast2,
+        Setup::Ballast2Mtls,
+        Setup::Haproxy,
+    ];
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -85,6 +112,9 @@ struct Options {
     repeats: usize,
     protocols: Vec<Proto>,
     tcp: bool,
+    /// Time new mesh TLS connections (`--no-handshakes` skips it).
+    handshakes: bool,
+    handshakes_for: Duration,
     rates: Vec<u32>,
     fixed_for: Duration,
     max_for: Duration,
@@ -115,6 +145,8 @@ impl Options {
             repeats: 3,
             protocols: vec![Proto::Http1, Proto::Http2, Proto::Grpc],
             tcp: true,
+            handshakes: true,
+            handshakes_for: Duration::from_secs(3),
             rates: vec![1_000, 10_000],
             fixed_for: Duration::from_secs(10),
             max_for: Duration::from_secs(5),
@@ -131,6 +163,7 @@ impl Options {
             o.fixed_for = Duration::from_secs(3);
             o.max_for = Duration::from_secs(3);
             o.tcp_for = Duration::from_secs(2);
+            o.handshakes_for = Duration::from_secs(2);
         }
         if smoke {
             o.repeats = 1;
@@ -138,6 +171,7 @@ impl Options {
             o.fixed_for = Duration::from_millis(500);
             o.max_for = Duration::from_millis(500);
             o.tcp_for = Duration::from_millis(300);
+            o.handshakes_for = Duration::from_millis(300);
             o.connections = 8;
             o.idle_connections = 50;
         }
@@ -173,6 +207,9 @@ impl Options {
         }
         if args.iter().any(|a| a == "--no-tcp") {
             o.tcp = false;
+        }
+        if args.iter().any(|a| a == "--no-handshakes") {
+            o.handshakes = false;
         }
         if let Some(j) = value("--json") {
             o.json = PathBuf::from(j);
@@ -231,6 +268,16 @@ struct Bed {
     b2_client: Proxy,
     b2_client_addrs: procs::SidecarAddrs,
     b2_server: Proxy,
+    /// The mTLS pair's control plane; the client identity of the handshake runs.
+    ca: identity::MeshCa,
+    m2_client: Proxy,
+    m2_client_addrs: procs::SidecarAddrs,
+    m2_server: Proxy,
+    m2_server_addrs: procs::SidecarAddrs,
+    /// A third meshed sidecar, in front of the TCP sink (service `sink`), for the
+    /// opaque stream over mTLS; the client is `m2_client`.
+    m2_sink: Proxy,
+    m2_sink_admin: SocketAddr,
     haproxy: Proxy,
     ha_h1: SocketAddr,
     ha_h2: SocketAddr,
@@ -286,6 +333,11 @@ backend be_tcp
     )
 }
 
+/// The flags that register a meshed sidecar as an endpoint of `service`.
+fn registered(service: &str) -> [&str; 4] {
+    ["--service", service, "--advertise-addr", "{inbound}"]
+}
+
 fn sidecar_binary(smoke: bool) -> Result<PathBuf, String> {
     if let Ok(p) = std::env::var("BALLAST_SIDECAR_BIN") {
         return Ok(PathBuf::from(p));
@@ -322,9 +374,68 @@ impl Bed {
             up.http,
             proxy_cpu,
         )?;
+        let ca = identity::MeshCa::start()?;
+        let meshed = |name: &str, account: &str, extra: &[&str], app: SocketAddr| {
+            let mut args = vec![
+                "--namespace".to_owned(),
+                MTLS_NAMESPACE.to_owned(),
+                "--pod".to_owned(),
+                name.to_owned(),
+                "--service-account".to_owned(),
+                account.to_owned(),
+                // `=`: the PEM starts with dashes, which would read as a flag.
+                format!("--identity-trust-anchors={}", ca.anchors),
+                "--identity-token".to_owned(),
+                ca.token(MTLS_NAMESPACE, account)?,
+            ];
+            args.extend(extra.iter().map(|a| (*a).to_owned()));
+            let url = ca.url();
+            Proxy::sidecar_from(
+                bin,
+                name,
+                procs::Source::ControlPlane { url: &url, args: &args },
+                app,
+                proxy_cpu,
+            )
+        };
+        let (m2_server, m2_server_addrs) =
+            meshed("ballast-x2-mtls-server", "server", &registered(SERVICE), up.http)?;
+        let (m2_sink, m2_sink_addrs) = meshed("ballast-x2-mtls-sink", "sink", &registered("sink"), up.tcp)?;
+        let (m2_client, m2_client_addrs) = meshed("ballast-x2-mtls-client", "client", &[], up.http)?;
+        // Ready means configured and certified; the server's registration reaches the
+        // client through the control plane, and its first request opens the mesh
+        // connection, over TLS: one inbound handshake on the server sidecar, or none of
+        // this is mTLS.
+        procs::wait_for("the mTLS pair to answer", Duration::from_secs(20), || {
+            procs::http_get(m2_client_addrs.outbound, "/").is_ok_and(|s| s == 200)
+        })?;
+        let handshakes = procs::metric(m2_server_addrs.admin, TLS_OK).unwrap_or(0.0);
+        if handshakes < 1.0 {
+            return Err(format!(
+                "the mTLS pair answered without a mesh TLS handshake ({TLS_OK} = {handshakes})"
+            ));
+        }
         let (ha_h1, ha_h2, ha_tcp) = (procs::free_addr(), procs::free_addr(), procs::free_addr());
         let haproxy = Proxy::haproxy(&haproxy_config(&up, ha_h1, ha_h2, ha_tcp), ha_h1, proxy_cpu)?;
-        Ok(Self { up, b1, b1_addrs, b2_client, b2_client_addrs, b2_server, haproxy, ha_h1, ha_h2, ha_tcp })
+        Ok(Self {
+            up,
+            b1,
+            b1_addrs,
+            b2_client,
+            b2_client_addrs,
+            b2_server,
+            ca,
+            m2_client,
+            m2_client_addrs,
+            m2_server,
+            m2_server_addrs,
+            m2_sink,
+            m2_sink_admin: m2_sink_addrs.admin,
+            haproxy,
+            ha_h1,
+            ha_h2,
+            ha_tcp,
+        })
     }
 
     fn target(&self, setup: Setup, proto: Proto) -> Target {
@@ -333,6 +444,7 @@ impl Bed {
             Setup::Ballast1 => (self.b1_addrs.outbound, SERVICE),
             Setup::Ballast1Policy => (self.b1_addrs.outbound, SERVICE_WITH_POLICY),
             Setup::Ballast2 => (self.b2_client_addrs.outbound, SERVICE),
+            Setup::Ballast2Mtls => (self.m2_client_addrs.outbound, SERVICE),
             Setup::Haproxy => (if proto == Proto::Http1 { self.ha_h1 } else { self.ha_h2 }, SERVICE),
         };
         Target { addr, authority: authority.to_owned(), proto }
@@ -343,12 +455,21 @@ impl Bed {
             Setup::Direct => vec![],
             Setup::Ballast1 | Setup::Ballast1Policy => vec![&self.b1],
             Setup::Ballast2 => vec![&self.b2_client, &self.b2_server],
+            Setup::Ballast2Mtls => vec![&self.m2_client, &self.m2_server],
             Setup::Haproxy => vec![&self.haproxy],
         }
     }
 
-    fn all(&mut self) -> [&mut Proxy; 4] {
-        [&mut self.b1, &mut self.b2_client, &mut self.b2_server, &mut self.haproxy]
+    fn all(&mut self) -> [&mut Proxy; 7] {
+        [
+            &mut self.b1,
+            &mut self.b2_client,
+            &mut self.b2_server,
+            &mut self.m2_client,
+            &mut self.m2_server,
+            &mut self.m2_sink,
+            &mut self.haproxy,
+        ]
     }
 }
 
@@ -433,8 +554,27 @@ struct Record {
     fixed_seconds: f64,
     max_seconds: f64,
     runs: Vec<Run>,
+    /// Medians over the repeats of each set-up's figures divided by (latency: also
+    /// minus) those of the same repeat's base set-up.
+    ratios: Vec<Ratio>,
     memory: Vec<Memory>,
     tcp: Vec<TcpRun>,
+    handshakes: Vec<handshake::HandshakeRun>,
+}
+
+/// One set-up against a base (`direct`; and `ballast-x2`, for `ballast-x2-mtls`).
+#[derive(Serialize)]
+struct Ratio {
+    proto: Proto,
+    mode: Mode,
+    setup: Setup,
+    base: Setup,
+    p50: Spread,
+    p99: Spread,
+    p50_added_ms: Spread,
+    p99_added_ms: Spread,
+    requests_per_second: Spread,
+    cpu_per_1k_per_proxy: Spread,
 }
 
 /// `cpus`: how many CPUs the harness was allowed before it pinned itself.
@@ -492,9 +632,11 @@ fn run() -> Result<(), String> {
     // Memory at rest, then with idle connections open.
     std::thread::sleep(Duration::from_millis(300));
     let mut memory = Vec::new();
-    for (p, addr, authority) in
-        [(&bed.b1, bed.b1_addrs.outbound, SERVICE), (&bed.haproxy, bed.ha_h1, SERVICE)]
-    {
+    for (p, addr, authority) in [
+        (&bed.b1, bed.b1_addrs.outbound, SERVICE),
+        (&bed.m2_client, bed.m2_client_addrs.outbound, SERVICE),
+        (&bed.haproxy, bed.ha_h1, SERVICE),
+    ] {
         let idle = p.rss_mib();
         let t = std::time::Instant::now();
         let conns = procs::idle_connections(addr, authority, o.idle_connections)
@@ -517,7 +659,7 @@ fn run() -> Result<(), String> {
         });
     }
 
-    let setups = [Setup::Direct, Setup::Ballast1, Setup::Ballast1Policy, Setup::Ballast2, Setup::Haproxy];
+    let setups = Setup::ALL;
     let mut modes: Vec<Mode> = Vec::new();
     if o.modes.is_empty() || o.modes.iter().any(|m| m == "fixed") {
         modes.extend(o.rates.iter().map(|r| Mode::Fixed(*r)));
@@ -527,6 +669,23 @@ fn run() -> Result<(), String> {
     }
     let mut runs = Vec::new();
     let mut tcp = Vec::new();
+    let mut handshakes = Vec::new();
+    // The client of the handshake runs: a workload of the mTLS pair's namespace.
+    let loadgen_identity = bed.ca.workload(MTLS_NAMESPACE, "loadgen")?;
+    let peer = handshake::Peer {
+        addr: bed.m2_server_addrs.inbound,
+        name: format!("spiffe://cluster.local/ns/{MTLS_NAMESPACE}/sa/server")
+            .parse::<ballast_api::identity::Identity>()
+            .map_err(|e| e.to_string())?
+            .dns_name()
+            .try_into()
+            .map_err(|e| format!("the server's identity name: {e}"))?,
+        pid: bed.m2_server.pid(),
+    };
+    let resuming = loadgen_identity.tls.client_h2.clone();
+    let mut no_resumption = (*resuming).clone();
+    no_resumption.resumption = rustls::client::Resumption::disabled();
+    let no_resumption = std::sync::Arc::new(no_resumption);
     for repeat in 0..o.repeats {
         for &proto in &o.protocols {
             for &mode in &modes {
@@ -558,6 +717,26 @@ fn run() -> Result<(), String> {
         if o.tcp {
             tcp.extend(tcp_runs(&bed, &bin, proxy_cpu, &o, repeat)?);
         }
+        if o.handshakes {
+            for (kind, config) in
+                [(handshake::Kind::Full, &no_resumption), (handshake::Kind::Resumed, &resuming)]
+            {
+                let h = handshake::run(kind, repeat, &peer, config, o.handshakes_for, 200_000);
+                eprintln!(
+                    "  run {} mesh TLS {:<25} {:>7.0} conn/s  p50 {:.3} ms  p99 {:.3} ms  server {:.0} µs/conn  {} full, {} resumed, errors {}",
+                    repeat + 1,
+                    kind.label(),
+                    h.per_second,
+                    h.p50_ms,
+                    h.p99_ms,
+                    h.server_cpu_us,
+                    h.full,
+                    h.resumed,
+                    h.errors
+                );
+                handshakes.push(h);
+            }
+        }
         for p in bed.all() {
             if !p.is_running() {
                 return Err(format!("{} exited during the bench: {}", p.name, p.stderr()));
@@ -571,7 +750,7 @@ fn run() -> Result<(), String> {
         }
     }
 
-    print!("{}", render(&o, &runs, &memory, &peak, &tcp));
+    print!("{}", render(&o, &runs, &memory, &peak, &tcp, &handshakes));
     let record = Record {
         machine: machine(cpus.len()),
         repeats: o.repeats,
@@ -579,9 +758,11 @@ fn run() -> Result<(), String> {
         response_bytes: upstream::RESPONSE_BYTES,
         fixed_seconds: o.fixed_for.as_secs_f64(),
         max_seconds: o.max_for.as_secs_f64(),
+        ratios: ratios(&runs),
         runs,
         memory,
         tcp,
+        handshakes,
     };
     if let Some(dir) = o.json.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -617,18 +798,27 @@ fn tcp_runs(
     let sink = bed.up.tcp;
     let sink_authority = sink.to_string();
     let mesh_authority = format!("sink:{}", sink.port());
-    let cases: [(Setup, SocketAddr, Option<&str>); 4] = [
+    let cases: [(Setup, SocketAddr, Option<&str>); 5] = [
         (Setup::Direct, sink, None),
         (Setup::Ballast1, bed.b1_addrs.outbound, Some(&sink_authority)),
         (Setup::Ballast2, client.outbound, Some(&mesh_authority)),
+        // The mTLS client sidecar tunnels it to `bed.m2_sink` (ALPN ballast.io/opaque).
+        (Setup::Ballast2Mtls, bed.m2_client_addrs.outbound, Some(&mesh_authority)),
         (Setup::Haproxy, bed.ha_tcp, None),
     ];
     let mut out = Vec::new();
+    let sink_handshakes = || procs::metric(bed.m2_sink_admin, TLS_OK).unwrap_or(0.0);
+    let before = sink_handshakes();
     for (setup, addr, connect) in cases {
         let bps = loadgen::tcp_throughput(addr, connect, 1, o.tcp_for, || bed.up.sunk())
             .map_err(|e| format!("tcp {}: {e}", setup.label()))?;
         eprintln!("  run {} TCP stream {:<20} {:>7.2} Gbit/s", repeat + 1, setup.label(), bps / 1e9);
         out.push(TcpRun { setup, repeat, gbit_per_second: bps / 1e9 });
+    }
+    if sink_handshakes() <= before {
+        return Err(
+            "the opaque stream of ballast x2 mTLS did not reach the sink's sidecar over mesh TLS".into()
+        );
     }
     Ok(out)
 }
@@ -658,10 +848,35 @@ fn smoke_checks(r: &Record) -> Result<(), String> {
     if r.tcp.iter().any(|t| t.gbit_per_second.is_nan() || t.gbit_per_second <= 0.0) {
         return Err("a TCP run moved no bytes".into());
     }
+    for h in &r.handshakes {
+        let resumed_as_asked = match h.kind {
+            handshake::Kind::Full => h.resumed == 0,
+            // The first connection of a series may find no ticket left; the others resume.
+            handshake::Kind::Resumed => h.full <= 1 && h.resumed > 0,
+        };
+        if h.errors > 0 || h.ok == 0 || !resumed_as_asked {
+            return Err(format!(
+                "mesh TLS {}: {} ok ({} full, {} resumed), {} errors (first: {:?})",
+                h.kind.label(),
+                h.ok,
+                h.full,
+                h.resumed,
+                h.errors,
+                h.first_error
+            ));
+        }
+    }
     Ok(())
 }
 
-fn render(o: &Options, runs: &[Run], memory: &[Memory], peak: &[(String, f64)], tcp: &[TcpRun]) -> String {
+fn render(
+    o: &Options,
+    runs: &[Run],
+    memory: &[Memory],
+    peak: &[(String, f64)],
+    tcp: &[TcpRun],
+    handshakes: &[handshake::HandshakeRun],
+) -> String {
     let mut out = String::new();
     let n = o.repeats;
     let of = |proto: Proto, mode: Mode, setup: Setup| -> Vec<&Run> {
@@ -681,10 +896,9 @@ fn render(o: &Options, runs: &[Run], memory: &[Memory], peak: &[(String, f64)], 
     for &proto in &o.protocols {
         for mode in o.rates.iter().map(|r| Mode::Fixed(*r)).chain([Mode::Max]) {
             let setups: Vec<Setup> =
-                [Setup::Direct, Setup::Ballast1, Setup::Ballast1Policy, Setup::Ballast2, Setup::Haproxy]
-                    .into_iter()
-                    .filter(|s| !of(proto, mode, *s).is_empty())
-                    .collect();
+                Setup::ALL.into_iter().filter(|s| !of(proto, mode, *s).is_empty()).collect();
+            // The plain mesh is the base of the mTLS row (and its own, 1.00).
+            let vs_plain = |s: Setup| matches!(s, Setup::Ballast2 | Setup::Ballast2Mtls);
             let mut rows = Vec::new();
             match mode {
                 Mode::Fixed(rate) => {
@@ -707,6 +921,21 @@ fn render(o: &Options, runs: &[Run], memory: &[Memory], peak: &[(String, f64)], 
                             col(|r| r.p999_ms).show(3),
                             if s == Setup::Direct { "".into() } else { added(|r| r.p50_ms).show(3) },
                             if s == Setup::Direct { "".into() } else { added(|r| r.p99_ms).show(3) },
+                            if s == Setup::Direct {
+                                "".into()
+                            } else {
+                                paired(proto, mode, s, Setup::Direct, &|r, b| r.p50_ms / b.p50_ms).show(2)
+                            },
+                            if vs_plain(s) {
+                                paired(proto, mode, s, Setup::Ballast2, &|r, b| r.p50_ms / b.p50_ms).show(2)
+                            } else {
+                                "".into()
+                            },
+                            if vs_plain(s) {
+                                paired(proto, mode, s, Setup::Ballast2, &|r, b| r.p99_ms / b.p99_ms).show(2)
+                            } else {
+                                "".into()
+                            },
                             col(|r| r.cpu_per_1k_per_proxy()).show(4),
                             if s == Setup::Direct {
                                 "".into()
@@ -724,6 +953,9 @@ fn render(o: &Options, runs: &[Run], memory: &[Memory], peak: &[(String, f64)], 
                             "p99.9 ms",
                             "+p50 ms",
                             "+p99 ms",
+                            "p50 x direct",
+                            "p50 x plain x2",
+                            "p99 x plain x2",
                             "CPU s/1k req/proxy",
                             "user %",
                             "errors",
@@ -752,6 +984,11 @@ fn render(o: &Options, runs: &[Run], memory: &[Memory], peak: &[(String, f64)], 
                             col(|r| r.requests_per_second).show(0),
                             ratio(Setup::Direct, |r| r.requests_per_second).show(2),
                             ratio(Setup::Haproxy, |r| r.requests_per_second).show(2),
+                            if vs_plain(s) {
+                                ratio(Setup::Ballast2, |r| r.requests_per_second).show(2)
+                            } else {
+                                "".into()
+                            },
                             if proxied { col(|r| r.proxy_core_use() * 100.0).show(0) } else { "".into() },
                             if proxied { col(|r| r.user_share() * 100.0).show(0) } else { "".into() },
                             if proxied { col(|r| r.per_proxy_cpu_second()).show(0) } else { "".into() },
@@ -770,6 +1007,7 @@ fn render(o: &Options, runs: &[Run], memory: &[Memory], peak: &[(String, f64)], 
                             "req/s",
                             "x direct",
                             "x haproxy",
+                            "x plain x2",
                             "proxy CPU %",
                             "user %",
                             "req/proxy-CPU-s",
@@ -809,7 +1047,7 @@ fn render(o: &Options, runs: &[Run], memory: &[Memory], peak: &[(String, f64)], 
             o.tcp_for.as_secs_f64()
         ));
         let mut rows = Vec::new();
-        for s in [Setup::Direct, Setup::Ballast1, Setup::Ballast2, Setup::Haproxy] {
+        for s in [Setup::Direct, Setup::Ballast1, Setup::Ballast2, Setup::Ballast2Mtls, Setup::Haproxy] {
             let v: Vec<f64> = tcp.iter().filter(|t| t.setup == s).map(|t| t.gbit_per_second).collect();
             let d: Vec<f64> =
                 tcp.iter().filter(|t| t.setup == Setup::Direct).map(|t| t.gbit_per_second).collect();
@@ -817,6 +1055,91 @@ fn render(o: &Options, runs: &[Run], memory: &[Memory], peak: &[(String, f64)], 
             rows.push(vec![s.label().to_owned(), Spread::of(&v).show(2), Spread::of(&ratio).show(2)]);
         }
         out.push_str(&table(&["set-up", "Gbit/s", "x direct"], &rows));
+    }
+    if !handshakes.is_empty() {
+        out.push_str(&format!(
+            "\nNew mesh TLS connections to the server sidecar, one at a time, {:.1} s; connect to the server's first HTTP/2 bytes; median (min–max) of {n} run(s)\n",
+            o.handshakes_for.as_secs_f64()
+        ));
+        let mut rows = Vec::new();
+        for kind in [handshake::Kind::Full, handshake::Kind::Resumed] {
+            let hs: Vec<&handshake::HandshakeRun> = handshakes.iter().filter(|h| h.kind == kind).collect();
+            let col = |f: fn(&handshake::HandshakeRun) -> f64| {
+                Spread::of(&hs.iter().map(|h| f(h)).collect::<Vec<_>>())
+            };
+            let (ok, resumed) = hs.iter().fold((0, 0), |a, h| (a.0 + h.ok, a.1 + h.resumed));
+            rows.push(vec![
+                kind.label().to_owned(),
+                col(|h| h.per_second).show(0),
+                col(|h| h.p50_ms).show(3),
+                col(|h| h.p99_ms).show(3),
+                col(|h| h.server_cpu_us).show(0),
+                col(|h| h.client_cpu_us).show(0),
+                format!("{resumed} of {ok}"),
+                hs.iter().map(|h| h.errors).sum::<u64>().to_string(),
+            ]);
+        }
+        out.push_str(&table(
+            &[
+                "handshake",
+                "conn/s",
+                "p50 ms",
+                "p99 ms",
+                "server CPU µs/conn",
+                "client CPU µs/conn",
+                "resumed",
+                "errors",
+            ],
+            &rows,
+        ));
+    }
+    out
+}
+
+/// Every set-up against `direct` and the mTLS pair against the plain one, per protocol
+/// and mode: medians of the paired repeats.
+fn ratios(runs: &[Run]) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    let mut keys: Vec<(Proto, Mode, Setup)> = runs.iter().map(|r| (r.proto, r.mode, r.setup)).collect();
+    keys.sort_by_key(|k| (k.0 as u8, k.1, k.2));
+    keys.dedup();
+    for (proto, mode, setup) in keys {
+        let bases: &[Setup] = match setup {
+            Setup::Direct => &[],
+            Setup::Ballast2Mtls => &[Setup::Direct, Setup::Ballast2],
+            _ => &[Setup::Direct],
+        };
+        for &base in bases {
+            let pairs: Vec<(&Run, &Run)> = runs
+                .iter()
+                .filter(|r| r.proto == proto && r.mode == mode && r.setup == setup)
+                .filter_map(|r| {
+                    runs.iter()
+                        .find(|b| {
+                            b.proto == proto && b.mode == mode && b.setup == base && b.repeat == r.repeat
+                        })
+                        .map(|b| (r, b))
+                })
+                .collect();
+            if pairs.is_empty() {
+                continue;
+            }
+            let of = |f: &dyn Fn(&Run, &Run) -> f64| {
+                Spread::of(&pairs.iter().map(|(r, b)| f(r, b)).collect::<Vec<_>>())
+            };
+            out.push(Ratio {
+                proto,
+                mode,
+                setup,
+                base,
+                p50: of(&|r, b| r.p50_ms / b.p50_ms),
+                p99: of(&|r, b| r.p99_ms / b.p99_ms),
+                p50_added_ms: of(&|r, b| r.p50_ms - b.p50_ms),
+                p99_added_ms: of(&|r, b| r.p99_ms - b.p99_ms),
+                requests_per_second: of(&|r, b| r.requests_per_second / b.requests_per_second),
+                cpu_per_1k_per_proxy: of(&|r, b| r.cpu_per_1k_per_proxy() / b.cpu_per_1k_per_proxy()),
+            });
+        }
     }
     out
 }

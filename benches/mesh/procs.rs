@@ -33,6 +33,14 @@ pub struct Proxy {
     stderr_path: PathBuf,
 }
 
+/// Where a sidecar's configuration comes from.
+pub enum Source<'a> {
+    /// A static configuration file with this content.
+    File(&'a str),
+    /// A control plane at `url`, with more flags (identity, `--service`, ...).
+    ControlPlane { url: &'a str, args: &'a [String] },
+}
+
 /// Ports of one Ballast sidecar.
 #[derive(Debug, Clone, Copy)]
 pub struct SidecarAddrs {
@@ -51,15 +59,34 @@ impl Proxy {
         app: SocketAddr,
         cpu: usize,
     ) -> Result<(Self, SidecarAddrs), String> {
+        Self::sidecar_from(bin, name, Source::File(config), app, cpu)
+    }
+
+    /// A Ballast sidecar configured from `source`; with a control plane, `args` are its
+    /// identity and registration flags, where `{inbound}` stands for its inbound address.
+    pub fn sidecar_from(
+        bin: &Path,
+        name: &str,
+        source: Source<'_>,
+        app: SocketAddr,
+        cpu: usize,
+    ) -> Result<(Self, SidecarAddrs), String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let cfg = dir.path().join("config.yaml");
-        std::fs::write(&cfg, config).map_err(|e| e.to_string())?;
         let addrs = SidecarAddrs { outbound: free_addr(), inbound: free_addr(), admin: free_addr() };
         let mut cmd = Command::new(bin);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--outbound-addr")
+        cmd.arg("run");
+        match source {
+            Source::File(config) => {
+                let cfg = dir.path().join("config.yaml");
+                std::fs::write(&cfg, config).map_err(|e| e.to_string())?;
+                cmd.arg("--config").arg(&cfg);
+            }
+            Source::ControlPlane { url, args } => {
+                cmd.arg("--control-plane").arg(url);
+                cmd.args(args.iter().map(|a| a.replace("{inbound}", &addrs.inbound.to_string())));
+            }
+        }
+        cmd.arg("--outbound-addr")
             .arg(addrs.outbound.to_string())
             .arg("--inbound-addr")
             .arg(addrs.inbound.to_string())
@@ -120,16 +147,7 @@ impl Proxy {
     /// User and system CPU time of the whole process (all threads), in seconds. On
     /// loopback the system part includes delivering each write to the receiving socket.
     pub fn cpu_split(&self) -> (f64, f64) {
-        let nan = (f64::NAN, f64::NAN);
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) else { return nan };
-        // Fields after the parenthesised command name; utime and stime are the 14th and
-        // 15th fields of the line, the 12th and 13th after it.
-        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { return nan };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        (ticks(11) / hz, ticks(12) / hz)
+        cpu_split(self.pid())
     }
 
     fn status_kib(&self, field: &str) -> f64 {
@@ -162,6 +180,20 @@ impl Drop for Proxy {
     }
 }
 
+/// User and system CPU time of process `pid` (all threads), in seconds.
+pub fn cpu_split(pid: u32) -> (f64, f64) {
+    let nan = (f64::NAN, f64::NAN);
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return nan };
+    // Fields after the parenthesised command name; utime and stime are the 14th and
+    // 15th fields of the line, the 12th and 13th after it.
+    let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { return nan };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) / hz, ticks(12) / hz)
+}
+
 /// A plain HTTP/1.1 GET; the status code.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
@@ -173,6 +205,31 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
         .get(9..12)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other("no status line"))
+}
+
+/// Polls `ready` every 20 ms until it holds, for at most `limit`.
+pub fn wait_for(what: &str, limit: Duration, ready: impl Fn() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("timed out after {limit:?} waiting for {what}"))
+}
+
+/// The value of one sample (`name{labels}` exactly as exposed) on a sidecar's admin
+/// `/metrics`.
+pub fn metric(admin: SocketAddr, sample: &str) -> Option<f64> {
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Opens `n` HTTP/1.1 keep-alive connections to `addr`, makes one request on each and

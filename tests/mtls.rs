@@ -175,6 +175,14 @@ fn sidecars_use_mutual_tls_and_the_app_learns_the_verified_caller() {
         "{metrics}"
     );
     promtool_check(&metrics);
+    // And in the server sidecar's per-request log line.
+    let logged = server.log();
+    assert!(
+        logged.lines().any(|l| l.contains("ballast_sidecar::access")
+            && l.contains("direction=\"inbound\"")
+            && l.contains(&format!("peer_identity=\"{WEB}\""))),
+        "{logged}"
+    );
     assert!(client.metric(r#"ballast_identity_certify_total{result="issued"}"#) >= 1.0);
     assert!(client.metric("ballast_identity_certificate_expiry_timestamp_seconds") > 0.0);
 

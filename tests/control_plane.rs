@@ -173,6 +173,9 @@ fn sidecars_get_their_configuration_and_endpoints_from_the_control_plane() {
     wait_until("payments answers through the mesh", || call(&client, "payments").0 == 200);
     let (status, body) = call(&client, "payments.shop.svc.cluster.local");
     assert_eq!(status, 200, "{body}");
+    wait_until("both sidecars acked the latest version", || {
+        pods(&cp.json(&["get", "proxies", "-o", "json"]), "SYNCED").len() == 2
+    });
     let proxies = cp.json(&["get", "proxies", "-o", "json"]);
     assert_eq!(pods(&proxies, "SYNCED"), ["payments-1", "web-1"], "{proxies}");
     assert_eq!(client.metric("ballast_control_plane_connected"), 1.0);
@@ -438,13 +441,13 @@ fn injected_containers_run_with_what_the_injector_gives_them() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let proxies = cp.json(&["get", "proxies", "-n", "shop", "-o", "json"]);
-    let me = proxies
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["pod"] == "web-7f9c4-x2x8q")
-        .unwrap_or_else(|| panic!("the injected proxy is not listed: {proxies}"));
+    // Its own registration makes a new version that it acks a moment after /ready.
+    let listed = || {
+        let proxies = cp.json(&["get", "proxies", "-n", "shop", "-o", "json"]);
+        proxies.as_array().into_iter().flatten().find(|p| p["pod"] == "web-7f9c4-x2x8q").cloned()
+    };
+    wait_until("the injected proxy is listed and synced", || listed().is_some_and(|p| p["state"] == "SYNCED"));
+    let me = listed().expect("the injected proxy is listed");
     assert_eq!(me["namespace"], "shop", "{me}");
     assert_eq!(me["service"], "web", "{me}");
     assert_eq!(me["address"], format!("127.0.0.1:{inbound}"), "{me}");

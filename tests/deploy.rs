@@ -8,7 +8,12 @@
 //! wired from the control plane's CA through the injector to the scrape); and the alerts
 //! pass `promtool check rules` and their unit tests, naming only metrics that exist.
 
+mod support;
+#[path = "../control-plane/tests/support/venv.rs"]
+mod venv;
+
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -46,32 +51,15 @@ fn output_text(out: &Output) -> String {
 
 /// `kubectl kustomize DIR`, failing loudly when kubectl is missing or the build fails.
 fn kustomize(dir: &str) -> String {
-    let out = Command::new("kubectl").arg("kustomize").arg(root().join(dir)).output().unwrap_or_else(|e| {
-        panic!(
-            "cannot run kubectl ({e}): this test renders deploy/ with `kubectl kustomize` \
-                 (kubectl with kustomize v5); install kubectl (scripts/test.sh does)"
-        )
-    });
-    assert!(out.status.success(), "kubectl kustomize {dir} failed:\n{}", output_text(&out));
-    String::from_utf8(out.stdout).expect("kustomize prints UTF-8")
-}
-
-/// The test virtualenv's Python, with PyYAML, jsonschema and kubernetes-validate.
-fn python() -> PathBuf {
-    let py = root().join("target/venv/bin/python");
-    assert!(
-        py.exists(),
-        "{} is missing: create the Python test virtualenv with `bash scripts/test.sh`, or \
-         `python3 -m venv target/venv && target/venv/bin/pip install -r tests/python/requirements.txt`",
-        py.display()
-    );
-    py
+    let out = venv::kubectl([OsStr::new("kustomize"), root().join(dir).as_os_str()]);
+    String::from_utf8(out).expect("kustomize prints UTF-8")
 }
 
 /// Runs the validator on `NAME=FILE` arguments; returns the parsed documents by name.
 fn run_validator(dir: &Path, inputs: &[(String, PathBuf)], parse_only: bool) -> BTreeMap<String, Vec<Value>> {
     let json = dir.join(if parse_only { "parsed.json" } else { "validated.json" });
-    let mut cmd = Command::new(python());
+    let python = venv::python();
+    let mut cmd = Command::new(&python);
     cmd.arg(root().join("tests/python/validate_manifests.py"))
         .args(["--kube-version", KUBE_VERSION, "--out"])
         .arg(&json);
@@ -81,7 +69,7 @@ fn run_validator(dir: &Path, inputs: &[(String, PathBuf)], parse_only: bool) -> 
     for (name, path) in inputs {
         cmd.arg(format!("{name}={}", path.display()));
     }
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
     assert!(out.status.success(), "validate_manifests.py found problems:\n{}", output_text(&out));
     serde_json::from_slice(&std::fs::read(&json).expect("the validator wrote its JSON"))
         .expect("the validator's JSON parses")
@@ -574,20 +562,48 @@ fn check_webhook(variant: &str, objs: &[Value], p: &mut Problems) {
     }
 }
 
-/// The `--flag`s in `args` are fields of the binary's clap struct (`flag_name:` in
-/// `source`, or `long = "flag-name"`), so a renamed flag fails here rather than in a
-/// crash-looping pod.
-fn check_flags(w: &str, args: &[String], source_path: &str, p: &mut Problems) {
-    let source = std::fs::read_to_string(root().join(source_path)).expect("read the CLI source");
-    for a in args.iter().filter_map(|a| a.strip_prefix("--")) {
-        let flag = a.split('=').next().unwrap_or("");
-        let field = flag.replace('-', "_");
-        let defined = source.lines().any(|l| {
-            let l = l.trim_start();
-            let l = l.strip_prefix("pub ").unwrap_or(l);
-            l.starts_with(&format!("{field}:")) || l.contains(&format!("long = \"{flag}\""))
-        });
-        p.check(defined, || format!("{w}: flag --{flag} is not defined in {source_path}"));
+/// The long flags `binary --help` lists (the built binary, `target/<profile>/`), each with
+/// whether it takes a value (`--flag <VALUE>`) or is a switch.
+fn help_flags(binary: &str) -> BTreeMap<String, bool> {
+    let path = support::binary(binary);
+    let out = Command::new(&path)
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
+    assert!(out.status.success(), "{} --help failed:\n{}", path.display(), output_text(&out));
+    let help = String::from_utf8(out.stdout).expect("--help prints UTF-8");
+    // clap lists each option on a line of its own ("  -h, --help", "      --addr <ADDR>");
+    // the descriptions under it are indented further and may name other flags.
+    let flags: BTreeMap<String, bool> = help
+        .lines()
+        .filter(|l| l.len() - l.trim_start().len() <= 6 && l.trim_start().starts_with('-'))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace().skip_while(|w| !w.starts_with("--"));
+            let flag = words.next()?.trim_end_matches(',').to_owned();
+            Some((flag, words.next().is_some_and(|w| w.starts_with('<'))))
+        })
+        .collect();
+    assert!(flags.contains_key("--help"), "no flags found in {} --help:\n{help}", path.display());
+    flags
+}
+
+/// The `--flag`s in `args` are flags the built binary lists in its `--help`, given a value
+/// (`--flag=VALUE`, or the next argument) when it takes one and none when it is a switch,
+/// so a renamed flag fails here rather than in a crash-looping pod.
+fn check_flags(w: &str, args: &[String], binary: &str, p: &mut Problems) {
+    let known = help_flags(binary);
+    for (i, a) in args.iter().enumerate().filter(|(_, a)| a.starts_with("--")) {
+        let (flag, value) = match a.split_once('=') {
+            Some((flag, _)) => (flag, true),
+            None => (a.as_str(), args.get(i + 1).is_some_and(|next| !next.starts_with('-'))),
+        };
+        match known.get(flag) {
+            None => p.0.push(format!("{w}: {binary} has no flag {flag} (see {binary} --help)")),
+            Some(&takes) => p.check(takes == value, || {
+                let want = if takes { "takes a value" } else { "is a switch, given no value" };
+                format!("{w}: {flag} {want} ({a:?})")
+            }),
+        }
     }
 }
 
@@ -662,7 +678,7 @@ fn check_control_plane(variant: &str, objs: &[Value], p: &mut Problems) {
     ] {
         p.check(args.iter().any(|a| a == want), || format!("{w}: args {args:?} lack {want}"));
     }
-    check_flags(&w, &args, "control-plane/src/bin/ballast-control-plane.rs", p);
+    check_flags(&w, &args, "ballast-control-plane", p);
     p.check(
         env_var(c, "POD_NAME").and_then(|e| s(e, "/valueFrom/fieldRef/fieldPath")) == Some("metadata.name"),
         || format!("{w}: POD_NAME does not come from the downward API"),
@@ -837,7 +853,7 @@ fn check_injector(variant: &str, objs: &[Value], proxy_image: &str, p: &mut Prob
         return;
     };
     let args = strs(c, "/args");
-    check_flags(&w, &args, "injector/src/main.rs", p);
+    check_flags(&w, &args, "ballast-injector", p);
     let mut want = vec![
         "--addr=0.0.0.0:8443".to_owned(),
         "--proxy-image=$(PROXY_IMAGE)".to_owned(),
@@ -845,7 +861,7 @@ fn check_injector(variant: &str, objs: &[Value], proxy_image: &str, p: &mut Prob
     ];
     // The trust anchors: the control plane's ConfigMap, mounted (optional, so the injector
     // starts before it exists), read from the file its key becomes.
-    let anchors = flag_value(&args, "--identity-trust-anchors");
+    let anchors = flag_value(&args, "--identity-trust-anchors-file");
     let mounted = anchors.and_then(|f| volume_of_file(pod, c, f)).is_some_and(|(v, name)| {
         s(v, "/configMap/name") == Some(TRUST_ANCHORS.0)
             && v.pointer("/configMap/optional") == Some(&Value::Bool(true))
@@ -853,7 +869,7 @@ fn check_injector(variant: &str, objs: &[Value], proxy_image: &str, p: &mut Prob
     });
     p.check(mounted, || {
         format!(
-            "{w}: --identity-trust-anchors {anchors:?} is not the key {} of the ConfigMap {} (optional), mounted read-only",
+            "{w}: --identity-trust-anchors-file {anchors:?} is not the key {} of the ConfigMap {} (optional), mounted read-only",
             TRUST_ANCHORS.1, TRUST_ANCHORS.0
         )
     });

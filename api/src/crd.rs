@@ -55,7 +55,6 @@
 //! is just a key. The generated CRD quotes such keys itself.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -110,12 +109,6 @@ use crate::{Duration, FieldError, ObjectMeta, ResiliencePolicy};
                    (inbound). A missing section turns that mechanism off."
 )]
 pub struct ResiliencePolicySpec(pub PolicySpec);
-
-impl From<PolicySpec> for ResiliencePolicySpec {
-    fn from(spec: PolicySpec) -> Self {
-        Self(spec)
-    }
-}
 
 /// What the control plane reports about a policy: whether the generation it last read was
 /// accepted, as an `Accepted` condition (`kubectl wait --for=condition=Accepted` works).
@@ -215,11 +208,6 @@ impl ResiliencePolicyStatus {
             None => self.conditions.push(c),
         }
     }
-
-    /// The `Accepted` condition, if the control plane has written one.
-    pub fn accepted(&self) -> Option<&Condition> {
-        self.conditions.iter().find(|c| c.type_ == ACCEPTED)
-    }
 }
 
 /// The message of an `Invalid` condition: every error, each naming its field.
@@ -264,16 +252,6 @@ pub fn to_policy(r: &ResiliencePolicyResource) -> Result<ResiliencePolicy, Field
         },
         spec: r.spec.0.clone(),
     })
-}
-
-/// The custom resource for a policy read from a file (`ballastctl`'s form), without status.
-pub fn from_policy(p: &ResiliencePolicy) -> ResiliencePolicyResource {
-    let non_empty = |m: &BTreeMap<String, String>| (!m.is_empty()).then(|| m.clone());
-    let mut r = ResiliencePolicyResource::new(&p.metadata.name, ResiliencePolicySpec(p.spec.clone()));
-    r.metadata.namespace = p.metadata.namespace.clone();
-    r.metadata.labels = non_empty(&p.metadata.labels);
-    r.metadata.annotations = non_empty(&p.metadata.annotations);
-    r
 }
 
 /// The CustomResourceDefinition object.
@@ -557,7 +535,13 @@ mod tests {
                     spec:\n  targetRef: {service: payments}\n  retries: {attempts: 2, on: [reset]}\n";
         let docs = crate::document::parse_documents(yaml, "p.yaml").expect("valid policy");
         let crate::Document::Policy(p) = &docs[0].1 else { panic!("not a policy") };
-        let r = from_policy(p);
+        // The same policy as the API server sends the custom resource.
+        let json = serde_json::json!({
+            "apiVersion": "ballast.io/v1alpha1", "kind": "ResiliencePolicy",
+            "metadata": {"name": "p", "namespace": "shop", "labels": {"team": "pay"}, "uid": "u1", "generation": 1},
+            "spec": {"targetRef": {"service": "payments"}, "retries": {"attempts": 2, "on": ["reset"]}},
+        });
+        let r: ResiliencePolicyResource = serde_json::from_value(json).expect("deserializes");
         assert_eq!(r.metadata.namespace.as_deref(), Some("shop"));
         let json = serde_json::to_value(&r).expect("serializes");
         assert_eq!(json["spec"]["retries"]["on"][0], "reset");
@@ -569,6 +553,11 @@ mod tests {
         assert_eq!(to_policy(&nameless).unwrap_err().field, "metadata.name");
     }
 
+    /// The `Accepted` condition of `s`.
+    fn accepted(s: &ResiliencePolicyStatus) -> &Condition {
+        s.conditions.iter().find(|c| c.type_ == ACCEPTED).expect("written")
+    }
+
     #[test]
     fn the_accepted_condition_moves_only_when_its_status_does() {
         let t0 = Time(k8s_openapi::jiff::Timestamp::from_second(1_000).expect("in range"));
@@ -577,14 +566,14 @@ mod tests {
         assert!(s.set_accepted(AcceptedReason::Accepted, "pushed", Some(1), t0.clone()));
         assert!(!s.set_accepted(AcceptedReason::Accepted, "pushed", Some(1), t1.clone()));
         assert!(s.set_accepted(AcceptedReason::Accepted, "pushed", Some(2), t1.clone()));
-        let c = s.accepted().expect("written");
+        let c = accepted(&s);
         assert_eq!(
             (c.status.as_str(), &c.last_transition_time, s.observed_generation),
             ("True", &t0, Some(2))
         );
         let errs = [FieldError::new("spec.a", "bad"), FieldError::new("spec.b", "worse")];
         s.set_accepted(AcceptedReason::Invalid, invalid_message(&errs), Some(3), t1.clone());
-        let c = s.accepted().expect("written");
+        let c = accepted(&s);
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Invalid"));
         assert_eq!(c.message, "spec.a: bad; spec.b: worse");
         assert_eq!((&c.last_transition_time, c.observed_generation), (&t1, Some(3)));

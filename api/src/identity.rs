@@ -165,6 +165,24 @@ impl IdentityPattern {
     }
 }
 
+/// The workload identity a certificate (DER) carries: its one `spiffe://` URI SAN. None
+/// when it has none, more than one (which one would be meant?), or one that is not a
+/// workload's SPIFFE ID. The chain must have been verified already: this only reads.
+#[cfg(feature = "x509")]
+pub fn from_certificate(der: &[u8]) -> Option<Identity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
+        _ => None,
+    });
+    let uri = uris.next()?;
+    if uris.next().is_some() {
+        return None;
+    }
+    uri.parse().ok()
+}
+
 /// A DNS-1123 subdomain, as Kubernetes requires of service account names.
 pub fn dns_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(crate::policy::dns_label)

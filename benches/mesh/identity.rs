@@ -1,8 +1,9 @@
 //! An in-process control plane with workload identity on (a CA it generates in its
 //! embedded store) and workload identities certified by it through the sidecar's own
 //! code (`MeshIdentity`, `certify::run`), so the certificates and rustls configurations
-//! measured are the ones sidecars use. Shared by the mTLS scenarios of the harness and
-//! the handshake benchmarks of `hot_paths.rs` (included there by path).
+//! measured are the ones sidecars use. Shared by the mTLS scenarios of the harness, the
+//! handshake benchmarks of `hot_paths.rs` and the end-to-end `tests/mtls.rs` (included
+//! there by path).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,9 +19,9 @@ use ballast_sidecar::metrics::Metrics;
 /// The control plane, on a runtime of its own (one thread) that runs while the caller
 /// measures.
 pub struct MeshCa {
-    rt: tokio::runtime::Runtime,
-    cp: Option<ControlPlane>,
-    store: Store,
+    pub rt: tokio::runtime::Runtime,
+    pub cp: Option<ControlPlane>,
+    pub store: Store,
     /// PEM: the CA certificate sidecars are given as `--identity-trust-anchors`.
     pub anchors: String,
     /// Ends the renewal loops of the identities made by [`MeshCa::workload`].
@@ -28,14 +29,21 @@ pub struct MeshCa {
 }
 
 impl MeshCa {
+    /// With the control plane's default certificate lifetime (24 h).
     pub fn start() -> Result<Self, String> {
+        Self::with_lifetime(CaOptions::default().certificate_lifetime)
+    }
+
+    /// With certificates valid for `lifetime` (short ones make tests renew).
+    pub fn with_lifetime(lifetime: Duration) -> Result<Self, String> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
         let store = Store::memory();
-        let opts = Options { identity: Some(CaOptions::default()), ..Options::loopback("bench") };
+        let identity = CaOptions { certificate_lifetime: lifetime, ..CaOptions::default() };
+        let opts = Options { identity: Some(identity), ..Options::loopback("bench") };
         let cp = rt
             .block_on(ControlPlane::start_on(store.clone(), opts))
             .map_err(|e| format!("control plane: {e}"))?;
@@ -61,6 +69,24 @@ impl MeshCa {
                 Duration::from_secs(24 * 3600),
             ))
             .map_err(|e| format!("bootstrap token: {e}"))
+    }
+
+    /// The flags that make a `ballast-sidecar run` join this mesh as `pod` of
+    /// `namespace/service_account` (with a fresh bootstrap token); `--control-plane` is
+    /// [`MeshCa::url`].
+    pub fn sidecar_args(&self, namespace: &str, pod: &str, service_account: &str) -> Result<Vec<String>, String> {
+        Ok(vec![
+            "--namespace".to_owned(),
+            namespace.to_owned(),
+            "--pod".to_owned(),
+            pod.to_owned(),
+            "--service-account".to_owned(),
+            service_account.to_owned(),
+            // `=`: the PEM starts with dashes, which would read as a flag.
+            format!("--identity-trust-anchors={}", self.anchors),
+            "--identity-token".to_owned(),
+            self.token(namespace, service_account)?,
+        ])
     }
 
     /// A workload identity for `namespace/service_account` in this process, holding a

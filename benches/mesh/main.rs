@@ -376,18 +376,7 @@ impl Bed {
         )?;
         let ca = identity::MeshCa::start()?;
         let meshed = |name: &str, account: &str, extra: &[&str], app: SocketAddr| {
-            let mut args = vec![
-                "--namespace".to_owned(),
-                MTLS_NAMESPACE.to_owned(),
-                "--pod".to_owned(),
-                name.to_owned(),
-                "--service-account".to_owned(),
-                account.to_owned(),
-                // `=`: the PEM starts with dashes, which would read as a flag.
-                format!("--identity-trust-anchors={}", ca.anchors),
-                "--identity-token".to_owned(),
-                ca.token(MTLS_NAMESPACE, account)?,
-            ];
+            let mut args = ca.sidecar_args(MTLS_NAMESPACE, name, account)?;
             args.extend(extra.iter().map(|a| (*a).to_owned()));
             let url = ca.url();
             Proxy::sidecar_from(

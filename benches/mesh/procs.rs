@@ -95,6 +95,9 @@ impl Proxy {
             .arg("--app-addr")
             .arg(app.to_string())
             .args(["--workers", "1"])
+            // Only loopback: a Host the mesh does not know yet (before a registration
+            // arrives) must not become a DNS lookup.
+            .arg("--egress-dns=false")
             .env("BALLAST_LOG", "warn");
         let proxy = Self::spawn(name, cmd, dir, cpu)?;
         proxy.wait_ready(|| http_get(addrs.admin, "/ready").is_ok_and(|s| s == 200))?;

@@ -274,11 +274,15 @@ async fn create_token(ctx: &AdminContext, body: &[u8]) -> Result<Value, ApiError
     };
     use crate::identity::tokens::TokenError;
     match crate::identity::tokens::issue(&ctx.store, &ctx.keys, &r.namespace, &r.service_account, ttl).await {
-        Ok(t) => Ok(json!({
-            "token": t.token,
-            "expiresAt": t.expires_at,
-            "identity": format!("spiffe://{}/ns/{}/sa/{}", identity.trust_domain, r.namespace, r.service_account),
-        })),
+        Ok(t) => {
+            let id = ballast_api::identity::Identity::new(
+                &identity.trust_domain,
+                &r.namespace,
+                &r.service_account,
+            )
+            .map_err(|e| ApiError::new(400, e.to_string()))?;
+            Ok(json!({"token": t.token, "expiresAt": t.expires_at, "identity": id.to_string()}))
+        }
         Err(e @ TokenError::Store(_)) => Err(ApiError::new(503, e.to_string())),
         Err(e @ TokenError::Random) => Err(ApiError::new(500, e.to_string())),
         Err(e) => Err(ApiError::new(400, e.to_string())),

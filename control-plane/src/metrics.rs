@@ -171,7 +171,7 @@ impl Metrics {
                 &registry,
                 IntCounter::new(
                     "ballast_control_plane_kubernetes_full_syncs_total",
-                    "Full comparisons of everything watched in Kubernetes with the store (on becoming leader, on every re-list, after a failure).",
+                    "Full resyncs: every ResiliencePolicy, Service and EndpointSlice compared with a full read of the store. One when a new leader term has listed all three kinds, one per later re-list of any kind, one per retry after a failed pass.",
                 )
                 .expect("valid counter"),
             ),

@@ -180,8 +180,7 @@ impl discovery_server::Discovery for Push {
         };
         let mut sidecar = Sidecar::from_hello(hello).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if let Some(id) = &identity
-            && let Ok(parsed) = id.parse::<ballast_api::identity::Identity>()
-            && parsed.namespace != sidecar.status.namespace
+            && id.namespace != sidecar.status.namespace
         {
             // A certificate binds a workload to its namespace: it registers and
             // configures itself there only.
@@ -190,7 +189,7 @@ impl discovery_server::Discovery for Push {
                 sidecar.status.namespace
             )));
         }
-        sidecar.status.identity = identity;
+        sidecar.status.identity = identity.map(|id| id.to_string());
         tracing::info!(pod = %sidecar.status.pod, namespace = %sidecar.status.namespace, identity = ?sidecar.status.identity, ?peer, "sidecar connected");
         let (tx, rx) = mpsc::channel(4);
         let (inbound_tx, inbound_rx) = mpsc::channel(16);

@@ -8,6 +8,9 @@
 //! strict field validation and the CRD's CEL rules). Missing tools fail the test with the
 //! command that installs them: a skipped check would pass a schema nobody checked.
 
+#[path = "support/venv.rs"]
+mod venv;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -221,42 +224,15 @@ fn the_schema_is_structural() {
 
 // ---- Tools ----
 
-fn python() -> PathBuf {
-    let p = root().join("target/venv/bin/python");
-    assert!(
-        p.exists(),
-        "{} is missing: the schema check needs the test virtualenv. Create it with\n  \
-         python3 -m venv target/venv && target/venv/bin/pip install -r tests/python/requirements.txt\n\
-         (scripts/test.sh does this)",
-        p.display()
-    );
-    p
-}
-
 /// Documents as `kubectl apply` would send them: kubectl's own YAML reading (YAML 1.1, where
 /// an unquoted `on` key is `true`), without a cluster.
 fn kubectl_read(yaml: &str) -> Vec<Value> {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let file = dir.path().join("docs.yaml");
     std::fs::write(&file, yaml).expect("write the documents");
-    let out = Command::new("kubectl")
-        .args(["label", "--local", "-o", "json", "-f"])
-        .arg(&file)
-        .arg("ballast-schema-check=1")
-        .env("KUBECONFIG", dir.path().join("none"))
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run kubectl ({e}): it reads the documents as kubectl apply does. \
-                 Install it: apt-get install -y kubectl (scripts/test.sh does this)"
-            )
-        });
-    assert!(
-        out.status.success(),
-        "kubectl could not read the documents: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::Deserializer::from_slice(&out.stdout)
+    let file = file.display().to_string();
+    let out = venv::kubectl(["label", "--local", "-o", "json", "-f", &file, "ballast-schema-check=1"]);
+    serde_json::Deserializer::from_slice(&out)
         .into_iter::<Value>()
         .map(|d| {
             let mut d = d.expect("kubectl prints JSON");
@@ -283,7 +259,7 @@ fn schema_check(docs: &[Value]) -> Vec<SchemaResult> {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let crd_file = dir.path().join("crd.json");
     std::fs::write(&crd_file, crd_json().to_string()).expect("write the CRD");
-    let mut child = Command::new(python())
+    let mut child = Command::new(venv::python())
         .arg(root().join("tests/python/schema_check.py"))
         .arg(&crd_file)
         .stdin(Stdio::piped())

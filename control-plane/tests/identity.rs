@@ -28,14 +28,12 @@ use ballast_control_plane::store::Store;
 use http::Method;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use serde_json::{Value, json};
-use support::Backend;
 use support::identity::{
     ADMIN_TOKEN, IdentityApi, anchors, certificate, certify, channel, csr, options, start,
 };
+use support::{Backend, WAIT, metric, output_within, until};
 use tonic::Code;
 use x509_parser::prelude::*;
-
-const WAIT: Duration = Duration::from_secs(10);
 
 fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
@@ -99,6 +97,7 @@ async fn a_bootstrap_token_buys_a_certificate_for_exactly_its_identity(store: St
     let asked = csr(&key, &["evil.example"], &["spiffe://cluster.local/ns/kube-system/sa/admin"]);
     let before = now();
     let r = certify(&ch, "shop", "payments", &t, asked).await.expect("a certificate");
+    let after = now();
     assert_eq!(r.identity, "spiffe://cluster.local/ns/shop/sa/payments");
     let anchor = pem_der(&anchors(&cp));
     assert_eq!(r.trust_anchors, vec![anchor.clone()]);
@@ -123,18 +122,24 @@ async fn a_bootstrap_token_buys_a_certificate_for_exactly_its_identity(store: St
     let (not_before, not_after) =
         (leaf.validity().not_before.timestamp(), leaf.validity().not_after.timestamp());
     assert_eq!(not_after, r.not_after);
-    assert!((before + 3600 - 2..=now() + 3600).contains(&not_after), "not_after {not_after}, now {before}");
     assert!(
-        (before - 62..=before - 58).contains(&not_before),
-        "not_before {not_before} allows a minute of skew"
+        (before + 3600 - 1..=after + 3600 + 1).contains(&not_after),
+        "not_after {not_after}, asked between {before} and {after}"
+    );
+    // Issued between `before` and `after`, valid from a minute earlier.
+    assert!(
+        (before - 61..=after - 59).contains(&not_before),
+        "not_before {not_before} allows a minute of skew (asked between {before} and {after})"
     );
     verify(&r.certificate_chain, &anchor, "payments.shop.serviceaccount.identity.ballast.cluster.local");
     let metrics = metrics(&cp).await;
-    assert!(
-        metrics.contains("ballast_control_plane_certificates_issued_total{result=\"issued\"} 1"),
-        "{metrics}"
-    );
+    assert_eq!(metric(&metrics, &issued("issued")), 1.0, "{metrics}");
     cp.stop().await;
+}
+
+/// The series of `ballast_control_plane_certificates_issued_total` for `result`.
+fn issued(result: &str) -> String {
+    format!("ballast_control_plane_certificates_issued_total{{result=\"{result}\"}}")
 }
 
 fn pem_der(pem: &str) -> Vec<u8> {
@@ -194,8 +199,8 @@ async fn a_token_for_another_service_account_buys_nothing() {
     let e = certify(&ch, "shop", "we_b", &t, csr(&key, &[], &[])).await.expect_err("bad name");
     assert!(e.message().starts_with("service_account:"), "{}", e.message());
     let m = metrics(&cp).await;
-    assert!(m.contains("result=\"denied\"} 2"), "{m}");
-    assert!(m.contains("result=\"invalid\"} 2"), "{m}");
+    assert_eq!(metric(&m, &issued("denied")), 2.0, "{m}");
+    assert_eq!(metric(&m, &issued("invalid")), 2.0, "{m}");
     cp.stop().await;
 }
 
@@ -267,7 +272,7 @@ async fn unknown_and_expired_tokens_are_unauthenticated() {
         assert!(e.message().contains(says), "{what}: {}", e.message());
     }
     let m = metrics(&cp).await;
-    assert!(m.contains("result=\"unauthenticated\"} 4"), "{m}");
+    assert_eq!(metric(&m, &issued("unauthenticated")), 4.0, "{m}");
     cp.stop().await;
 }
 
@@ -277,22 +282,12 @@ async fn start_kubernetes(api: &IdentityApi, ca: CaSource) -> ControlPlane {
     ControlPlane::start_with(Store::memory(), opts, Some(api.client())).await.expect("starts")
 }
 
-async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn service_account_tokens_are_reviewed_by_kubernetes() {
     let api = IdentityApi::new();
+    // Without audiences of its own, the fake answers with those the review asked for.
     let sa = |ns: &str, name: &str| {
-        json!({"authenticated": true, "audiences": ["ballast"],
+        json!({"authenticated": true,
                "user": {"username": format!("system:serviceaccount:{ns}:{name}"), "uid": "u1"}})
     };
     api.review("payments-token", sa("shop", "payments"));
@@ -301,6 +296,13 @@ async fn service_account_tokens_are_reviewed_by_kubernetes() {
     api.review(
         "api-audience-token",
         json!({"authenticated": true, "audiences": ["https://kubernetes.default.svc"],
+               "user": {"username": "system:serviceaccount:shop:payments"}}),
+    );
+    // Authenticated, but with no audiences in the answer: valid for the API server's own
+    // audience, not for Ballast's.
+    api.review(
+        "no-audience-token",
+        json!({"authenticated": true, "audiences": null,
                "user": {"username": "system:serviceaccount:shop:payments"}}),
     );
     api.review("user-token", json!({"authenticated": true, "user": {"username": "alice"}}));
@@ -325,6 +327,7 @@ async fn service_account_tokens_are_reviewed_by_kubernetes() {
         ("expired-token", "token has expired"),
         ("unknown-token", "invalid bearer token"),
         ("api-audience-token", "audiences"),
+        ("no-audience-token", "audiences"),
         ("user-token", "not a service account"),
     ] {
         let e = certify(&ch, "shop", "payments", token, csr(&key, &[], &[])).await.expect_err(token);
@@ -337,7 +340,7 @@ async fn service_account_tokens_are_reviewed_by_kubernetes() {
         .filter(|(m, p, _)| m == Method::POST && p.ends_with("/tokenreviews"))
         .map(|(_, _, b)| b)
         .collect();
-    assert_eq!(reviews.len(), 6);
+    assert_eq!(reviews.len(), 7);
     for r in &reviews {
         assert_eq!(r["spec"]["audiences"], json!(["ballast"]), "{r}");
         assert_eq!(r["kind"], "TokenReview");
@@ -347,7 +350,7 @@ async fn service_account_tokens_are_reviewed_by_kubernetes() {
     certify(&ch, "shop", "web", &t, csr(&key, &[], &[])).await.expect("bootstrap token");
 
     let pem = anchors(&cp);
-    until("the trust anchors in the ConfigMap", || {
+    until("the trust anchors in the ConfigMap", || async {
         api.get("configmaps", "ballast-system", "ballast-trust-anchors")
             .filter(|cm| cm["data"]["ca.crt"].as_str() == Some(pem.as_str()))
     })
@@ -628,21 +631,23 @@ async fn replicas_on_one_store_share_the_generated_ca() {
     b.stop().await;
 }
 
+/// The control plane binary with `args` on loopback ports, in an environment of its own
+/// (only `PATH` kept), killed if it has not ended in time.
+async fn control_plane_binary(args: &[&str]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ballast-control-plane"));
+    command.env_clear().args(args).args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"]);
+    if let Some(path) = std::env::var_os("PATH") {
+        command.env("PATH", path);
+    }
+    output_within(command, Duration::from_secs(30)).await
+}
+
 #[tokio::test]
 async fn the_binary_wants_an_admin_token_file_with_identity() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ballast-control-plane"))
-        .args(["--identity", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
-        .env_remove("BALLAST_ADMIN_TOKEN_FILE")
-        .output()
-        .await
-        .expect("runs");
+    let out = control_plane_binary(&["--identity"]).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--admin-token-file"), "{err}");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ballast-control-plane"))
-        .args(["--ca-secret", "ballast-ca"])
-        .output()
-        .await
-        .expect("runs");
+    let out = control_plane_binary(&["--ca-secret", "ballast-ca"]).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--kubernetes"), "{err}");
 }

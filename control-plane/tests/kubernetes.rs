@@ -14,7 +14,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::time::Duration;
 
 use ballast_control_plane::keys::Keys;
@@ -25,27 +24,12 @@ use ballast_control_plane::session::Session;
 use ballast_control_plane::store::{LeaseId, Store};
 use ballast_control_plane::sync::MeshSync;
 use serde_json::{Value, json};
-use support::Backend;
 use support::etcd::EtcdServer;
 use support::fake_api::{FakeApi, Kind};
+use support::{Backend, WAIT, metric, output_within, until};
 use tokio::sync::watch;
 
-const WAIT: Duration = Duration::from_secs(10);
-const POLL: Duration = Duration::from_millis(20);
-
 on_both_stores!(policies_follow_their_resources, services_and_endpoint_slices_are_mirrored);
-
-/// Polls `f` until it returns `Some`, for at most [`WAIT`].
-async fn until<T, F: Future<Output = Option<T>>>(what: &str, mut f: impl FnMut() -> F) -> T {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(POLL).await;
-    }
-}
 
 /// Every key under `/ballast/` with its JSON (locks, which hold nothing, as null), and
 /// its mod revision.
@@ -98,13 +82,18 @@ async fn until_accepted(fake: &FakeApi, name: &str, reason: &str, generation: i6
 
 /// A sync on `store` with its own session (lease), as one replica runs it.
 fn start(fake: &FakeApi, client: &str, store: &Store) -> (KubernetesSync, Session) {
+    start_metered(fake, client, store, Metrics::new())
+}
+
+/// [`start`], counting into `metrics`.
+fn start_metered(fake: &FakeApi, client: &str, store: &Store, metrics: Metrics) -> (KubernetesSync, Session) {
     let session = Session::start(store.clone(), Duration::from_secs(2), Metrics::new());
     let sync = KubernetesSync::start(
         fake.client(client),
         store.clone(),
         Keys::default(),
         session.lease.clone(),
-        Metrics::new(),
+        metrics,
     );
     (sync, session)
 }
@@ -414,7 +403,8 @@ async fn the_leader_resyncs_after_losing_its_lease_and_after_etcd_comes_back() {
     let mut etcd = EtcdServer::start();
     let store = Store::etcd(&[etcd.endpoint()]).await.expect("etcd");
     let fake = FakeApi::from_fixtures();
-    let (sync, session) = start(&fake, "cp", &store);
+    let metrics = Metrics::new();
+    let (sync, session) = start_metered(&fake, "cp", &store, metrics.clone());
     until_state(&sync.state(), "synced", |s| s.synced).await;
     let payments = "/ballast/policies/shop/payments";
     assert!(snapshot(&store).await.contains_key(payments));
@@ -430,15 +420,44 @@ async fn the_leader_resyncs_after_losing_its_lease_and_after_etcd_comes_back() {
     assert_eq!(sync.state().borrow().role, Role::Leader);
 
     // etcd down while Kubernetes changes: written once etcd is back.
+    let store_errors = || metrics.kubernetes_errors.with_label_values(&["store"]).get();
+    let failed_before = store_errors();
     tokio::task::block_in_place(|| etcd.stop());
     fake.apply(Kind::Policy, policy("orders", json!({"targetRef": {"service": "orders"}})));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The sync saw the change and failed to write it: only then does etcd come back.
+    until("the sync to fail against the stopped etcd", || async {
+        (store_errors() > failed_before).then_some(())
+    })
+    .await;
     tokio::task::block_in_place(|| etcd.restart());
     until_store(&store, "orders written after etcd came back", |s| {
         s.contains_key("/ballast/policies/shop/orders")
     })
     .await;
     until_accepted(&fake, "orders", "Accepted", 1).await;
+    assert!(fake.unexpected().is_empty(), "{:?}", fake.unexpected());
+    sync.stop().await;
+}
+
+#[tokio::test]
+async fn refused_status_writes_do_not_hold_back_the_first_sync() {
+    let store = Store::memory();
+    let fake = FakeApi::from_fixtures();
+    // No RBAC for resiliencepolicies/status: the store can still be brought in line.
+    fake.forbid_status(true);
+    let metrics = Metrics::new();
+    let (sync, _session) = start_metered(&fake, "cp", &store, metrics.clone());
+    until_state(&sync.state(), "the first full sync, statuses refused", |s| s.synced && s.ready).await;
+    assert!(snapshot(&store).await.contains_key("/ballast/policies/shop/payments"));
+    let status_errors = || metrics.kubernetes_errors.with_label_values(&["status"]).get();
+    until("a refused status write counted", || async { (status_errors() > 0).then_some(()) }).await;
+    assert_eq!(metrics.kubernetes_synced.get(), 1);
+    assert!(accepted(&fake, "payments").is_none(), "no status got through");
+    assert_eq!(metrics.kubernetes_errors.with_label_values(&["store"]).get(), 0);
+
+    // RBAC fixed: the statuses are written again on their own, with nothing else changing.
+    fake.forbid_status(false);
+    until_accepted(&fake, "payments", "Accepted", 1).await;
     assert!(fake.unexpected().is_empty(), "{:?}", fake.unexpected());
     sync.stop().await;
 }
@@ -456,14 +475,6 @@ async fn http(addr: std::net::SocketAddr, method: http::Method, path: &str, body
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
 }
 
 #[tokio::test]
@@ -490,6 +501,8 @@ async fn the_control_plane_with_kubernetes_is_ready_after_the_first_sync() {
     let (_, metrics) = http(admin, http::Method::GET, "/metrics", "").await;
     assert_eq!(metric(&metrics, "ballast_control_plane_kubernetes_leader"), 1.0);
     assert_eq!(metric(&metrics, "ballast_control_plane_kubernetes_synced"), 1.0);
+    // Becoming leader is one full resync, once all three kinds are listed.
+    assert_eq!(metric(&metrics, "ballast_control_plane_kubernetes_full_syncs_total"), 1.0);
     assert_eq!(metric(&metrics, r#"ballast_control_plane_kubernetes_objects{kind="Service"}"#), 4.0);
     assert_eq!(metric(&metrics, r#"ballast_control_plane_kubernetes_policies{reason="Accepted"}"#), 1.0);
     assert_eq!(
@@ -534,17 +547,17 @@ async fn the_control_plane_with_kubernetes_is_ready_after_the_first_sync() {
     assert!(fake.unexpected().is_empty(), "{:?}", fake.unexpected());
 }
 
-#[test]
-fn without_a_kubernetes_configuration_the_binary_says_so() {
+#[tokio::test]
+async fn without_a_kubernetes_configuration_the_binary_says_so() {
     let home = tempfile::tempdir().expect("tempdir");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ballast-control-plane"))
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ballast-control-plane"));
+    command
         .args(["--kubernetes", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env_remove("KUBERNETES_SERVICE_PORT")
         .env("KUBECONFIG", home.path().join("missing"))
-        .env("HOME", home.path())
-        .output()
-        .expect("runs");
+        .env("HOME", home.path());
+    let out = output_within(command, Duration::from_secs(30)).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("no Kubernetes configuration") && stderr.contains("KUBECONFIG"), "{stderr}");

@@ -34,8 +34,9 @@ pub const SERVICE: &str = "ballast.io/service";
 /// `true` (default) injects the proxy as a native sidecar (an init container with
 /// `restartPolicy: Always`, Kubernetes ≥ 1.29); `false` as an ordinary container.
 pub const NATIVE_SIDECAR: &str = "ballast.io/native-sidecar";
-/// `disabled` opts the pod out of workload identity: its proxy gets no trust anchors and
-/// no token, and speaks plain text to its peers. `enabled` (the default) takes identity
+/// `disabled` opts the pod out of workload identity: its proxy gets no token (so no
+/// certificate of its own) and speaks plain text to its peers; it keeps the trust anchors,
+/// to verify the control plane's TLS. `enabled` (the default) takes identity
 /// whenever the injector has the mesh's trust anchors (see [`crate::identity`]).
 pub const IDENTITY: &str = "ballast.io/identity";
 

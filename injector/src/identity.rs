@@ -1,7 +1,7 @@
 //! Workload identity for injected proxies (issue 7): the mesh's trust anchors, read from
 //! a file the control plane publishes, and what the injection adds with them.
 //!
-//! With `--identity-trust-anchors FILE`, every injected `ballast-proxy` gets:
+//! With `--identity-trust-anchors-file FILE`, every injected `ballast-proxy` gets:
 //! * `BALLAST_IDENTITY_TRUST_ANCHORS`: the mesh's root certificates (PEM text). Their
 //!   presence turns identity and mutual TLS on in the sidecar;
 //! * `BALLAST_IDENTITY_TOKEN_FILE` = [`TOKEN_PATH`]: a projected service-account token
@@ -37,14 +37,16 @@
 //!   TLS on its gRPC port, so `--control-plane-url` must be given as `https://` (the
 //!   injector refuses to start otherwise, [`check_control_plane_url`]). The scheme the
 //!   operator wrote is the scheme the sidecars use.
-//! * **A pod opts out** with `ballast.io/identity: disabled` (its proxy gets neither the
-//!   anchors nor the token).
+//! * **A pod opts out** with `ballast.io/identity: disabled`: its proxy gets no token, so
+//!   no certificate of its own, and speaks plain text to its peers; it still gets the
+//!   anchors, to verify the control plane's TLS.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use base64::Engine as _;
 use prometheus::IntGauge;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::{PemObject, SectionKind};
 
 pub use ballast_api::identity::{TOKEN_AUDIENCE, TOKEN_PATH};
 
@@ -97,12 +99,16 @@ pub fn check_control_plane_url(url: &str, identity: bool) -> Result<(), Identity
     match uri.scheme_str() {
         Some("https") => Ok(()),
         Some("http") if identity => Err(bad(
-            "must be https:// with --identity-trust-anchors: the control plane serves TLS on its gRPC port when identity is on",
+            "must be https:// with --identity-trust-anchors-file: the control plane serves TLS on its gRPC port when identity is on",
         )),
         Some("http") => Ok(()),
         _ => Err(bad("must start with http:// or https://")),
     }
 }
+
+/// PEM as the sidecars and the goldens expect it: `\n` line endings (the `pem` crate's
+/// default is `\r\n`), 64 columns.
+const PEM_LF: pem::EncodeConfig = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
 
 /// The certificates of a PEM text, checked and re-encoded as PEM (the sidecar's
 /// `BALLAST_IDENTITY_TRUST_ANCHORS`).
@@ -111,14 +117,12 @@ pub fn parse_anchors(path: &Path, text: &[u8]) -> Result<String, IdentityError> 
         return Err(IdentityError::Empty { path: path.to_owned() });
     }
     let mut certs = Vec::new();
-    for item in rustls_pemfile::read_all(&mut &text[..]) {
+    for item in <(SectionKind, Vec<u8>)>::pem_slice_iter(text) {
         match item {
-            Ok(rustls_pemfile::Item::X509Certificate(c)) => certs.push(c),
-            Ok(
-                rustls_pemfile::Item::Pkcs1Key(_)
-                | rustls_pemfile::Item::Pkcs8Key(_)
-                | rustls_pemfile::Item::Sec1Key(_),
-            ) => return Err(IdentityError::PrivateKey { path: path.to_owned() }),
+            Ok((SectionKind::Certificate, der)) => certs.push(CertificateDer::from(der)),
+            Ok((SectionKind::RsaPrivateKey | SectionKind::PrivateKey | SectionKind::EcPrivateKey, _)) => {
+                return Err(IdentityError::PrivateKey { path: path.to_owned() });
+            }
             // CRLs, CSRs and the like: not anchors, not secret; left out.
             Ok(_) => {}
             Err(e) => return Err(IdentityError::NotPem { path: path.to_owned(), problem: e.to_string() }),
@@ -128,7 +132,7 @@ pub fn parse_anchors(path: &Path, text: &[u8]) -> Result<String, IdentityError> 
         return Err(IdentityError::NoCertificate { path: path.to_owned() });
     }
     let mut pem = String::new();
-    for (i, cert) in certs.iter().enumerate() {
+    for (i, cert) in certs.into_iter().enumerate() {
         // The same check the sidecar makes when it builds its root store.
         let mut store = rustls::RootCertStore::empty();
         store.add(cert.clone()).map_err(|e| IdentityError::BadCertificate {
@@ -136,14 +140,7 @@ pub fn parse_anchors(path: &Path, text: &[u8]) -> Result<String, IdentityError> 
             index: i + 1,
             problem: e.to_string(),
         })?;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
-        pem.push_str("-----BEGIN CERTIFICATE-----\n");
-        for line in b64.as_bytes().chunks(64) {
-            // Base64 is ASCII: every chunk is valid UTF-8.
-            pem.push_str(std::str::from_utf8(line).unwrap_or_default());
-            pem.push('\n');
-        }
-        pem.push_str("-----END CERTIFICATE-----\n");
+        pem += &pem::encode_config(&pem::Pem::new("CERTIFICATE", cert.to_vec()), PEM_LF);
     }
     Ok(pem)
 }

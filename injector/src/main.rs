@@ -42,7 +42,7 @@ struct Args {
     #[arg(long, env = "BALLAST_PROXY_IMAGE", default_value = "ghcr.io/ballast-mesh/proxy:0.1.0")]
     proxy_image: String,
     /// The control plane the injected proxies connect to; must be https:// with
-    /// --identity-trust-anchors (the control plane then serves TLS on its gRPC port). It
+    /// --identity-trust-anchors-file (the control plane then serves TLS on its gRPC port). It
     /// is injected as given, never rewritten.
     #[arg(
         long,
@@ -54,8 +54,8 @@ struct Args {
     /// ballast-trust-anchors mounted as a volume: injected proxies get workload identity
     /// (mutual TLS) while it holds a certificate, and none while it is missing or invalid.
     /// Re-read when it changes.
-    #[arg(long, env = "BALLAST_IDENTITY_TRUST_ANCHORS_FILE")]
-    identity_trust_anchors: Option<PathBuf>,
+    #[arg(long, env = "BALLAST_IDENTITY_TRUST_ANCHORS_FILE", value_name = "FILE")]
+    identity_trust_anchors_file: Option<PathBuf>,
     /// Inject the proxy as a native sidecar (Kubernetes ≥ 1.29); pods can override with
     /// the ballast.io/native-sidecar annotation.
     #[arg(long, env = "BALLAST_NATIVE_SIDECAR", default_value_t = true, action = clap::ArgAction::Set)]
@@ -102,11 +102,11 @@ async fn run(args: Args) -> Result<(), String> {
             return Err(format!("{what} {q:?} is not a Kubernetes quantity (such as 10m, 64Mi)"));
         }
     }
-    let identity = args.identity_trust_anchors.is_some();
+    let identity = args.identity_trust_anchors_file.is_some();
     ballast_injector::identity::check_control_plane_url(&args.control_plane_url, identity)
         .map_err(|e| e.to_string())?;
     if !identity && args.control_plane_url.starts_with("https://") {
-        tracing::warn!(url = %args.control_plane_url, "an https control plane URL without --identity-trust-anchors: injected proxies have no trust anchors to verify the control plane with");
+        tracing::warn!(url = %args.control_plane_url, "an https control plane URL without --identity-trust-anchors-file: injected proxies have no trust anchors to verify the control plane with");
     }
     let namespace = args
         .namespace
@@ -123,7 +123,7 @@ async fn run(args: Args) -> Result<(), String> {
     let metrics = Metrics::new();
     // Read once now, so a missing file is reported at start; then at every review.
     let trust_anchors = args
-        .identity_trust_anchors
+        .identity_trust_anchors_file
         .clone()
         .map(|path| TrustAnchors::new(path, metrics.trust_anchors_loaded()));
     let certificate = match (&args.tls_cert, &args.tls_key, &args.tls_secret, &args.webhook_config) {

@@ -43,7 +43,7 @@ pub struct Metrics {
     /// `result`: ok or error.
     pub certificate_reloads: IntCounterVec,
     /// 1 while the trust anchors file holds usable anchors; exported only with
-    /// `--identity-trust-anchors` (see [`Metrics::trust_anchors_loaded`]).
+    /// `--identity-trust-anchors-file` (see [`Metrics::trust_anchors_loaded`]).
     trust_anchors_loaded: IntGauge,
 }
 
@@ -79,7 +79,7 @@ impl Metrics {
     }
 
     /// The trust anchors gauge, registered on first use: an injector without
-    /// `--identity-trust-anchors` does not export it, so an alert on 0 means a
+    /// `--identity-trust-anchors-file` does not export it, so an alert on 0 means a
     /// configured file that is missing or invalid, never identity deliberately off.
     pub fn trust_anchors_loaded(&self) -> IntGauge {
         // A second registration is refused (AlreadyReg) and changes nothing.
@@ -111,7 +111,7 @@ pub struct Injector {
     pub config: Config,
     pub namespaces: Namespaces,
     pub metrics: Metrics,
-    /// `--identity-trust-anchors`: read at every review, so a rotated file reaches the
+    /// `--identity-trust-anchors-file`: read at every review, so a rotated file reaches the
     /// next pod (see [`crate::identity`]).
     pub trust_anchors: Option<TrustAnchors>,
 }

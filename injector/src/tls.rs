@@ -24,6 +24,8 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
+use rustls::pki_types::pem::{Error as PemError, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde_json::json;
@@ -42,6 +44,8 @@ pub const NOT_AFTER_ANNOTATION: &str = "ballast.io/not-after";
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
+    #[error("malformed PEM in {what}: {source}")]
+    Pem { what: String, source: PemError },
     #[error("no certificate in the PEM {what}")]
     NoCertificate { what: String },
     #[error("no private key in the PEM {what}")]
@@ -76,14 +80,16 @@ impl std::fmt::Debug for Pem {
 }
 
 pub fn certified_key(pem: &Pem, what: &str) -> Result<CertifiedKey, TlsError> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.cert.as_slice()).filter_map(Result::ok).collect();
+    let certs = CertificateDer::pem_slice_iter(&pem.cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem { what: what.into(), source })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate { what: what.into() });
     }
-    let key = rustls_pemfile::private_key(&mut pem.key.as_slice())
-        .ok()
-        .flatten()
-        .ok_or_else(|| TlsError::NoKey { what: what.into() })?;
+    let key = PrivateKeyDer::from_pem_slice(&pem.key).map_err(|e| match e {
+        PemError::NoItemsFound => TlsError::NoKey { what: what.into() },
+        source => TlsError::Pem { what: what.into(), source },
+    })?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|source| TlsError::Key { what: what.into(), source })?;
     Ok(CertifiedKey::new(certs, signing))
@@ -350,4 +356,29 @@ fn usable(s: &Secret) -> Option<Generated> {
     };
     let left = g.not_after - time::OffsetDateTime::now_utc().unix_timestamp();
     (left > RENEW_BEFORE.whole_seconds() && certified_key(&g.serving, "the Secret").is_ok()).then_some(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_certificate_or_key_is_an_error_not_skipped() {
+        let good = generate(vec!["localhost".into()]).expect("generate").serving;
+        assert!(certified_key(&good, "good").is_ok());
+        // A chain whose second certificate is cut off (a half-written rotation): refused,
+        // not served with the first alone.
+        let cut =
+            Pem { cert: [&good.cert[..], b"-----BEGIN CERTIFICATE-----\nMIIB"].concat(), ..good.clone() };
+        assert!(matches!(certified_key(&cut, "cut"), Err(TlsError::Pem { .. })));
+        let not_base64 = b"-----BEGIN CERTIFICATE-----\n%%%%\n-----END CERTIFICATE-----\n";
+        let bad_base64 = Pem { cert: [&good.cert[..], not_base64].concat(), ..good.clone() };
+        assert!(matches!(certified_key(&bad_base64, "bad"), Err(TlsError::Pem { .. })));
+        let no_cert = Pem { cert: b"no PEM here\n".to_vec(), ..good.clone() };
+        assert!(matches!(certified_key(&no_cert, "none"), Err(TlsError::NoCertificate { .. })));
+        let no_key = Pem { key: good.cert.clone(), ..good.clone() };
+        assert!(matches!(certified_key(&no_key, "no key"), Err(TlsError::NoKey { .. })));
+        let cut_key = Pem { key: b"-----BEGIN PRIVATE KEY-----\nMIIE".to_vec(), ..good };
+        assert!(matches!(certified_key(&cut_key, "cut key"), Err(TlsError::Pem { .. })));
+    }
 }

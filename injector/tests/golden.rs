@@ -13,6 +13,9 @@
 //! app's containers are all still there, in order, and the proxy is there once.
 //! Re-submitting an injected pod must give no patch.
 
+#[path = "../../control-plane/tests/support/venv.rs"]
+mod venv;
+
 use std::path::{Path, PathBuf};
 
 use ballast_injector::inject::{self, Config, Decision, INIT_CONTAINER, PROXY_CONTAINER};
@@ -199,19 +202,13 @@ fn corpus_matches_golden_files_and_patches_validate() {
     }
 
     // The independent check: Python's jsonpatch and the Kubernetes schema, strict.
-    let python = workspace().join("target/venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run `bash scripts/test.sh` (it creates the test virtualenv from tests/python/requirements.txt)",
-        python.display()
-    );
     let input = tempfile::NamedTempFile::new().expect("temp file");
     let list: Vec<_> = cases
         .iter()
         .map(|c| json!({"id": c.id, "pod": c.original, "patch": c.patch, "identity": with_identity(c)}))
         .collect();
     std::fs::write(input.path(), serde_json::to_vec(&list).expect("json")).expect("write cases");
-    let out = std::process::Command::new(&python)
+    let out = std::process::Command::new(venv::python())
         .arg(workspace().join("tests/python/check_injection.py"))
         .arg(input.path())
         .output()

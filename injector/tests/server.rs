@@ -6,8 +6,7 @@
 mod promtool;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,33 +23,84 @@ fn provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A kube client whose API server is `handler(method, path?query, body) -> (status, json)`.
-fn mock_client(handler: impl Fn(&str, &str, Value) -> (u16, Value) + Send + Sync + 'static) -> kube::Client {
-    let handler = Arc::new(handler);
-    let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
-        let handler = handler.clone();
-        async move {
-            let method = req.method().to_string();
-            let uri = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
-            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            let (status, out) = handler(&method, &uri, body);
-            let resp = http::Response::builder()
-                .status(status)
-                .header("content-type", "application/json")
-                .body(kube::client::Body::from(serde_json::to_vec(&out).unwrap_or_default()))
-                .expect("response");
-            Ok::<_, std::convert::Infallible>(resp)
-        }
-    });
-    kube::Client::new(service, "default")
+/// One request the mock API server answered: (method, path?query, body).
+type Call = (String, String, Value);
+
+/// A lock that a panic elsewhere does not poison for the assertions after it.
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A kube client whose API server is `handler(method, path?query, body)`, answering
+/// `Some((status, json))`; every call is recorded. The handler must not panic: kube runs
+/// the service behind a buffer task, so a panic only fails the request, and the webhook
+/// turns a failed lookup into "allowed, no patch", which some cases expect (they would
+/// pass vacuously). A call it does not expect (`None`) is answered 500 with a Status
+/// naming it, and [`MockApi::assert_expected`] fails the test afterwards.
+struct MockApi {
+    client: kube::Client,
+    calls: Arc<Mutex<Vec<Call>>>,
+    unexpected: Arc<Mutex<Vec<String>>>,
+}
+
+impl MockApi {
+    fn new(handler: impl Fn(&str, &str, &Value) -> Option<(u16, Value)> + Send + Sync + 'static) -> Self {
+        let handler = Arc::new(handler);
+        let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
+        let unexpected: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (log, odd) = (calls.clone(), unexpected.clone());
+        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let (handler, log, odd) = (handler.clone(), log.clone(), odd.clone());
+            async move {
+                let method = req.method().to_string();
+                let uri = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+                let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let (status, out) = handler(&method, &uri, &body).unwrap_or_else(|| {
+                    let message = format!("unexpected API call {method} {uri}");
+                    locked(&odd).push(message.clone());
+                    status(500, "InternalError", &message)
+                });
+                locked(&log).push((method, uri, body));
+                let resp = http::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(serde_json::to_vec(&out).unwrap_or_default()))
+                    // A status code of this file's and one header: the builder cannot fail.
+                    .expect("response");
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        });
+        Self { client: kube::Client::new(service, "default"), calls, unexpected }
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        locked(&self.calls).clone()
+    }
+
+    /// Fails the test if the handler was asked anything it did not expect.
+    fn assert_expected(&self) {
+        let unexpected = locked(&self.unexpected);
+        assert!(unexpected.is_empty(), "the mock API server was asked: {unexpected:?}");
+    }
+}
+
+/// A Kubernetes `Status` answer.
+fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
+    (
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": message}),
+    )
 }
 
 fn not_found(what: &str) -> (u16, Value) {
-    (
-        404,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{what} not found")}),
-    )
+    status(404, "NotFound", &format!("{what} not found"))
+}
+
+/// Whether a Prometheus exposition has exactly the sample line `line` (so that `… 1`
+/// does not match `… 10`).
+fn has_sample(text: &str, line: &str) -> bool {
+    text.lines().any(|l| l == line)
 }
 
 struct Running {
@@ -160,24 +210,19 @@ fn app_pod() -> Value {
 
 #[tokio::test]
 async fn injects_in_a_labelled_namespace_with_a_base64_patch_and_caches_the_label() {
-    let lookups = Arc::new(AtomicUsize::new(0));
-    let seen = lookups.clone();
-    let client = mock_client(move |method, uri, _| {
-        assert_eq!(method, "GET");
-        seen.fetch_add(1, Ordering::SeqCst);
-        match uri {
-            "/api/v1/namespaces/shop" => (
-                200,
-                json!({"apiVersion": "v1", "kind": "Namespace",
-                "metadata": {"name": "shop", "labels": {"ballast.io/inject": "enabled", "kubernetes.io/metadata.name": "shop"}}}),
-            ),
-            "/api/v1/namespaces/plain" => {
-                (200, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "plain"}}))
-            }
-            other => not_found(other),
+    let api = MockApi::new(|method, uri, _| match (method, uri) {
+        ("GET", "/api/v1/namespaces/shop") => Some((
+            200,
+            json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "shop", "labels": {"ballast.io/inject": "enabled", "kubernetes.io/metadata.name": "shop"}}}),
+        )),
+        ("GET", "/api/v1/namespaces/plain") => {
+            Some((200, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "plain"}})))
         }
+        ("GET", "/api/v1/namespaces/gone") => Some(not_found("namespaces \"gone\"")),
+        _ => None,
     });
-    let s = start(Namespaces::new(client, Duration::from_secs(60))).await;
+    let s = start(Namespaces::new(api.client.clone(), Duration::from_secs(60))).await;
     let url = format!("https://localhost:{}/inject", s.addr.port());
 
     let (status, body) =
@@ -208,7 +253,7 @@ async fn injects_in_a_labelled_namespace_with_a_base64_patch_and_caches_the_labe
         assert_eq!(status, 200);
         assert!(serde_json::from_slice::<Value>(&body).expect("json")["response"]["patch"].is_string());
     }
-    assert_eq!(lookups.load(Ordering::SeqCst), 1);
+    assert_eq!(api.calls().len(), 1, "{:?}", api.calls());
 
     // An unlabelled namespace: allowed, no patch, no warning.
     let (_, body) = curl(s.ca.path(), &url, "application/json", &review("uid-2", "plain", app_pod())).await;
@@ -226,16 +271,20 @@ async fn injects_in_a_labelled_namespace_with_a_base64_patch_and_caches_the_labe
     .await;
     assert!(ok);
     assert!(
-        metrics.contains("ballast_injector_reviews_total{outcome=\"injected\",reason=\"\"} 6"),
+        has_sample(&metrics, "ballast_injector_reviews_total{outcome=\"injected\",reason=\"\"} 6"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("ballast_injector_reviews_total{outcome=\"skipped\",reason=\"not-opted-in\"} 2"),
+        has_sample(&metrics, "ballast_injector_reviews_total{outcome=\"skipped\",reason=\"not-opted-in\"} 2"),
         "{metrics}"
     );
     // The format Prometheus reads: promtool finds nothing to complain about.
     promtool::check(&metrics);
     stop(s).await;
+    // Each namespace was looked up once, and nothing else was asked.
+    let paths: Vec<_> = api.calls().into_iter().map(|(_, uri, _)| uri).collect();
+    assert_eq!(paths, ["/api/v1/namespaces/shop", "/api/v1/namespaces/plain", "/api/v1/namespaces/gone"]);
+    api.assert_expected();
 }
 
 async fn stop(mut s: Running) {
@@ -311,25 +360,23 @@ async fn every_body_gets_a_valid_answer() {
 async fn bootstrap_generates_the_secret_once_and_patches_the_ca_bundle() {
     provider();
     let secret: Arc<Mutex<Option<Value>>> = Arc::default();
-    let calls: Arc<Mutex<Vec<(String, String, Value)>>> = Arc::default();
-    let (store, log) = (secret.clone(), calls.clone());
-    let client = mock_client(move |method, uri, body| {
-        log.lock().expect("log").push((method.to_owned(), uri.to_owned(), body.clone()));
+    let store = secret.clone();
+    let api = MockApi::new(move |method, uri, body| {
         let secret_path = "/api/v1/namespaces/ballast-system/secrets";
         let webhook_path =
             "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/ballast-injector";
         match (method, uri.split('?').next().unwrap_or_default()) {
             ("GET", p) if p == format!("{secret_path}/ballast-injector-tls") => {
-                match store.lock().expect("store").clone() {
+                Some(match locked(&store).clone() {
                     Some(s) => (200, s),
                     None => not_found("secret"),
-                }
+                })
             }
             ("POST", p) if p == secret_path => {
-                *store.lock().expect("store") = Some(body.clone());
-                (201, body)
+                *locked(&store) = Some(body.clone());
+                Some((201, body.clone()))
             }
-            ("GET", p) if p == webhook_path => (
+            ("GET", p) if p == webhook_path => Some((
                 200,
                 json!({
                 "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
@@ -340,13 +387,13 @@ async fn bootstrap_generates_the_secret_once_and_patches_the_ca_bundle() {
                     {"name": "inject.ballast.io", "clientConfig": {"service": {"name": "ballast-injector", "namespace": "ballast-system", "path": "/inject"}},
                      "sideEffects": "None", "admissionReviewVersions": ["v1"]}
                 ]}),
-            ),
-            ("PATCH", p) if p == webhook_path => (
+            )),
+            ("PATCH", p) if p == webhook_path => Some((
                 200,
                 json!({"apiVersion": "admissionregistration.k8s.io/v1",
                 "kind": "MutatingWebhookConfiguration", "metadata": {"name": "ballast-injector"}}),
-            ),
-            (m, p) => panic!("unexpected API call {m} {p}"),
+            )),
+            _ => None,
         }
     });
     let bootstrap = Bootstrap {
@@ -355,13 +402,14 @@ async fn bootstrap_generates_the_secret_once_and_patches_the_ca_bundle() {
         webhook_config: "ballast-injector".into(),
         service: "ballast-injector".into(),
     };
-    let first = bootstrap.run(client.clone()).await.expect("bootstrap");
+    let first = bootstrap.run(api.client.clone()).await.expect("bootstrap");
     // A second replica starting later serves the same certificate and writes nothing.
-    let second = bootstrap.run(client).await.expect("second bootstrap");
+    let second = bootstrap.run(api.client.clone()).await.expect("second bootstrap");
     assert_eq!(first.serving, second.serving);
     assert_eq!(first.ca_pem, second.ca_pem);
 
-    let calls = calls.lock().expect("log").clone();
+    api.assert_expected();
+    let calls = api.calls();
     let posts: Vec<_> = calls.iter().filter(|(m, _, _)| m == "POST").collect();
     assert_eq!(posts.len(), 1, "{calls:?}");
     let stored = &posts[0].2;
@@ -411,6 +459,52 @@ async fn serve_pem(pem: &Pem) -> (std::net::SocketAddr, tokio::task::JoinHandle<
     (addr, task)
 }
 
+/// A spawned `ballast-injector`, killed and reaped when dropped, so a failed assert leaves
+/// no process behind; its stderr goes to a file, printed when the test fails.
+struct Spawned {
+    child: Child,
+    stderr: tempfile::NamedTempFile,
+}
+
+impl Spawned {
+    fn start(cmd: &mut Command) -> Self {
+        let stderr = tempfile::NamedTempFile::new().expect("a file for stderr");
+        let child = cmd
+            .stderr(stderr.reopen().expect("reopen the stderr file"))
+            .spawn()
+            .expect("start ballast-injector");
+        Self { child, stderr }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr.path()).unwrap_or_default()
+    }
+
+    /// Its exit status once it exits; fails the test if it runs longer than `limit`.
+    fn wait_at_most(&mut self, limit: Duration, what: &str) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "ballast-injector {what} within {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("ballast-injector's stderr:\n{}", self.stderr());
+        }
+    }
+}
+
 /// The real binary: certificate files reloaded when they change, SIGTERM ends it cleanly.
 #[tokio::test]
 async fn binary_reloads_its_certificate_files_and_stops_on_sigterm() {
@@ -426,17 +520,16 @@ async fn binary_reloads_its_certificate_files_and_stops_on_sigterm() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ballast-injector"))
-        .args(["--addr", &format!("127.0.0.1:{port}"), "--tls-cert"])
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env("KUBECONFIG", dir.path().join("no-kubeconfig"))
-        .env("HOME", dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start ballast-injector");
+    let mut injector = Spawned::start(
+        Command::new(env!("CARGO_BIN_EXE_ballast-injector"))
+            .args(["--addr", &format!("127.0.0.1:{port}"), "--tls-cert"])
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("KUBECONFIG", dir.path().join("no-kubeconfig"))
+            .env("HOME", dir.path()),
+    );
     let live = |ca: &Path| {
         Command::new("curl")
             .args(["-sS", "--max-time", "2", "--cacert"])
@@ -468,16 +561,9 @@ async fn binary_reloads_its_certificate_files_and_stops_on_sigterm() {
     }
     assert!(!live(&ca1), "the old certificate is still served");
 
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "injector did not stop on SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // SAFETY: kill(2) on our own child's pid, not yet reaped.
+    unsafe { libc::kill(injector.child.id() as i32, libc::SIGTERM) };
+    let status = injector.wait_at_most(Duration::from_secs(15), "did not stop on SIGTERM");
     assert!(status.success(), "exit status {status}");
 }
 
@@ -585,16 +671,19 @@ async fn rotated_trust_anchors_reach_the_next_patch() {
     let scrape_args: Vec<String> = vec!["--cacert".into(), s.ca.path().display().to_string(), metrics_url];
     let scrape = || curl_get(&scrape_args);
     let (_, text) = scrape().await;
-    assert!(text.contains("ballast_injector_identity_trust_anchors_loaded 0"), "{text}");
+    assert!(has_sample(&text, "ballast_injector_identity_trust_anchors_loaded 0"), "{text}");
     assert!(
-        text.contains("ballast_injector_reviews_total{outcome=\"injected\",reason=\"no-trust-anchors\"} 1"),
+        has_sample(
+            &text,
+            "ballast_injector_reviews_total{outcome=\"injected\",reason=\"no-trust-anchors\"} 1"
+        ),
         "{text}"
     );
 
     // Back: seen by a scrape before any review, then in the next patch.
     configmap_version(dir.path(), 5, Some(&ca1));
     let (_, text) = scrape().await;
-    assert!(text.contains("ballast_injector_identity_trust_anchors_loaded 1"), "{text}");
+    assert!(has_sample(&text, "ballast_injector_identity_trust_anchors_loaded 1"), "{text}");
     let (_, body) = curl(s.ca.path(), &url, "application/json", &review("r5", "shop", pod.clone())).await;
     assert_eq!(proxy_env(&body).0.get(identity::TRUST_ANCHORS_ENV), Some(&pem(&ca1)));
 
@@ -607,8 +696,17 @@ async fn rotated_trust_anchors_reach_the_next_patch() {
     assert_eq!(env.get(identity::TRUST_ANCHORS_ENV), Some(&pem(&ca1)));
     assert!(v["response"].get("warnings").is_none(), "{v}");
     let (_, text) = scrape().await;
-    assert!(text.contains("reason=\"identity-disabled\"} 1"), "{text}");
-    assert!(text.contains("ballast_injector_reviews_total{outcome=\"injected\",reason=\"\"} 4"), "{text}");
+    assert!(
+        has_sample(
+            &text,
+            "ballast_injector_reviews_total{outcome=\"injected\",reason=\"identity-disabled\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        has_sample(&text, "ballast_injector_reviews_total{outcome=\"injected\",reason=\"\"} 4"),
+        "{text}"
+    );
     promtool::check(&text);
     stop(s).await;
 }
@@ -617,16 +715,23 @@ async fn rotated_trust_anchors_reach_the_next_patch() {
 #[test]
 fn binary_refuses_identity_with_a_plain_text_control_plane_url() {
     let dir = tempfile::tempdir().expect("tmp");
-    let out = Command::new(env!("CARGO_BIN_EXE_ballast-injector"))
-        .args(["--addr", "127.0.0.1:0", "--control-plane-url", "http://cp.ballast-system.svc:8086"])
-        .arg("--identity-trust-anchors")
-        .arg(dir.path().join("ca.crt"))
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env("KUBECONFIG", dir.path().join("no-kubeconfig"))
-        .env("HOME", dir.path())
-        .output()
-        .expect("run ballast-injector");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--control-plane-url") && stderr.contains("https://"), "{stderr}");
+    let mut injector = Spawned::start(
+        Command::new(env!("CARGO_BIN_EXE_ballast-injector"))
+            .args(["--addr", "127.0.0.1:0", "--control-plane-url", "http://cp.ballast-system.svc:8086"])
+            .arg("--identity-trust-anchors-file")
+            .arg(dir.path().join("ca.crt"))
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("KUBECONFIG", dir.path().join("no-kubeconfig"))
+            .env("HOME", dir.path()),
+    );
+    // Refusing is immediate; one that started serving instead would run until killed.
+    let status = injector.wait_at_most(Duration::from_secs(20), "did not refuse to start");
+    assert!(!status.success());
+    let stderr = injector.stderr();
+    assert!(
+        stderr.contains("--control-plane-url")
+            && stderr.contains("https://")
+            && stderr.contains("--identity-trust-anchors-file"),
+        "{stderr}"
+    );
 }

@@ -28,13 +28,13 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::ClientConfig;
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::body::Body;
 use crate::identity::MeshIdentity;
+use crate::identity::tls::Dial;
+use crate::metrics::Metrics;
 
 /// How long an idle upstream connection stays pooled. Shorter than common server
 /// keep-alive timeouts would be ideal but varies (Node.js closes after 5 s); 30 s bounds
@@ -44,12 +44,12 @@ use crate::identity::MeshIdentity;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Dials one fixed address, whatever the URI says; with `tls`, then speaks mesh TLS
-/// expecting the server to prove that name.
+/// expecting the server to prove the endpoint's identity.
 #[derive(Clone)]
 pub struct FixedConnector {
     addr: SocketAddr,
     connect_timeout: Duration,
-    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    tls: Option<Dial>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,14 +148,12 @@ impl tower::Service<http::Uri> for FixedConnector {
                 .map_err(|source| ConnectError::Io { addr, source })?;
             // Small requests and responses must not wait for Nagle.
             let _ = stream.set_nodelay(true);
-            let Some((config, name)) = tls else { return Ok(TokioIo::new(UpstreamStream::Plain(stream))) };
-            let handshake = tokio_rustls::TlsConnector::from(config).connect(name.clone(), stream);
-            // The handshake shares the connect timeout: a peer that accepts and then
-            // says nothing must not hold the request.
-            let tls = tokio::time::timeout(timeout, handshake)
-                .await
-                .map_err(|_| ConnectError::Timeout { addr, timeout })?
-                .map_err(|source| ConnectError::Tls { addr, name: name.to_str().into_owned(), source })?;
+            let Some(dial) = tls else { return Ok(TokioIo::new(UpstreamStream::Plain(stream))) };
+            // The handshake shares the connect timeout.
+            let tls = dial.connect(stream, timeout).await.map_err(|source| match source.kind() {
+                io::ErrorKind::TimedOut => ConnectError::Timeout { addr, timeout },
+                _ => ConnectError::Tls { addr, name: dial.name().to_str().into_owned(), source },
+            })?;
             Ok(TokioIo::new(UpstreamStream::Tls(Box::new(tls))))
         })
     }
@@ -172,30 +170,25 @@ pub struct EndpointClient {
 }
 
 impl EndpointClient {
-    fn new(
-        addr: SocketAddr,
-        settings: &ClientSettings,
-        tls: Option<(&MeshIdentity, ServerName<'static>)>,
-    ) -> Self {
-        let connector = |config: fn(&MeshIdentity) -> &Arc<ClientConfig>| FixedConnector {
-            addr,
-            connect_timeout: settings.connect_timeout,
-            tls: tls.as_ref().map(|(mesh, name)| (config(mesh).clone(), name.clone())),
-        };
+    /// `tls`: the dials of a meshed endpoint, for the HTTP/1.1 and the HTTP/2 pool.
+    fn new(addr: SocketAddr, settings: &ClientSettings, tls: Option<(Dial, Dial)>) -> Self {
+        let mesh = tls.is_some();
+        let (h1_tls, h2_tls) = tls.unzip();
+        let connector = |tls| FixedConnector { addr, connect_timeout: settings.connect_timeout, tls };
         let idle = settings.idle_timeout.unwrap_or(POOL_IDLE_TIMEOUT);
         let h1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(idle)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .build(connector(|m| &m.tls.client_http1));
+            .build(connector(h1_tls));
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .pool_idle_timeout(idle)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .build(connector(|m| &m.tls.client_h2));
-        Self { h1, h2, mesh: tls.is_some() }
+            .build(connector(h2_tls));
+        Self { h1, h2, mesh }
     }
 }
 
@@ -254,8 +247,9 @@ struct ClientSettings {
 /// the cache is cleared (connections of dropped clients close when idle) rather than grown.
 pub struct Clients {
     connect_timeout: Duration,
-    /// This sidecar's identity: without one, every endpoint is dialled in plain text.
-    identity: Option<Arc<MeshIdentity>>,
+    /// This sidecar's identity (and the metrics its handshakes count in): without one,
+    /// every endpoint is dialled in plain text.
+    identity: Option<(Arc<MeshIdentity>, Metrics)>,
     cache: Mutex<HashMap<(SocketAddr, ClientSettings), EndpointClient>>,
 }
 
@@ -266,7 +260,10 @@ impl Clients {
         Self::with_identity(connect_timeout, None)
     }
 
-    pub fn with_identity(connect_timeout: Duration, identity: Option<Arc<MeshIdentity>>) -> Arc<Self> {
+    pub fn with_identity(
+        connect_timeout: Duration,
+        identity: Option<(Arc<MeshIdentity>, Metrics)>,
+    ) -> Arc<Self> {
         Arc::new(Self { connect_timeout, identity, cache: Mutex::new(HashMap::new()) })
     }
 
@@ -279,9 +276,12 @@ impl Clients {
     /// our own, over mesh TLS requiring that identity.
     pub fn get_with(&self, addr: SocketAddr, policy: PoolPolicy, peer: Option<&Arc<str>>) -> EndpointClient {
         let tls = match (&self.identity, peer) {
-            (Some(mesh), Some(peer)) => match peer.parse::<ballast_api::identity::Identity>() {
-                Ok(id) => ServerName::try_from(id.dns_name()).ok().map(|name| (mesh.as_ref(), name)),
-                Err(e) => {
+            (Some((mesh, metrics)), Some(peer)) => match (
+                Dial::new(mesh.tls.client_http1.clone(), peer, metrics),
+                Dial::new(mesh.tls.client_h2.clone(), peer, metrics),
+            ) {
+                (Ok(h1), Ok(h2)) => Some((h1, h2)),
+                (Err(e), _) | (_, Err(e)) => {
                     // Validated on arrival, so not expected; plain text beats no traffic,
                     // and a strict server will refuse it visibly.
                     tracing::warn!(endpoint = %addr, error = %e, "endpoint identity unusable; dialling in plain text");

@@ -53,7 +53,9 @@ async fn handle(stream: TcpStream, peer: std::net::SocketAddr, direction: Direct
     let Ok(local) = stream.local_addr() else { return };
     let orig_dst = crate::orig_dst::original_dst(&stream);
     let _open = OpenConnection::new(&shared.metrics, direction.as_str());
-    let conn = ConnInfo { direction, peer, local, orig_dst, mesh_peer: None };
+    let peer_requests = (direction == Direction::Inbound)
+        .then(|| ConnInfo::peer_requests(&shared.metrics, &shared.settings.inbound_label, None));
+    let conn = ConnInfo { direction, peer, local, orig_dst, mesh_peer: None, peer_requests };
     let dir = direction.as_str();
     // A port the configuration declares `tcp` is forwarded at once: no detection delay for
     // server-speaks-first protocols, and no chance of HTTP-looking bytes being rewritten.
@@ -168,7 +170,10 @@ async fn inbound_tls(io: detect::PrefixedIo<TcpStream>, conn: ConnInfo, shared: 
         Ok(h) => h,
         Err(_) => return,
     };
-    let conn = ConnInfo { mesh_peer: Some(Arc::new(MeshPeer { identity, header })), ..conn };
+    let mesh_peer = MeshPeer { identity, header };
+    let peer_requests =
+        Some(ConnInfo::peer_requests(&shared.metrics, &shared.settings.inbound_label, Some(&mesh_peer)));
+    let conn = ConnInfo { mesh_peer: Some(Arc::new(mesh_peer)), peer_requests, ..conn };
     tracing::trace!(peer = %conn.peer, identity = ?conn.mesh_peer, "mesh TLS accepted");
     match alpn.as_deref() {
         Some(ALPN_H2) => serve_http(tls, Protocol::Http2, conn, shared).await,

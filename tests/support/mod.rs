@@ -4,6 +4,8 @@
 
 #[path = "../../control-plane/tests/support/promtool.rs"]
 mod promtool;
+#[path = "../../control-plane/tests/support/venv.rs"]
+mod venv;
 
 use std::convert::Infallible;
 use std::io::{Read, Write};
@@ -52,11 +54,7 @@ pub fn require_tool(name: &str) -> PathBuf {
 }
 
 /// The test virtualenv's python, with grpcio and websockets.
-pub fn python() -> PathBuf {
-    let p = repo_root().join("target/venv/bin/python");
-    assert!(p.exists(), "{} is missing: run scripts/test.sh, which creates the test virtualenv", p.display());
-    p
-}
+pub use venv::python;
 
 /// Polls `cond` every 20 ms until it holds; panics naming `what` after 10 s.
 pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {

@@ -34,14 +34,14 @@ pub const GENERATED_CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 
 /// How far back a certificate's validity starts, for clocks that run a little behind.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
+/// What is wrong with a CA. The messages do not name flags: the CA may come from files,
+/// a Secret or the store, and [`crate::identity::source`] says which and how to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    #[error(
-        "the CA certificate is not a PEM certificate: {0}; give --ca-cert a PEM file with one CERTIFICATE"
-    )]
+    #[error("the CA certificate is not a PEM certificate: {0}")]
     Certificate(String),
     #[error(
-        "the CA key is not a PEM private key rcgen can sign with ({0}); give --ca-key an ECDSA P-256/P-384, Ed25519 or RSA key in PKCS#8 PEM (openssl pkcs8 -topk8 -nocrypt converts one)"
+        "the CA key is not a PEM private key rcgen can sign with ({0}); it must be an ECDSA P-256/P-384, Ed25519 or RSA key in PKCS#8 PEM (openssl pkcs8 -topk8 -nocrypt converts one)"
     )]
     Key(String),
     #[error("the CA key does not belong to the CA certificate; pass the key that signed it")]
@@ -143,31 +143,11 @@ fn random_serial() -> Result<SerialNumber, CaError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
-    use std::fmt::Write as _;
-    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
-    for chunk in der.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                b64.push(char::from(B64[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                b64.push('=');
-            }
-        }
-    }
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        let _ = writeln!(out, "{}", String::from_utf8_lossy(line));
-    }
-    let _ = writeln!(out, "-----END {label}-----");
-    out
-}
-
-/// PEM of a DER certificate.
+/// PEM of a DER certificate, as rcgen writes its own (`rcgen::Certificate::pem`, which
+/// only certificates it signed have).
 pub fn certificate_pem(der: &[u8]) -> String {
-    pem("CERTIFICATE", der)
+    let lf = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new("CERTIFICATE", der), lf)
 }
 
 impl Authority {
@@ -308,7 +288,7 @@ impl Authority {
         self.validity(&mut params, lifetime)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(|e| CaError::Sign(e.to_string()))?;
         let chain = vec![cert.der().clone(), self.cert_der.clone()];
-        let chain_pem = chain.iter().map(|c| certificate_pem(c)).collect();
+        let chain_pem = cert.pem() + &self.cert_pem;
         Ok(Serving {
             chain,
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
@@ -332,21 +312,6 @@ fn verified_public_key(csr: &[u8]) -> Result<SubjectPublicKeyInfo, CsrError> {
     request.verify_signature().map_err(|_| CsrError::Signature)?;
     SubjectPublicKeyInfo::from_der(request.certification_request_info.subject_pki.raw)
         .map_err(|e| CsrError::PublicKey(e.to_string()))
-}
-
-/// The SPIFFE ID in a certificate's URI SANs, if it carries exactly one that parses.
-pub fn spiffe_id(der: &[u8]) -> Option<Identity> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
-        _ => None,
-    });
-    let id = ids.next()?;
-    if ids.next().is_some() {
-        return None;
-    }
-    id.parse().ok()
 }
 
 /// Now, in unix seconds.
@@ -384,7 +349,7 @@ mod tests {
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(names.iter().any(|n| n.contains("spiffe://cluster.local/ns/shop/sa/payments")), "{names:?}");
         assert!(!names.iter().any(|n| n.contains("evil") || n.contains("admin")), "{names:?}");
-        assert_eq!(spiffe_id(&issued.chain[0]), Some(id));
+        assert_eq!(ballast_api::identity::from_certificate(&issued.chain[0]), Some(id));
         assert_eq!(leaf.public_key().raw, key.subject_public_key_info().as_slice());
         let (_, root) = x509_parser::parse_x509_certificate(&issued.chain[1]).unwrap();
         assert!(leaf.verify_signature(Some(root.public_key())).is_ok());

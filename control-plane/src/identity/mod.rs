@@ -154,7 +154,7 @@ impl IdentityState {
         let admin_token = match &options.admin_token {
             Some(t) if t.trim().is_empty() => return Err(IdentityError::EmptyAdminToken),
             Some(t) => t.trim().to_owned(),
-            None => random_token()?,
+            None => tokens::random_secret().ok_or(IdentityError::Random)?,
         };
         // The process's rustls provider, for tonic's TLS (ring is the only one built).
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -169,13 +169,6 @@ impl IdentityState {
             options,
         })
     }
-}
-
-fn random_token() -> Result<String, IdentityError> {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 32];
-    ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| IdentityError::Random)?;
-    Ok(tokens::hex(&bytes))
 }
 
 /// Compares a presented admin token with the expected one in constant time (their

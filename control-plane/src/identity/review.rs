@@ -4,9 +4,11 @@
 //! ([`ballast_api::identity::TOKEN_AUDIENCE`]) into every proxy. The control plane does
 //! not verify the JWT itself: the API server knows its own signing keys, whether the
 //! pod and the service account still exist, and whether the token was revoked, and a
-//! TokenReview asks it all of that in one call. The review names the audience, so a
-//! token minted for another system (or the pod's default API token) is refused, and
-//! the answer must be a service account: `system:serviceaccount:<ns>:<sa>`.
+//! TokenReview asks it all of that in one call. The review names the audience, and the
+//! answer must list it among the token's audiences (an answer without audiences means
+//! the API server's own), so a token minted for another system (or the pod's default
+//! API token) is refused; and the answer must be a service account:
+//! `system:serviceaccount:<ns>:<sa>`.
 //!
 //! RBAC: `create` on `tokenreviews.authentication.k8s.io` (the `system:auth-delegator`
 //! ClusterRole grants it).
@@ -64,9 +66,10 @@ pub async fn review(client: &kube::Client, token: &str) -> Result<ServiceAccount
     if status.authenticated != Some(true) {
         return Err(ReviewError::NotAuthenticated(status.error.filter(|e| !e.is_empty())));
     }
-    if let Some(audiences) = status.audiences
-        && !audiences.iter().any(|a| a == TOKEN_AUDIENCE)
-    {
+    // An answer without audiences means the token is valid for the API server's own
+    // audience, not for Ballast's: only an explicit "ballast" will do.
+    let audiences = status.audiences.unwrap_or_default();
+    if !audiences.iter().any(|a| a == TOKEN_AUDIENCE) {
         return Err(ReviewError::Audience(audiences));
     }
     let username = status.user.and_then(|u| u.username).unwrap_or_default();

@@ -32,8 +32,16 @@ pub const SECRET_KEY: &str = "ca.key";
 pub enum LoadError {
     #[error("cannot read {}: {source}; check --ca-cert/--ca-key", path.display())]
     Read { path: PathBuf, source: std::io::Error },
+    /// The CA given as files: the message says which flag to fix.
+    #[error("the CA from {} and {} (--ca-cert, --ca-key): {source}{}", cert.display(), key.display(), files_hint(source))]
+    Files { cert: PathBuf, key: PathBuf, source: CaError },
+    /// The CA from a Secret, the store, or a new root.
     #[error("the CA from {from}: {source}")]
     Ca { from: String, source: CaError },
+    #[error(
+        "the CA stored under {key} cannot be read ({message}); restore it from a backup, or delete the key so that a new CA is generated (every workload then needs a new certificate)"
+    )]
+    Stored { key: String, message: String },
     #[error("cannot read or store the generated CA: {0}")]
     Store(#[from] StoreError),
     #[error("--ca-secret needs --kubernetes (the CA Secret is read with the Kubernetes client)")]
@@ -46,6 +54,18 @@ pub enum LoadError {
         "cannot read or create Secret {namespace}/{name}: {message}; the control plane needs get and create on secrets in its namespace"
     )]
     Kubernetes { namespace: String, name: String, message: String },
+}
+
+/// What to change on the command line when the CA files are wrong.
+fn files_hint(e: &CaError) -> &'static str {
+    match e {
+        CaError::Certificate(_) => "; give --ca-cert a PEM file with one CERTIFICATE",
+        CaError::Key(_) => "; give --ca-key the CA's private key in PKCS#8 PEM",
+        CaError::KeyMismatch => "; give --ca-key the private key of --ca-cert's certificate",
+        CaError::NotCa => "; give --ca-cert a root or intermediate CA certificate",
+        CaError::Expired(_) => "; give --ca-cert and --ca-key a CA that is still valid",
+        CaError::Generate(_) | CaError::Sign(_) => "",
+    }
 }
 
 /// The generated CA as the store keeps it.
@@ -69,8 +89,9 @@ pub async fn load(
                 std::fs::read_to_string(p).map_err(|source| LoadError::Read { path: p.to_owned(), source })
             };
             let (c, k) = (read(cert)?, read(key)?);
-            Authority::from_pem(&c, &k).map_err(|source| LoadError::Ca {
-                from: format!("{} and {}", cert.display(), key.display()),
+            Authority::from_pem(&c, &k).map_err(|source| LoadError::Files {
+                cert: cert.clone(),
+                key: key.clone(),
                 source,
             })
         }
@@ -85,10 +106,10 @@ pub async fn load(
 async fn from_store(trust_domain: &str, store: &Store, keys: &Keys) -> Result<Authority, LoadError> {
     let key = keys.identity_ca();
     let parse = |value: &[u8]| {
-        let from = format!("the store ({key})");
         let stored: StoredCa = serde_json::from_slice(value)
-            .map_err(|e| LoadError::Ca { from: from.clone(), source: CaError::Certificate(e.to_string()) })?;
-        Authority::from_pem(&stored.certificate, &stored.key).map_err(|source| LoadError::Ca { from, source })
+            .map_err(|e| LoadError::Stored { key: key.clone(), message: e.to_string() })?;
+        Authority::from_pem(&stored.certificate, &stored.key)
+            .map_err(|source| LoadError::Ca { from: format!("the store ({key})"), source })
     };
     if let (Some(kv), _) = store.get(&key).await? {
         return parse(&kv.value);
@@ -217,10 +238,38 @@ mod tests {
         .unwrap();
         assert_eq!(loaded.certificate_der(), ca.certificate_der());
         let missing = dir.path().join("nope.key");
-        let e =
-            load(&CaSource::Files { cert, key: missing }, "cluster.local", &store, &Keys::default(), None)
-                .await
-                .unwrap_err();
+        let e = load(
+            &CaSource::Files { cert: cert.clone(), key: missing },
+            "cluster.local",
+            &store,
+            &Keys::default(),
+            None,
+        )
+        .await
+        .unwrap_err();
         assert!(e.to_string().contains("nope.key"), "{e}");
+        // Files that are not a CA: the message names the flag to fix.
+        std::fs::write(&cert, "not a certificate").unwrap();
+        let e = load(
+            &CaSource::Files { cert: cert.clone(), key: dir.path().join("ca.key") },
+            "cluster.local",
+            &store,
+            &Keys::default(),
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("give --ca-cert a PEM file"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_broken_stored_ca_names_its_key_not_the_flags() {
+        let store = Store::memory();
+        let keys = Keys::default();
+        store.put(&keys.identity_ca(), b"{not json".to_vec(), None).await.unwrap();
+        let e = load(&CaSource::Generated, "cluster.local", &store, &keys, None).await.unwrap_err();
+        let message = e.to_string();
+        assert!(message.contains(&keys.identity_ca()), "{message}");
+        assert!(!message.contains("--ca-"), "{message}");
     }
 }

@@ -22,7 +22,9 @@ use std::time::Duration;
 use rustls::pki_types::CertificateDer;
 use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 
-use crate::identity::ca::{Serving, spiffe_id};
+use ballast_api::identity::{Identity, from_certificate};
+
+use crate::identity::ca::Serving;
 
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,10 +76,9 @@ pub fn admin_acceptor(serving: &Serving) -> Result<tokio_rustls::TlsAcceptor, ru
 /// The verified SPIFFE ID of a stream's client certificate, in `trust_domain`; `None`
 /// without a certificate (or, defensively, when its leaf carries no single SPIFFE ID of
 /// this trust domain: the CA never signs such a client certificate).
-pub fn peer_identity(certs: Option<&[CertificateDer<'static>]>, trust_domain: &str) -> Option<String> {
+pub fn peer_identity(certs: Option<&[CertificateDer<'static>]>, trust_domain: &str) -> Option<Identity> {
     let leaf = certs?.first()?;
-    let id = spiffe_id(leaf)?;
-    (id.trust_domain == trust_domain).then(|| id.to_string())
+    from_certificate(leaf).filter(|id| id.trust_domain == trust_domain)
 }
 
 #[cfg(test)]

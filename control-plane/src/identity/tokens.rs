@@ -70,8 +70,17 @@ pub fn is_bootstrap_token(token: &str) -> bool {
     token.len() == TOKEN_LEN && token.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
+fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 32 random bytes from the system's source, in hex: a bootstrap token, or the admin
+/// token when none is configured. `None` when the random source fails.
+pub fn random_secret() -> Option<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut bytes).ok()?;
+    Some(hex(&bytes))
 }
 
 /// The hex SHA-256 of a token's text: its key in the store.
@@ -109,10 +118,7 @@ pub async fn issue(
     if ttl < Duration::from_secs(1) || ttl > MAX_TTL {
         return Err(TokenError::Ttl(ttl));
     }
-    use ring::rand::SecureRandom;
-    let mut secret = [0u8; 32];
-    ring::rand::SystemRandom::new().fill(&mut secret).map_err(|_| TokenError::Random)?;
-    let token = hex(&secret);
+    let token = random_secret().ok_or(TokenError::Random)?;
     let created_at = now_unix();
     let ttl_secs = ttl.as_secs().max(1);
     let stored = StoredToken {

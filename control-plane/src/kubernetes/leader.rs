@@ -53,10 +53,10 @@ pub async fn lead(
     loop {
         let id = tokio::select! {
             _ = stop.cancelled() => break,
-            l = lease.wait_for(Option::is_some) => match l.map(|l| *l) {
-                Ok(Some(id)) => id,
-                Ok(None) => continue,
-                Err(_) => break,
+            // Only a lease ends the wait: no lease means the session is gone.
+            l = lease.wait_for(Option::is_some) => match l.ok().and_then(|l| *l) {
+                Some(id) => id,
+                None => break,
             },
         };
         held = Some(id);
@@ -83,7 +83,7 @@ pub async fn lead(
         let stopping = tokio::select! {
             _ = stop.cancelled() => true,
             r = lease.changed() => r.is_err(),
-            () = term::run(&ctx, &state) => false,
+            never = term::run(&ctx, &state) => match never {},
         };
         ctx.metrics.kubernetes_leader.set(0);
         ctx.metrics.kubernetes_synced.set(0);

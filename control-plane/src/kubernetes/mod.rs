@@ -33,7 +33,9 @@
 //! leader, has completed its first full sync. Otherwise the embedded store's single
 //! replica would push sidecars a mesh without any Kubernetes Service in it, and they
 //! would apply it. Once ready, it stays ready: a sync that later fails keeps the store as
-//! it was, and sidecars are better served from it than turned away.
+//! it was, and sidecars are better served from it than turned away. A ResiliencePolicy
+//! status the sync cannot write (RBAC) does not hold readiness back: the store is right
+//! without it, and the statuses are retried on their own ([`term`]).
 //!
 //! # Kubernetes access
 //!

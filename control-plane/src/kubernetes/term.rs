@@ -7,19 +7,30 @@
 //! * a policy change: one list of `<prefix>/policies/` and a pass over every policy
 //!   (conflicts span policies, and there is at most one per service);
 //! * a Service or EndpointSlice change: the keys of that one service, read and fixed;
-//! * a (re)list (`InitDone`, on start and whenever the watcher had to list again): a
-//!   full pass of that kind against a full read of the store, which also deletes what
-//!   the sync wrote for objects deleted while nobody watched.
+//! * a (re)list (`InitDone`, on start and whenever the watcher had to list again): once
+//!   all three kinds are listed, a full resync: every kind against a full read of the
+//!   store, which also deletes what the sync wrote for objects deleted while nobody
+//!   watched (`ballast_control_plane_kubernetes_full_syncs_total` counts these: one when
+//!   the term's three lists are in, one per later re-list, one per retry after a
+//!   failure). Before that, the passes of the kinds listed so far.
 //!
 //! Services and endpoints are compared only once both Services and EndpointSlices are
 //! listed: compared against half the picture, every endpoint would look deleted.
 //!
-//! A pass that fails (the store down, a status write refused) is not retried alone: a
-//! full pass of everything is owed and runs after a jittered backoff (0.5 s doubling
-//! up to 30 s), until one succeeds. The first full sync of the term is done when all
-//! three kinds are listed and nothing is owed.
+//! A pass that fails (the store down, a write contended) is not retried alone: a full
+//! pass of everything is owed and runs after a jittered backoff (0.5 s doubling up to
+//! 30 s), until one succeeds. The first full sync of the term is done when all three
+//! kinds are listed and nothing is owed.
+//!
+//! A status write that fails (RBAC without `patch` on `resiliencepolicies/status`, the
+//! API server refusing it) leaves the store right, so it neither makes a full pass owed
+//! nor holds back the first full sync (and so `/ready`): it is counted
+//! (`ballast_control_plane_kubernetes_errors_total{operation="status"}`), logged, and
+//! the statuses alone are written again after their own backoff, until they go
+//! through.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
 use std::time::Duration;
 
 use ballast_api::crd::{AcceptedReason, ResiliencePolicyResource};
@@ -33,7 +44,7 @@ use tokio::time::Instant;
 
 use super::cache::{Cache, Change, name_of};
 use super::mirror::{self, ATTEMPTS, ServiceKeys, commit, plan_service, read_service, read_services};
-use super::policies::{self, StoredPolicy};
+use super::policies::{self, Outcome, StoredPolicy};
 use super::services::{self, SERVICE_NAME_LABEL, slice_service};
 use super::status::StatusWriter;
 use super::{Context, KubernetesError, SyncState};
@@ -49,10 +60,14 @@ struct Term<'a> {
     services: Cache<KubeService>,
     slices: Cache<EndpointSlice>,
     status: StatusWriter,
+    /// Each policy's outcome in the last policy pass, for the statuses.
+    outcomes: BTreeMap<Name, Outcome>,
+    /// A status write failed since the statuses were last written in full.
+    status_failed: Option<KubernetesError>,
 }
 
-/// Runs the term until the caller drops it (lease lost, or stopping).
-pub async fn run(ctx: &Context, state: &watch::Sender<SyncState>) {
+/// Runs the term until the caller drops it (lease lost, or stopping): it never returns.
+pub async fn run(ctx: &Context, state: &watch::Sender<SyncState>) -> Infallible {
     let client = ctx.client.clone();
     let config = watcher::Config::default();
     let mut policies = watcher(Api::<ResiliencePolicyResource>::all(client.clone()), config.clone())
@@ -70,9 +85,14 @@ pub async fn run(ctx: &Context, state: &watch::Sender<SyncState>) {
         services: Cache::default(),
         slices: Cache::default(),
         status: StatusWriter::new(client),
+        outcomes: BTreeMap::new(),
+        status_failed: None,
     };
     let mut owed: Option<Instant> = None;
     let mut retry = RETRY_MIN;
+    // The statuses' own retry: they never hold back the store's passes or readiness.
+    let mut statuses_owed: Option<Instant> = None;
+    let mut status_retry = RETRY_MIN;
     let mut synced = false;
     loop {
         let far = Instant::now() + Duration::from_secs(3600);
@@ -98,8 +118,29 @@ pub async fn run(ctx: &Context, state: &watch::Sender<SyncState>) {
                 }
                 r
             }
+            _ = tokio::time::sleep_until(statuses_owed.unwrap_or(far)), if statuses_owed.is_some() => {
+                statuses_owed = None;
+                term.write_statuses().await;
+                Ok(())
+            }
         };
         term.count();
+        match term.status_failed.take() {
+            Some(e) => {
+                ctx.metrics.kubernetes_errors.with_label_values(&[e.operation()]).inc();
+                if statuses_owed.is_none() {
+                    let delay = status_retry.mul_f64(rand::random_range(0.8..1.2));
+                    tracing::warn!(error = %e, retry_in = ?delay, "cannot write a ResiliencePolicy status; the store is in line, the statuses are written again later");
+                    statuses_owed = Some(Instant::now() + delay);
+                    status_retry = (status_retry * 2).min(RETRY_MAX);
+                } else {
+                    tracing::warn!(error = %e, "cannot write a ResiliencePolicy status; a retry is already due");
+                }
+            }
+            // Every status went through (a pass wrote them all, or had none to write).
+            None if statuses_owed.is_none() => status_retry = RETRY_MIN,
+            None => {}
+        }
         if let Err(e) = result {
             ctx.metrics.kubernetes_errors.with_label_values(&[e.operation()]).inc();
             if owed.is_none() {
@@ -149,10 +190,7 @@ impl Term<'_> {
     async fn on_policy(&mut self, change: Change<ResiliencePolicyResource>) -> Result<(), KubernetesError> {
         match change {
             Change::None => Ok(()),
-            Change::Relisted => {
-                self.ctx.metrics.kubernetes_full_syncs.inc();
-                self.sync_policies().await
-            }
+            Change::Relisted => self.full().await,
             Change::Object { .. } => self.sync_policies().await,
         }
     }
@@ -160,7 +198,7 @@ impl Term<'_> {
     async fn on_service(&mut self, change: Change<KubeService>) -> Result<(), KubernetesError> {
         match change {
             Change::None => Ok(()),
-            Change::Relisted => self.sync_all_services().await,
+            Change::Relisted => self.full().await,
             Change::Object { before, after } => match after.as_ref().or(before.as_ref()) {
                 Some(s) => self.sync_service(&name_of(s)).await,
                 None => Ok(()),
@@ -171,7 +209,7 @@ impl Term<'_> {
     async fn on_slice(&mut self, change: Change<EndpointSlice>) -> Result<(), KubernetesError> {
         match change {
             Change::None => Ok(()),
-            Change::Relisted => self.sync_all_services().await,
+            Change::Relisted => self.full().await,
             Change::Object { before, after } => {
                 // A slice that moved to another Service (its label changed) touches both.
                 let touched: BTreeSet<Name> =
@@ -184,14 +222,20 @@ impl Term<'_> {
         }
     }
 
-    /// Everything, against a full read of the store.
+    /// Everything, against a full read of the store: a full resync, the one place it is
+    /// counted, once all three kinds are listed; before that, the passes of the kinds
+    /// listed so far.
     async fn full(&mut self) -> Result<(), KubernetesError> {
+        if self.listed() {
+            self.ctx.metrics.kubernetes_full_syncs.inc();
+        }
         let policies = self.sync_policies().await;
         let services = self.sync_all_services().await;
         policies.and(services)
     }
 
-    /// Every policy: the store's policies written and deleted, then the statuses.
+    /// Every policy: the store's policies written and deleted, then the statuses (whose
+    /// failures go to `status_failed`, not into the result).
     async fn sync_policies(&mut self) -> Result<(), KubernetesError> {
         if !self.policies.listed() {
             return Ok(());
@@ -213,28 +257,37 @@ impl Term<'_> {
             if !commit(store, metrics, plan.ops).await? {
                 continue;
             }
-            let mut first_error = None;
             let mut by_reason: BTreeMap<&str, i64> = BTreeMap::new();
-            for r in &resources {
-                let Some(outcome) = plan.outcomes.get(&name_of(*r)) else { continue };
+            for outcome in plan.outcomes.values() {
                 *by_reason.entry(outcome.reason.as_str()).or_default() += 1;
-                if let Err(e) = self.status.write(r, outcome, metrics).await {
-                    first_error.get_or_insert(e);
-                }
             }
             for reason in [AcceptedReason::Accepted, AcceptedReason::Invalid, AcceptedReason::Conflict] {
                 let n = by_reason.get(reason.as_str()).copied().unwrap_or(0);
                 metrics.kubernetes_policies.with_label_values(&[reason.as_str()]).set(n);
             }
+            self.outcomes = plan.outcomes;
+            self.write_statuses().await;
             let cache = &self.policies;
             self.status.retain(|ns, name, uid| {
                 cache
                     .get(&(ns.to_owned(), name.to_owned()))
                     .is_some_and(|r| r.metadata.uid.as_deref().unwrap_or_default() == uid)
             });
-            return first_error.map_or(Ok(()), Err);
+            return Ok(());
         }
         Err(KubernetesError::Contended { what: format!("the policies under {}", keys.kind_root("policies")) })
+    }
+
+    /// Each policy's status for its outcome in the last policy pass (only those that
+    /// change). The first failure is kept in `status_failed`; the rest are still tried.
+    async fn write_statuses(&mut self) {
+        let metrics = &self.ctx.metrics;
+        for r in self.policies.values() {
+            let Some(outcome) = self.outcomes.get(&name_of(r)) else { continue };
+            if let Err(e) = self.status.write(r, outcome, metrics).await {
+                self.status_failed.get_or_insert(e);
+            }
+        }
     }
 
     fn both_listed(&self) -> bool {
@@ -271,7 +324,6 @@ impl Term<'_> {
         if !self.both_listed() {
             return Ok(());
         }
-        self.ctx.metrics.kubernetes_full_syncs.inc();
         let Context { store, keys, metrics, .. } = self.ctx;
         let current = read_services(store, keys).await?;
         let mut grouped: BTreeMap<Name, Vec<&EndpointSlice>> = BTreeMap::new();

@@ -81,6 +81,8 @@ struct State {
     requests: Vec<Recorded>,
     unexpected: Vec<String>,
     next_uid: u64,
+    /// Status patches answered 403, as without RBAC for `resiliencepolicies/status`.
+    status_forbidden: bool,
 }
 
 #[derive(Clone)]
@@ -183,6 +185,7 @@ impl FakeApi {
                 requests: Vec::new(),
                 unexpected: Vec::new(),
                 next_uid: 1,
+                status_forbidden: false,
             })),
             lists_open: Arc::new(lists_open),
         }
@@ -209,6 +212,11 @@ impl FakeApi {
         if let Some(tx) = self.lists_open.get(&kind) {
             tx.send_replace(open);
         }
+    }
+
+    /// Refuses (403) or serves status patches, as with and without RBAC for them.
+    pub fn forbid_status(&self, forbidden: bool) {
+        self.lock().status_forbidden = forbidden;
     }
 
     /// Answers one request as `client` (other fakes route what they do not serve here).
@@ -261,6 +269,15 @@ impl FakeApi {
                 if content_type != Some("application/merge-patch+json") {
                     self.lock().unexpected.push(format!("status patch as {content_type:?}"));
                     return status(415, "UnsupportedMediaType", "expected a merge patch");
+                }
+                if self.lock().status_forbidden {
+                    return status(
+                        403,
+                        "Forbidden",
+                        &format!(
+                            "resiliencepolicies.ballast.io \"{name}\" is forbidden: cannot patch resource \"resiliencepolicies/status\" in namespace \"{ns}\""
+                        ),
+                    );
                 }
                 return self.patch_status(ns, name, &body);
             }

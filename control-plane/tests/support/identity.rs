@@ -157,7 +157,9 @@ impl IdentityApi {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `token` reviews as `status` (a TokenReviewStatus JSON).
+    /// `token` reviews as `status` (a TokenReviewStatus JSON). An authenticated status
+    /// without `audiences` is answered with the review's own audiences, as the API server
+    /// does; `"audiences": null` answers without any.
     pub fn review(&self, token: &str, status: Value) {
         self.lock().reviews.insert(token.to_owned(), status);
     }
@@ -213,11 +215,24 @@ impl IdentityApi {
         match (method, segs.as_slice()) {
             (Method::POST, ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) => {
                 let token = body["spec"]["token"].as_str().unwrap_or_default();
-                let review_status = s
+                let mut review_status = s
                     .reviews
                     .get(token)
                     .cloned()
                     .unwrap_or_else(|| json!({"authenticated": false, "error": "invalid bearer token"}));
+                // As a real API server: an authenticated token's audiences are those the
+                // review asked for, unless the test set them (`null`: answer without any).
+                if review_status["authenticated"] == json!(true) {
+                    match review_status.get("audiences") {
+                        None => review_status["audiences"] = body["spec"]["audiences"].clone(),
+                        Some(Value::Null) => {
+                            if let Some(o) = review_status.as_object_mut() {
+                                o.remove("audiences");
+                            }
+                        }
+                        Some(_) => {}
+                    }
+                }
                 respond(
                     201,
                     &json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",

@@ -123,7 +123,6 @@ impl CertSlot {
 /// This sidecar's identity and the TLS configurations that use it.
 pub struct MeshIdentity {
     pub options: IdentityOptions,
-    pub roots: Arc<RootCertStore>,
     pub slot: Arc<CertSlot>,
     pub tls: tls::Configs,
     key: rcgen::KeyPair,
@@ -135,8 +134,8 @@ impl MeshIdentity {
         let roots = Arc::new(parse_trust_anchors(&options.trust_anchors_pem)?);
         let key = rcgen::KeyPair::generate().map_err(|e| IdentityError::Key(e.to_string()))?;
         let slot = Arc::new(CertSlot::default());
-        let tls = tls::Configs::new(roots.clone(), slot.clone())?;
-        Ok(Arc::new(Self { options, roots, slot, tls, key, ready: watch::channel(false).0 }))
+        let tls = tls::Configs::new(roots, slot.clone())?;
+        Ok(Arc::new(Self { options, slot, tls, key, ready: watch::channel(false).0 }))
     }
 
     /// The identity in use, once the first certificate arrived.
@@ -186,14 +185,7 @@ pub fn renew_at(issued: SystemTime, not_after: SystemTime) -> Duration {
 
 /// The SPIFFE ID in a certificate's URI SAN, when it has exactly one workload identity.
 pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<Identity> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let san = parsed.subject_alternative_name().ok()??;
-    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => uri.parse().ok(),
-        _ => None,
-    });
-    let first = ids.next()?;
-    ids.next().is_none().then_some(first)
+    ballast_api::identity::from_certificate(cert.as_ref())
 }
 
 #[cfg(test)]

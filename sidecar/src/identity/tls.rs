@@ -27,10 +27,14 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+use prometheus::IntCounter;
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::TcpStream;
 
 use super::{CertSlot, IdentityError};
 use crate::detect::PrefixedIo;
+use crate::metrics::Metrics;
 
 /// ALPN of a TCP stream carried in mesh TLS.
 pub const ALPN_OPAQUE: &[u8] = b"ballast.io/opaque";
@@ -91,6 +95,51 @@ impl Configs {
             client_opaque: client(ALPN_OPAQUE)?,
             control_plane: Arc::new(control_plane),
         })
+    }
+}
+
+/// How to open mesh TLS to one endpoint: the configuration (its ALPN says what the tunnel
+/// carries), the name the server must prove, and the outbound handshake counters. Shared
+/// by the HTTP pool's connector and opaque TCP, so both verify and count alike.
+#[derive(Clone)]
+pub struct Dial {
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+    ok: IntCounter,
+    failed: IntCounter,
+}
+
+impl Dial {
+    /// For the endpoint whose identity is `peer` (a SPIFFE ID). Err: `peer` is not one
+    /// (validated on arrival, so not expected).
+    pub fn new(config: Arc<ClientConfig>, peer: &str, metrics: &Metrics) -> Result<Self, String> {
+        let id: ballast_api::identity::Identity = peer.parse().map_err(|e| format!("{e}"))?;
+        let name = ServerName::try_from(id.dns_name()).map_err(|e| format!("{peer}: {e}"))?;
+        let counter = |result| metrics.mesh_tls_handshakes.with_label_values(&["outbound", result]);
+        Ok(Self { config, name, ok: counter("ok"), failed: counter("failed") })
+    }
+
+    /// The name the server must prove (its identity's DNS form).
+    pub fn name(&self) -> &ServerName<'static> {
+        &self.name
+    }
+
+    /// The handshake on `tcp`, within `timeout` (a peer that accepts and then says nothing
+    /// must not hold the caller).
+    pub async fn connect(
+        &self,
+        tcp: TcpStream,
+        timeout: Duration,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let handshake = tokio_rustls::TlsConnector::from(self.config.clone()).connect(self.name.clone(), tcp);
+        let result = tokio::time::timeout(timeout, handshake).await.unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("mesh TLS handshake timed out after {timeout:?}"),
+            ))
+        });
+        if result.is_ok() { &self.ok } else { &self.failed }.inc();
+        result
     }
 }
 

@@ -165,21 +165,16 @@ async fn inbound(
             *req.version_mut() = Version::HTTP_11;
         }
     }
-    shared
-        .metrics
-        .inbound_peer_requests
-        .with_label_values(&[
-            label.as_ref(),
-            peer.and_then(|p| p.header.to_str().ok()).unwrap_or(""),
-            if peer.is_some() { "true" } else { "false" },
-        ])
-        .inc();
-    let trust_domain =
-        shared.identity.as_ref().and_then(|m| m.current()).map(|c| c.identity.trust_domain.clone());
+    if let Some(counter) = &conn.peer_requests {
+        counter.inc();
+    }
+    // Only a mesh caller is matched against local patterns, which need our trust domain.
+    let current = peer.and(shared.identity.as_ref()).and_then(|m| m.current());
+    let trust_domain = current.as_ref().map(|c| c.identity.trust_domain.as_str());
     let denied = if is_probe(&shared, &conn, &req) {
         Ok(())
     } else {
-        shared.store.load().access.check(peer.map(|p| &p.identity), trust_domain.as_deref())
+        shared.store.load().access.check(peer.map(|p| &p.identity), trust_domain)
     };
     if let Err(why) = denied {
         tracing::info!(peer = %conn.peer, identity = ?peer.map(|p| p.identity.to_string()), reason = %why, "inbound request forbidden");

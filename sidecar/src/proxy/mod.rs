@@ -53,6 +53,20 @@ pub struct ConnInfo {
     /// Inbound over mesh TLS: the caller's verified identity. `None`: plain text (or the
     /// app's own TLS, passed through).
     pub mesh_peer: Option<Arc<MeshPeer>>,
+    /// Inbound: this connection's series of `ballast_inbound_requests_by_peer_total`,
+    /// resolved once per connection (its caller cannot change) instead of per request.
+    pub peer_requests: Option<prometheus::IntCounter>,
+}
+
+impl ConnInfo {
+    /// The inbound series for this connection's caller (`mesh_peer`).
+    pub fn peer_requests(metrics: &Metrics, service: &str, mesh_peer: Option<&MeshPeer>) -> prometheus::IntCounter {
+        let (identity, tls) = match mesh_peer {
+            Some(p) => (p.header.to_str().unwrap_or(""), "true"),
+            None => ("", "false"),
+        };
+        metrics.inbound_peer_requests.with_label_values(&[service, identity, tls])
+    }
 }
 
 /// The verified identity of an inbound mesh TLS caller.

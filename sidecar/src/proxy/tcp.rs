@@ -10,11 +10,10 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use rustls::pki_types::ServerName;
-
 use super::{ConnInfo, Shared};
 use crate::balance::Target;
 use crate::client::UpstreamStream;
+use crate::identity::tls::Dial;
 use crate::metrics::Metrics;
 use crate::stack::Direction;
 
@@ -64,21 +63,10 @@ pub async fn connect_target(shared: &Shared, target: &Target) -> std::io::Result
     let (Some(mesh), Some(peer)) = (&shared.identity, &target.identity) else {
         return Ok(UpstreamStream::Plain(tcp));
     };
-    let name = peer
-        .parse::<ballast_api::identity::Identity>()
-        .ok()
-        .and_then(|id| ServerName::try_from(id.dns_name()).ok())
-        .ok_or_else(|| std::io::Error::other(format!("endpoint identity {peer:?} is not a SPIFFE ID")))?;
-    let handshake = tokio_rustls::TlsConnector::from(mesh.tls.client_opaque.clone()).connect(name, tcp);
-    let result = tokio::time::timeout(timeout, handshake).await.unwrap_or_else(|_| {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("mesh TLS handshake timed out after {timeout:?}"),
-        ))
-    });
-    let outcome = if result.is_ok() { "ok" } else { "failed" };
-    shared.metrics.mesh_tls_handshakes.with_label_values(&["outbound", outcome]).inc();
-    result
+    let dial = Dial::new(mesh.tls.client_opaque.clone(), peer, &shared.metrics)
+        .map_err(|e| std::io::Error::other(format!("endpoint identity {peer:?}: {e}")))?;
+    dial.connect(tcp, timeout)
+        .await
         .map(|tls| UpstreamStream::Tls(Box::new(tls)))
         .map_err(|e| std::io::Error::other(format!("mesh TLS with {} (expecting {peer}): {e}", target.addr)))
 }

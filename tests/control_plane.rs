@@ -446,7 +446,9 @@ fn injected_containers_run_with_what_the_injector_gives_them() {
         let proxies = cp.json(&["get", "proxies", "-n", "shop", "-o", "json"]);
         proxies.as_array().into_iter().flatten().find(|p| p["pod"] == "web-7f9c4-x2x8q").cloned()
     };
-    wait_until("the injected proxy is listed and synced", || listed().is_some_and(|p| p["state"] == "SYNCED"));
+    wait_until("the injected proxy is listed and synced", || {
+        listed().is_some_and(|p| p["state"] == "SYNCED")
+    });
     let me = listed().expect("the injected proxy is listed");
     assert_eq!(me["namespace"], "shop", "{me}");
     assert_eq!(me["service"], "web", "{me}");

@@ -13,9 +13,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use identity::MeshCa;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use identity::MeshCa;
 use support::*;
 
 /// An in-process control plane with identity on (the benchmarks' [`MeshCa`]), and what
@@ -164,7 +164,10 @@ fn sidecars_use_mutual_tls_and_the_app_learns_the_verified_caller() {
     assert!(json_body(&rsp).get("ballast-peer-identity").is_none(), "{rsp}");
     // No certificate (the gauge is always exported: a missing series fails here).
     let metrics = opted_out.metrics();
-    assert!(metrics.lines().any(|l| l == "ballast_identity_certificate_expiry_timestamp_seconds 0"), "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l == "ballast_identity_certificate_expiry_timestamp_seconds 0"),
+        "{metrics}"
+    );
 
     // Unmeshed endpoints stay plain and work: a Service whose endpoint is the app itself.
     mesh.put(

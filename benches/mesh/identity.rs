@@ -74,7 +74,12 @@ impl MeshCa {
     /// The flags that make a `ballast-sidecar run` join this mesh as `pod` of
     /// `namespace/service_account` (with a fresh bootstrap token); `--control-plane` is
     /// [`MeshCa::url`].
-    pub fn sidecar_args(&self, namespace: &str, pod: &str, service_account: &str) -> Result<Vec<String>, String> {
+    pub fn sidecar_args(
+        &self,
+        namespace: &str,
+        pod: &str,
+        service_account: &str,
+    ) -> Result<Vec<String>, String> {
         Ok(vec![
             "--namespace".to_owned(),
             namespace.to_owned(),

@@ -86,8 +86,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let control_tls = opts.identity.clone().map(crate::identity::MeshIdentity::new).transpose()?;
     let identity = control_tls.clone().filter(|m| m.has_workload_identity());
     let metrics = Metrics::new();
-    let ctx =
-        StackContext::new(Clients::with_identity(opts.connect_timeout, identity.clone().map(|i| (i, metrics.clone()))), metrics.clone());
+    let ctx = StackContext::new(
+        Clients::with_identity(opts.connect_timeout, identity.clone().map(|i| (i, metrics.clone()))),
+        metrics.clone(),
+    );
     let store = ConfigStore::new(ctx.clone(), &opts.namespace, opts.service.as_deref());
     let source: Arc<str> = match &opts.config {
         // Nothing is applied until the control plane's first snapshot: until then the

@@ -22,13 +22,13 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::ServerName;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
-use prometheus::IntCounter;
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 

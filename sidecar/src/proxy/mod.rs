@@ -60,7 +60,11 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     /// The inbound series for this connection's caller (`mesh_peer`).
-    pub fn peer_requests(metrics: &Metrics, service: &str, mesh_peer: Option<&MeshPeer>) -> prometheus::IntCounter {
+    pub fn peer_requests(
+        metrics: &Metrics,
+        service: &str,
+        mesh_peer: Option<&MeshPeer>,
+    ) -> prometheus::IntCounter {
         let (identity, tls) = match mesh_peer {
             Some(p) => (p.header.to_str().unwrap_or(""), "true"),
             None => ("", "false"),

@@ -9,8 +9,6 @@
 //! pass `promtool check rules` and their unit tests, naming only metrics that exist.
 
 mod support;
-#[path = "../control-plane/tests/support/venv.rs"]
-mod venv;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -51,14 +49,14 @@ fn output_text(out: &Output) -> String {
 
 /// `kubectl kustomize DIR`, failing loudly when kubectl is missing or the build fails.
 fn kustomize(dir: &str) -> String {
-    let out = venv::kubectl([OsStr::new("kustomize"), root().join(dir).as_os_str()]);
+    let out = support::venv::kubectl([OsStr::new("kustomize"), root().join(dir).as_os_str()]);
     String::from_utf8(out).expect("kustomize prints UTF-8")
 }
 
 /// Runs the validator on `NAME=FILE` arguments; returns the parsed documents by name.
 fn run_validator(dir: &Path, inputs: &[(String, PathBuf)], parse_only: bool) -> BTreeMap<String, Vec<Value>> {
     let json = dir.join(if parse_only { "parsed.json" } else { "validated.json" });
-    let python = venv::python();
+    let python = support::venv::python();
     let mut cmd = Command::new(&python);
     cmd.arg(root().join("tests/python/validate_manifests.py"))
         .args(["--kube-version", KUBE_VERSION, "--out"])

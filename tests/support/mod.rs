@@ -5,7 +5,7 @@
 #[path = "../../control-plane/tests/support/promtool.rs"]
 mod promtool;
 #[path = "../../control-plane/tests/support/venv.rs"]
-mod venv;
+pub mod venv;
 
 use std::convert::Infallible;
 use std::io::{Read, Write};

@@ -33,7 +33,7 @@ if ((${#need[@]})); then
 fi
 
 venv=target/venv
-if ! "$venv/bin/python" -c 'import grpc, grpc_health, websockets, jsonpatch, jsonschema, kubernetes_validate' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import grpc, grpc_health, websockets, jsonpatch, jsonschema, kubernetes_validate, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc' 2>/dev/null; then
   echo "--- creating the Python test virtualenv in $venv"
   rm -rf "$venv"
   python3 -m venv "$venv"

@@ -48,6 +48,32 @@ pub struct PolicySpec {
     /// Faults injected by the calling sidecar before a request leaves it, for chaos tests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub faults: Option<Faults>,
+    /// Trace and access-log sampling for requests to this service, overriding the
+    /// sidecars' flags (`OTEL_TRACES_SAMPLER_ARG`, `--access-log-sampling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<Telemetry>,
+}
+
+/// Sampling of the service's telemetry, as Istio's `Telemetry` resource does it per
+/// workload: applied by every sidecar that handles a request of this service, the
+/// callers' (outbound) and the service's own (inbound).
+///
+/// `tracingSamplingPercent` decides only for requests that arrive without a sampling
+/// decision (no `traceparent`/B3 from upstream): a caller's decision is always followed,
+/// so a trace is never cut in half. It takes effect only on sidecars that export traces
+/// (`OTEL_EXPORTER_OTLP_ENDPOINT` set).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+pub struct Telemetry {
+    /// Share of new traces sampled, 0-100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(range(min = 0.0, max = 100.0)))]
+    pub tracing_sampling_percent: Option<f64>,
+    /// Share of requests written to the access log, 0-100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(range(min = 0.0, max = 100.0)))]
+    pub access_log_sampling_percent: Option<f64>,
 }
 
 /// Fault injection (as Istio's `fault`): a share of requests is delayed, a share is
@@ -579,6 +605,18 @@ impl ResiliencePolicy {
                         "spec.faults.abort.status",
                         format!("must be an error status 400-599, got {}", a.status),
                     );
+                }
+            }
+        }
+        if let Some(t) = &s.telemetry {
+            for (field, v) in [
+                ("spec.telemetry.tracingSamplingPercent", t.tracing_sampling_percent),
+                ("spec.telemetry.accessLogSamplingPercent", t.access_log_sampling_percent),
+            ] {
+                if let Some(v) = v
+                    && !(0.0..=100.0).contains(&v)
+                {
+                    e(field, format!("must be in [0, 100], got {v}"));
                 }
             }
         }

@@ -15,6 +15,7 @@
 //!   shutdown, and the responses the mesh makes itself.
 //! * [`resilience`]: the policy's layers (rate limit, bulkhead, timeout, faults).
 //! * [`identity`]: this sidecar's workload certificate and mesh mutual TLS.
+//! * [`telemetry`]: trace context, spans exported with OTLP, the access log.
 //! * [`init`]: the iptables rules of the init container.
 
 pub mod admin;
@@ -36,5 +37,6 @@ pub mod routes;
 pub mod run;
 pub mod server;
 pub mod stack;
+pub mod telemetry;
 
 pub use ballast_api::names::HEADER_REJECTED;

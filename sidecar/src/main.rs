@@ -117,6 +117,21 @@ struct RunArgs {
     /// `inbound.mtls` and `inbound.allow` say, since the kubelet has no mesh certificate.
     #[arg(long, env = "BALLAST_INBOUND_PROBES", value_delimiter = ',', value_parser = parse_probe, value_name = "PORT:PATH")]
     inbound_probes: Vec<(u16, String)>,
+    /// Share of requests written to the access log (`ballast_sidecar::access`, info),
+    /// in percent; a policy's `telemetry.accessLogSamplingPercent` overrides it for its
+    /// service. 0 turns it off (so does `BALLAST_LOG=info,ballast_sidecar::access=off`).
+    /// Spans are exported when OTEL_EXPORTER_OTLP_ENDPOINT is set (standard OTEL_*
+    /// variables: OTEL_EXPORTER_OTLP_PROTOCOL grpc|http/protobuf, OTEL_TRACES_SAMPLER(_ARG),
+    /// OTEL_SERVICE_NAME, OTEL_BSP_*).
+    #[arg(long, env = "BALLAST_ACCESS_LOG_SAMPLING", default_value_t = 100.0, value_parser = parse_percent, value_name = "PERCENT")]
+    access_log_sampling: f64,
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.trim().trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage from 0 to 100")),
+    }
 }
 
 fn parse_probe(s: &str) -> Result<(u16, String), String> {
@@ -314,6 +329,12 @@ fn main() -> ExitCode {
             if a.control_plane.is_empty() && !calls.is_empty() {
                 tracing::warn!("--calls has no effect without --control-plane");
             }
+            let telemetry = ballast_sidecar::telemetry::TelemetryOptions {
+                access_log_ratio: a.access_log_sampling / 100.0,
+                service: a.service.clone(),
+                namespace: a.namespace.clone(),
+                pod: pod.clone(),
+            };
             let opts = run::RunOptions {
                 config: a.config,
                 control_plane: a.control_plane,
@@ -334,6 +355,7 @@ fn main() -> ExitCode {
                 config_poll: a.config_poll,
                 identity,
                 inbound_probes: a.inbound_probes.clone(),
+                telemetry,
             };
             let rt = match runtime(a.workers) {
                 Ok(rt) => rt,

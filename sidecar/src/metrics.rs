@@ -43,6 +43,9 @@ pub struct Inner {
     pub identity_certify_total: IntCounterVec,
     pub mesh_tls_handshakes: IntCounterVec,
     pub inbound_peer_requests: IntCounterVec,
+    pub trace_spans_exported: prometheus::IntCounter,
+    pub trace_spans_dropped: IntCounterVec,
+    pub trace_export_requests: IntCounterVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -180,6 +183,24 @@ impl Metrics {
                 "ballast_inbound_requests_by_peer_total",
                 "Inbound HTTP requests by the caller's verified identity (SPIFFE ID; empty for plain text) and whether they came over mesh TLS.",
                 &["service", "peer_identity", "tls"],
+            ),
+            trace_spans_exported: reg(
+                &registry,
+                prometheus::IntCounter::new(
+                    "ballast_trace_spans_exported_total",
+                    "Spans the OTLP exporter delivered to the collector.",
+                )
+                .expect("valid counter"),
+            ),
+            trace_spans_dropped: counter(
+                "ballast_trace_spans_dropped_total",
+                "Spans that were never delivered: queue_full (the export queue was full, the data path does not wait), export_failed (the collector refused or could not be reached), shutdown (still queued when the sidecar stopped).",
+                &["reason"],
+            ),
+            trace_export_requests: counter(
+                "ballast_trace_export_requests_total",
+                "OTLP export calls (one per batch of spans) by result.",
+                &["result"],
             ),
             registry,
         };

@@ -143,6 +143,11 @@ impl ServiceEntry {
     }
 
     /// The stack for a request to `port`.
+    /// The sampling its policy sets (`telemetry`), if any.
+    pub fn telemetry(&self) -> Option<&ballast_api::policy::Telemetry> {
+        self.policy.as_ref().and_then(|p| p.spec.telemetry.as_ref())
+    }
+
     pub fn stack(&self, port: u16) -> HttpService {
         match &self.stacks {
             Stacks::Fixed(s, _) => s.clone(),
@@ -207,6 +212,8 @@ pub struct Snapshot {
     inbound: Option<(Arc<InboundLimits>, InboundStacks)>,
     /// Who may call this pod's app (`inbound.mtls`, `inbound.allow`).
     pub access: Access,
+    /// The sampling of this pod's own service (`telemetry`), for inbound requests.
+    pub telemetry: Option<ballast_api::policy::Telemetry>,
 }
 
 /// `inbound.mtls` and `inbound.allow` of the policy targeting this pod's service.
@@ -257,6 +264,7 @@ impl Snapshot {
             by_ip: HashMap::new(),
             inbound: None,
             access: Access::default(),
+            telemetry: None,
         }
     }
 
@@ -295,6 +303,7 @@ impl Snapshot {
         let request_timeout =
             own_policy.and_then(|p| p.timeouts.as_ref()).and_then(|t| t.request).map(|d| d.get());
         snap.access = Access::from_policy(own_policy.and_then(|p| p.inbound.as_ref()));
+        snap.telemetry = own_policy.and_then(|p| p.telemetry);
         let inbound_policy = match own_policy.and_then(|p| p.inbound.clone()) {
             Some(i) => Some(i),
             None => request_timeout.map(|_| Default::default()),

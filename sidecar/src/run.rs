@@ -49,6 +49,8 @@ pub struct RunOptions {
     pub inbound_probes: Vec<(u16, String)>,
     /// Workload identity and mesh TLS; needs a control plane (`https://`).
     pub identity: Option<crate::identity::IdentityOptions>,
+    /// Access-log sampling and the workload's names for spans.
+    pub telemetry: crate::telemetry::TelemetryOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,8 @@ pub enum RunError {
     Admin(std::io::Error),
     #[error("{0}")]
     Identity(#[from] crate::identity::IdentityError),
+    #[error("tracing: {0}")]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
     #[error(
         "identity (--identity-trust-anchors) needs a control plane to issue certificates: give --control-plane https://HOST:8086"
     )]
@@ -86,6 +90,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let control_tls = opts.identity.clone().map(crate::identity::MeshIdentity::new).transpose()?;
     let identity = control_tls.clone().filter(|m| m.has_workload_identity());
     let metrics = Metrics::new();
+    let telemetry = Arc::new(crate::telemetry::Telemetry::from_env(&opts.telemetry, &metrics)?);
     let ctx = StackContext::new(
         Clients::with_identity(opts.connect_timeout, identity.clone().map(|i| (i, metrics.clone()))),
         metrics.clone(),
@@ -138,6 +143,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         },
         shutdown: shutdown.clone(),
         identity: identity.clone(),
+        telemetry: telemetry.clone(),
     });
     admin::spawn(
         admin_listener,
@@ -208,6 +214,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     if let Some(task) = control_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
+    // The spans of the drained requests, flushed within a bound of their own.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown(Duration::from_secs(3))).await;
     Ok(())
 }
 

@@ -6,6 +6,8 @@
 //! RecordMetrics      ballast_requests_total, ballast_request_duration_seconds
 //! (policy layers)    rate limit, bulkhead, then per route: request timeout, faults,
 //!                    retry; then the circuit breaker (see crate::resilience)
+//! Attempt            per try: counted, a span, trace context for the next hop
+//!                    (under the retry, above the breaker; see crate::telemetry)
 //! Balancer           picks an endpoint (peak-EWMA p2c by default), ejects outliers,
 //!                    enforces the per-try timeout, turns errors into 502/504 responses
 //!                    (see crate::balance)
@@ -37,6 +39,8 @@ use crate::client::{Clients, PoolPolicy};
 use crate::metrics::Metrics;
 use crate::outcome;
 use crate::rejection;
+use crate::resilience::Guard;
+use crate::telemetry::attempt::Attempt;
 
 pub type HttpRequest = Request<Body>;
 pub type HttpResponse = Response<Body>;
@@ -144,7 +148,7 @@ impl StackContext {
             Some(p) => policy_layers(inner, p, &label, &self.metrics),
             None => {
                 let _ = self.metrics.circuit_state.remove_label_values(&[&label]);
-                inner
+                Attempt::default().layer(inner)
             }
         };
         (RecordMetrics::new(&self.metrics, Direction::Outbound, label, inner).into_service(), balancer)
@@ -160,8 +164,8 @@ impl StackContext {
         if cache.len() >= 4096 {
             cache.clear();
         }
-        let stack = RecordMetrics::new(&self.metrics, direction, label.clone(), self.endpoint_client(addr))
-            .into_service();
+        let client = Attempt::default().layer(self.endpoint_client(addr));
+        let stack = RecordMetrics::new(&self.metrics, direction, label.clone(), client).into_service();
         cache.insert((direction, label.clone(), addr), stack.clone());
         stack
     }
@@ -207,7 +211,7 @@ impl StackContext {
         addr: SocketAddr,
         limits: &crate::resilience::inbound::InboundLimits,
     ) -> HttpService {
-        let inner = limits.wrap(self.endpoint_client(addr));
+        let inner = limits.wrap(Attempt::default().layer(self.endpoint_client(addr)));
         RecordMetrics::new(&self.metrics, Direction::Inbound, label.clone(), inner).into_service()
     }
 }
@@ -225,18 +229,20 @@ pub fn policy_layers(
     label: &Arc<str>,
     metrics: &Metrics,
 ) -> HttpService {
-    use crate::resilience::{Guard, bulkhead, circuit_breaker, rate_limit, retry, routes};
+    use crate::resilience::{bulkhead, circuit_breaker, rate_limit, retry, routes};
     let mut lower = balancer;
     if let Some(cb) = &policy.circuit_breaker {
         let gauge = metrics.circuit_state.with_label_values(&[label]);
         lower = circuit_breaker::CircuitBreaker::new(
             circuit_breaker::BreakerConfig::from_policy(cb),
             label.clone(),
-            gauge,
+            gauge.clone(),
         )
         .layer(lower);
+        lower = Attempt::new(Some(gauge)).layer(lower);
     } else {
         let _ = metrics.circuit_state.remove_label_values(&[label]);
+        lower = Attempt::default().layer(lower);
     }
     // One budget for the service, whichever route a request takes.
     let budget = retry::RetryShared::new(

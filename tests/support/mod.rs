@@ -2,6 +2,7 @@
 //! server, real client tools. Nothing here mocks the proxy.
 #![allow(dead_code)]
 
+pub mod otlp;
 #[path = "../../control-plane/tests/support/promtool.rs"]
 mod promtool;
 #[path = "../../control-plane/tests/support/venv.rs"]
@@ -127,18 +128,23 @@ impl Sidecar {
     /// bind (tests run in parallel and open many connections); that one case is retried
     /// with fresh ports, any other start-up failure fails the test.
     pub fn start(config_yaml: &str, extra: &[&str]) -> Sidecar {
-        Self::start_from(Source::File(config_yaml), extra)
+        Self::start_from(Source::File(config_yaml), extra, &[])
+    }
+
+    /// [`Sidecar::start`] with these environment variables set (`OTEL_*`, say).
+    pub fn start_with_env(config_yaml: &str, extra: &[&str], env: &[(&str, &str)]) -> Sidecar {
+        Self::start_from(Source::File(config_yaml), extra, env)
     }
 
     /// Starts a sidecar on the control plane at `grpc` (its configuration is pushed; it is
     /// ready once the first snapshot is applied).
     pub fn start_meshed(grpc: &str, extra: &[&str]) -> Sidecar {
-        Self::start_from(Source::ControlPlane(grpc), extra)
+        Self::start_from(Source::ControlPlane(grpc), extra, &[])
     }
 
-    fn start_from(source: Source, extra: &[&str]) -> Sidecar {
+    fn start_from(source: Source, extra: &[&str], env: &[(&str, &str)]) -> Sidecar {
         for _ in 0..3 {
-            let mut s = Self::spawn_from(source, extra);
+            let mut s = Self::spawn_from(source, extra, env);
             if s.ready_within(Duration::from_secs(15)) {
                 return s;
             }
@@ -153,10 +159,10 @@ impl Sidecar {
     }
 
     pub fn spawn(config_yaml: &str, extra: &[&str]) -> Sidecar {
-        Self::spawn_from(Source::File(config_yaml), extra)
+        Self::spawn_from(Source::File(config_yaml), extra, &[])
     }
 
-    fn spawn_from(source: Source, extra: &[&str]) -> Sidecar {
+    fn spawn_from(source: Source, extra: &[&str], env: &[(&str, &str)]) -> Sidecar {
         let config_yaml = match source {
             Source::File(yaml) => yaml,
             Source::ControlPlane(_) => "",
@@ -191,6 +197,7 @@ impl Sidecar {
                     .replace("{admin}", &admin.to_string())
             }))
             .env("BALLAST_LOG", "info,ballast_sidecar=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()

@@ -34,55 +34,23 @@ use crate::outcome::UpstreamFailure;
 use crate::rejection::{Reason, text_response};
 use crate::routes::{ServiceEntry, split_host_port};
 use crate::stack::{Direction, HttpRequest, HttpService};
+use crate::telemetry::RequestScope;
 
-/// The tracing target of the per-request log line.
-pub const ACCESS_LOG: &str = "ballast_sidecar::access";
-
-/// Handles one request received on a connection.
-///
-/// Each request ends with one line at `ballast_sidecar::access` (debug for now: enable it with
-/// `BALLAST_LOG=info,ballast_sidecar::access=debug`), with the caller's verified identity when it
-/// came over mesh TLS. Issue 8 makes this the access log proper (on at info, sampled,
-/// with trace ids); until then it stays off the default level, where a line per request
-/// would cost the data path.
+/// Handles one request received on a connection, within its telemetry scope: the
+/// request id and trace context are settled on arrival, and its span and access-log line
+/// are written when the response ends (see [`crate::telemetry`]).
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, BoxError> {
-    let req = req.map(body::boxed);
-    if !tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG) {
-        return match conn.direction {
-            Direction::Outbound => outbound(shared, conn, req).await,
-            Direction::Inbound => inbound(shared, conn, req).await,
-        };
-    }
-    let start = std::time::Instant::now();
-    let (method, path, authority) =
-        (req.method().clone(), req.uri().path().to_owned(), request_authority(&req));
+    let mut req = req.map(body::boxed);
+    let mut scope = RequestScope::start(&shared.telemetry, &conn, &mut req);
     let result = match conn.direction {
-        Direction::Outbound => outbound(shared, conn.clone(), req).await,
-        Direction::Inbound => inbound(shared, conn.clone(), req).await,
+        Direction::Outbound => outbound(shared, conn, req, &mut scope).await,
+        Direction::Inbound => inbound(shared, conn, req, &mut scope).await,
     };
-    let status = result.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
-    let rejected = result
-        .as_ref()
-        .ok()
-        .and_then(|r| r.headers().get(crate::HEADER_REJECTED))
-        .and_then(|v| v.to_str().ok());
-    tracing::debug!(
-        target: ACCESS_LOG,
-        direction = conn.direction.as_str(),
-        %method,
-        authority = authority.as_deref().unwrap_or(""),
-        %path,
-        status,
-        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-        client = %conn.peer,
-        peer_identity = conn.mesh_peer.as_ref().map(|p| p.identity.to_string()).unwrap_or_default(),
-        rejected = rejected.unwrap_or(""),
-    );
-    result
+    scope.finish(result)
 }
 
 /// Where an outbound request goes.
@@ -97,6 +65,7 @@ async fn outbound(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
     req: HttpRequest,
+    scope: &mut RequestScope,
 ) -> Result<Response<Body>, BoxError> {
     if req.method() == Method::CONNECT {
         return connect_tunnel(shared, conn, req).await;
@@ -125,9 +94,11 @@ async fn outbound(
     };
     let (stack, declared, fallback) = match destination {
         Destination::Service(svc, port) => {
+            scope.route(&svc.label, svc.telemetry());
             (svc.stack(port), svc.protocol(port), SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))
         }
         Destination::Endpoint(dst) => {
+            scope.route(&passthrough_label(), None);
             (shared.ctx.endpoint_stack(Direction::Outbound, &passthrough_label(), dst), None, dst)
         }
         Destination::Resolve(a) => match resolve(shared.settings.egress_dns, a.clone(), 80).await {
@@ -138,18 +109,20 @@ async fn outbound(
                 ));
             }
             Ok(addr) => {
+                scope.route(&passthrough_label(), None);
                 (shared.ctx.endpoint_stack(Direction::Outbound, &passthrough_label(), addr), None, addr)
             }
             Err(msg) => return Ok(text_response(StatusCode::BAD_GATEWAY, msg)),
         },
     };
-    forward(shared, conn.direction, stack, req, authority, fallback, declared).await
+    forward(shared, conn.direction, stack, req, authority, fallback, declared, scope).await
 }
 
 async fn inbound(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
     mut req: HttpRequest,
+    scope: &mut RequestScope,
 ) -> Result<Response<Body>, BoxError> {
     // The mesh's own request headers are never taken from a caller: removed from every
     // request, and set again only from what this connection's handshake proved.
@@ -157,6 +130,7 @@ async fn inbound(
     headers.remove(HEADER_PEER_IDENTITY);
     let orig_proto = headers.remove(HEADER_ORIG_PROTO);
     let label = &shared.settings.inbound_label;
+    scope.route(label, shared.store.load().telemetry.as_ref());
     let peer = conn.mesh_peer.as_deref();
     if let Some(peer) = peer {
         req.headers_mut().insert(HEADER_PEER_IDENTITY, peer.header.clone());
@@ -202,7 +176,7 @@ async fn inbound(
     let limited = { shared.store.load().inbound_stack(&shared.ctx, label, target) };
     let stack = limited.unwrap_or_else(|| shared.ctx.endpoint_stack(Direction::Inbound, label, target));
     let authority = request_authority(&req);
-    forward(shared, conn.direction, stack, req, authority, target, None).await
+    forward(shared, conn.direction, stack, req, authority, target, None, scope).await
 }
 
 /// A plain-text GET or HEAD of one of the app's HTTP probes (`--inbound-probes`): the
@@ -225,6 +199,7 @@ fn passthrough_label() -> Arc<str> {
 
 /// Prepares the request for the upstream, calls the stack, and prepares the response for
 /// the client.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     shared: Arc<Shared>,
     direction: Direction,
@@ -233,6 +208,7 @@ async fn forward(
     authority: Option<String>,
     fallback: SocketAddr,
     declared: Option<DeclaredProtocol>,
+    scope: &mut RequestScope,
 ) -> Result<Response<Body>, BoxError> {
     let downstream_version = req.version();
     let upgrade = is_upgrade(&req);
@@ -281,6 +257,7 @@ async fn forward(
     *req.version_mut() = upstream_version;
 
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    scope.prepare(&mut req);
     let mut rsp = match stack.call(req).await {
         Ok(rsp) => rsp,
         // The stack turns upstream failures into responses; what is left is the stack

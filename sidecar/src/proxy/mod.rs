@@ -40,6 +40,8 @@ pub struct Shared {
     pub shutdown: Shutdown,
     /// This sidecar's workload identity, when the mesh has one (`--identity-trust-anchors`).
     pub identity: Option<Arc<MeshIdentity>>,
+    /// Spans, trace context and the access log.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 /// What is known of one accepted connection.

@@ -167,6 +167,20 @@ fn demo_shows_the_control_plane_retries_a_circuit_and_mutual_tls() {
         );
     }
     assert!(out.contains("5 of 5 sidecars hold a certificate."), "{all}");
+    // A retried request, as the client sidecar and both tries' sidecars logged it.
+    let retried: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("A retried request in the access logs"))
+        .skip(1)
+        .take(3)
+        .collect();
+    assert!(retried.len() == 3 && retried[0].contains("attempts=2"), "{all}");
+    let id = retried[0].split("request_id=").nth(1).and_then(|r| r.split(' ').next()).expect("request id");
+    assert!(retried.iter().all(|l| l.contains(id)), "one request id across the tries:\n{all}");
+    assert!(
+        retried[1].contains("direction=\"inbound\"") && retried[2].contains("direction=\"inbound\""),
+        "{all}"
+    );
 
     // The side-by-side table, and what the mesh changes for the flaky service.
     let (direct, mesh) = (final_success(&out, "payments", "direct"), final_success(&out, "payments", "mesh"));

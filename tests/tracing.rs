@@ -160,6 +160,7 @@ fn one_trace_through_two_sidecars_with_a_span_per_attempt() {
         assert_eq!(s.attr_str("error.type"), Some("503"), "a server span errs at 5xx");
         assert_eq!(s.attr_str("client.address"), Some("127.0.0.1"));
         assert_eq!(s.attr_str("ballast.direction"), Some("inbound"));
+        assert_eq!(s.attr_str("ballast.upstream"), Some(m.app.addr.to_string().as_str()), "the app");
         assert_eq!(s.resource_str("service.name"), Some("api"), "--service names the workload");
     }
     // The x-request-id the client sidecar made travels with every try.

@@ -337,6 +337,42 @@ struct Proc {
     log: PathBuf,
 }
 
+impl Sidecars {
+    /// One retried request as the access logs tell it: the client sidecar's line, and the
+    /// tries as payments' sidecars logged them, found by the `x-request-id` the client
+    /// sidecar gave the request.
+    fn retried_request(&self) -> String {
+        let read = |p: &Proc| std::fs::read_to_string(&p.log).unwrap_or_default();
+        let Some(client) = self.procs.iter().find(|p| p.pod == "client").map(read) else {
+            return String::new();
+        };
+        let access = |l: &&str| l.contains("ballast_sidecar::access");
+        let Some(line) = client.lines().filter(access).find(|l| {
+            l.contains("service=\"payments.demo\"") && l.contains("status=200") && l.contains("attempts=2")
+        }) else {
+            return String::new();
+        };
+        let Some(id) = line.split("request_id=\"").nth(1).and_then(|r| r.split('"').next()) else {
+            return String::new();
+        };
+        let mut out = format!(
+            "\nA retried request in the access logs (on by default; joined by its x-request-id):\n  client      {}\n",
+            access_fields(line)
+        );
+        for p in self.procs.iter().filter(|p| p.pod.starts_with("payments")) {
+            for l in read(p).lines().filter(access).filter(|l| l.contains(&format!("request_id=\"{id}\""))) {
+                out.push_str(&format!("  {:<11} {}\n", p.pod, access_fields(l)));
+            }
+        }
+        out
+    }
+}
+
+/// The fields of an access-log line, without its timestamp and target.
+fn access_fields(line: &str) -> &str {
+    line.split_once("ballast_sidecar::access: ").map(|(_, f)| f).unwrap_or(line)
+}
+
 impl Proc {
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -1059,6 +1095,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     };
     if let Ok(mesh) = &result {
         traffic(&args, mesh, stop).await;
+        print!("{}", sidecars.retried_request());
     }
     // Stopped in order: the sidecars close their streams (the control plane deregisters
     // them) and drain, then the control plane stops.

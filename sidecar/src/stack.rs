@@ -37,7 +37,7 @@ use crate::balance::{Balancer, BalancerConfig, OutlierConfig, Target};
 use crate::body::{self, Body, BoxError};
 use crate::client::{Clients, PoolPolicy};
 use crate::metrics::Metrics;
-use crate::outcome;
+use crate::outcome::{self, ServedBy};
 use crate::rejection;
 use crate::resilience::Guard;
 use crate::telemetry::attempt::Attempt;
@@ -179,10 +179,12 @@ impl StackContext {
         HttpService::from_fn(move |req| {
             let fut = client.request(req);
             Box::pin(async move {
-                match fut.await {
-                    Ok(rsp) => Ok(rsp.map(body::boxed)),
-                    Err(e) => Ok(outcome::upstream_error_response(&BoxError::from(e))),
-                }
+                let mut rsp = match fut.await {
+                    Ok(rsp) => rsp.map(body::boxed),
+                    Err(e) => outcome::upstream_error_response(&BoxError::from(e)),
+                };
+                rsp.extensions_mut().insert(ServedBy(addr));
+                Ok(rsp)
             })
         })
     }

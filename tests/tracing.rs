@@ -422,3 +422,26 @@ fn sampling_follows_the_caller_and_the_policy() {
     assert_eq!(access_lines(&server_log).len(), 6, "the server logs every request: {server_log}");
     assert_eq!(access_lines(&m.client.log()).len(), 0, "accessLogSamplingPercent: 0 on the client side");
 }
+
+/// `--log-format json`: each access-log line is one JSON object with the fields.
+#[test]
+fn access_log_in_json() {
+    let app = Upstream::start("app");
+    let sidecar = Sidecar::start(&service("api", &app.addr.to_string(), ""), &["--log-format", "json"]);
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    assert_eq!(get(&sidecar, "http://api/status/202", &[&format!("traceparent: {tp}")]).0, 202);
+    let log = sidecar.log();
+    let line = access_lines(&log).into_iter().next().unwrap_or_else(|| panic!("no access line:\n{log}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["level"], "INFO");
+    let f = &v["fields"];
+    assert_eq!(f["status"], 202, "{v}");
+    assert_eq!(f["method"], "GET");
+    assert_eq!(f["path"], "/status/202");
+    assert_eq!(f["service"], "api.default");
+    assert_eq!(f["attempts"], 1);
+    assert_eq!(f["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(f["upstream"], app.addr.to_string());
+    assert!(f["duration_ms"].as_f64().is_some_and(|d| d > 0.0 && d < 5000.0), "{v}");
+    assert!(f["request_id"].as_str().is_some_and(|r| r.len() == 36), "{v}");
+}

@@ -16,8 +16,7 @@ use std::time::{Instant, SystemTime};
 
 use http::{Method, Uri, Version};
 use opentelemetry::KeyValue;
-use opentelemetry::trace::{SpanContext, SpanKind, Status, TraceFlags, TraceState};
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
+use opentelemetry::trace::{SpanKind, Status};
 use prometheus::IntGauge;
 
 use super::propagation;
@@ -188,27 +187,17 @@ impl AttemptSpan {
             }
             None => Status::Unset,
         };
-        let span = SpanData {
-            span_context: SpanContext::new(
-                *trace_id,
-                self.span_id,
-                TraceFlags::SAMPLED,
-                false,
-                TraceState::default(),
-            ),
-            parent_span_id: *parent_id,
-            parent_span_is_remote: false,
-            span_kind: SpanKind::Client,
+        tracing.send(super::Finished {
+            trace_id: *trace_id,
+            span_id: self.span_id,
+            parent: Some(*parent_id),
+            parent_is_remote: false,
+            kind: SpanKind::Client,
             name: span_name(&self.method, self.grpc.then_some(&self.uri)),
-            start_time: self.start_wall,
-            end_time: self.start_wall + duration,
+            start: self.start_wall,
+            duration,
             attributes: attrs,
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
             status,
-            instrumentation_scope: tracing.scope.clone(),
-        };
-        tracing.exporter.send(span);
+        });
     }
 }

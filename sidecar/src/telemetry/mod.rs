@@ -128,6 +128,50 @@ impl Telemetry {
     }
 }
 
+/// What a finished span is made of; [`Tracing::send`] adds the rest.
+pub(crate) struct Finished {
+    pub trace_id: opentelemetry::trace::TraceId,
+    pub span_id: opentelemetry::trace::SpanId,
+    /// `None`: a root span.
+    pub parent: Option<opentelemetry::trace::SpanId>,
+    /// The parent is in another process (the caller).
+    pub parent_is_remote: bool,
+    pub kind: opentelemetry::trace::SpanKind,
+    pub name: Text,
+    pub start: std::time::SystemTime,
+    pub duration: std::time::Duration,
+    pub attributes: Vec<KeyValue>,
+    pub status: opentelemetry::trace::Status,
+}
+
+impl Tracing {
+    /// Queues a sampled span for export.
+    pub(crate) fn send(&self, f: Finished) {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceState};
+        self.exporter.send(opentelemetry_sdk::trace::SpanData {
+            span_context: SpanContext::new(
+                f.trace_id,
+                f.span_id,
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            ),
+            parent_span_id: f.parent.unwrap_or(SpanId::INVALID),
+            parent_span_is_remote: f.parent_is_remote,
+            span_kind: f.kind,
+            name: f.name,
+            start_time: f.start,
+            end_time: f.start + f.duration,
+            attributes: f.attributes,
+            dropped_attributes_count: 0,
+            events: Default::default(),
+            links: Default::default(),
+            status: f.status,
+            instrumentation_scope: self.scope.clone(),
+        });
+    }
+}
+
 fn instrumentation_scope() -> InstrumentationScope {
     InstrumentationScope::builder("ballast-sidecar").with_version(env!("CARGO_PKG_VERSION")).build()
 }

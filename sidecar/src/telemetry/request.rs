@@ -11,9 +11,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Response, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
-use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
+use opentelemetry::trace::{SpanId, SpanKind, Status, TraceId};
 use opentelemetry::{Array, KeyValue, StringValue, Value};
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 
 use super::propagation::{self, Extracted, Formats};
 use super::{Telemetry, X_REQUEST_ID, sampler};
@@ -394,23 +393,18 @@ impl Record {
         }
         let status = outcome_attributes(&mut attrs, &s.method, &s.uri, s.grpc, server, &e);
         let parent = s.extracted.parent;
-        let flags = if s.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
-        let span = SpanData {
-            span_context: SpanContext::new(trace_id, span_id, flags, false, TraceState::default()),
-            parent_span_id: parent.map(|p| p.span_id).unwrap_or(SpanId::INVALID),
-            parent_span_is_remote: parent.is_some(),
-            span_kind: if server { SpanKind::Server } else { SpanKind::Client },
+        tracing.send(super::Finished {
+            trace_id,
+            span_id,
+            parent: parent.map(|p| p.span_id),
+            parent_is_remote: parent.is_some(),
+            kind: if server { SpanKind::Server } else { SpanKind::Client },
             name: span_name(&s.method, s.grpc.then_some(&s.uri)),
-            start_time: s.start_wall,
-            end_time: s.start_wall + duration,
+            start: s.start_wall,
+            duration,
             attributes: attrs,
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
             status,
-            instrumentation_scope: tracing.scope.clone(),
-        };
-        tracing.exporter.send(span);
+        });
     }
 }
 

@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::telemetry::{Collector, Percent};
+
 /// `enabled` or `disabled` on a pod; the label `ballast.io/inject=enabled` on a namespace.
 pub const INJECT: &str = "ballast.io/inject";
 /// Written by the injector: what it injected (JSON, with the version). Its presence is how
@@ -39,6 +41,16 @@ pub const NATIVE_SIDECAR: &str = "ballast.io/native-sidecar";
 /// to verify the control plane's TLS. `enabled` (the default) takes identity
 /// whenever the injector has the mesh's trust anchors (see [`crate::identity`]).
 pub const IDENTITY: &str = "ballast.io/identity";
+/// The OpenTelemetry collector this pod's proxy exports spans to (`http://HOST:PORT`),
+/// instead of the injector's `--trace-collector`; `none` or empty: no tracing for this
+/// pod (see [`crate::telemetry`]).
+pub const TRACE_COLLECTOR: &str = "ballast.io/trace-collector";
+/// Percentage of new traces this pod's proxy samples (0-100, e.g. `1`, `0.5`), instead
+/// of the injector's `--trace-sampling`; only with a collector.
+pub const TRACE_SAMPLING: &str = "ballast.io/trace-sampling";
+/// Percentage of requests this pod's proxy writes to its access log (0-100;
+/// `BALLAST_ACCESS_LOG_SAMPLING`, default 100).
+pub const ACCESS_LOG_SAMPLING: &str = "ballast.io/access-log-sampling";
 
 /// Prometheus' conventional scrape annotations, set unless the pod already has its own.
 pub const PROMETHEUS_SCRAPE: &str = "prometheus.io/scrape";
@@ -92,6 +104,10 @@ pub struct Overrides {
     pub native_sidecar: Option<bool>,
     /// `Some(false)`: opted out of workload identity.
     pub identity: Option<bool>,
+    /// `None`: not said, the injector's `--trace-collector` applies.
+    pub trace_collector: Option<Collector>,
+    pub trace_sampling: Option<Percent>,
+    pub access_log_sampling: Option<Percent>,
 }
 
 impl Overrides {
@@ -158,6 +174,14 @@ impl Overrides {
                 _ => Err(bad(IDENTITY, v, "is not one of: enabled, disabled")),
             })
             .transpose()?;
+        // Read as it is: an empty value says "no tracing", unlike an absent one.
+        let trace_collector = annotations
+            .get(TRACE_COLLECTOR)
+            .map(|v| Collector::parse(v).map_err(|problem| bad(TRACE_COLLECTOR, v.trim(), problem)))
+            .transpose()?;
+        let percent = |k: &'static str| {
+            get(k).map(|v| Percent::parse(v).map_err(|problem| bad(k, v, problem))).transpose()
+        };
         Ok(Self {
             proxy_image,
             cpu_request: quantity(PROXY_CPU_REQUEST)?,
@@ -171,6 +195,9 @@ impl Overrides {
             service,
             native_sidecar,
             identity,
+            trace_collector,
+            trace_sampling: percent(TRACE_SAMPLING)?,
+            access_log_sampling: percent(ACCESS_LOG_SAMPLING)?,
         })
     }
 }
@@ -278,6 +305,41 @@ mod tests {
         assert_eq!(Overrides::parse(&ann(&[(IDENTITY, "enabled")])).map(|o| o.identity), Ok(Some(true)));
         let e = Overrides::parse(&ann(&[(IDENTITY, "off")])).unwrap_err();
         assert_eq!((e.annotation, e.value.as_str()), (IDENTITY, "off"));
+    }
+
+    #[test]
+    fn tracing_annotations() {
+        let o = Overrides::parse(&ann(&[
+            (TRACE_COLLECTOR, " http://otel-agent.observability.svc:4317 "),
+            (TRACE_SAMPLING, "12.5"),
+            (ACCESS_LOG_SAMPLING, "5%"),
+        ]))
+        .expect("valid");
+        assert_eq!(
+            o.trace_collector,
+            Some(Collector::Url("http://otel-agent.observability.svc:4317".into()))
+        );
+        assert_eq!(o.trace_sampling.as_ref().map(Percent::ratio).as_deref(), Some("0.125"));
+        assert_eq!(o.access_log_sampling.as_ref().map(ToString::to_string).as_deref(), Some("5"));
+        for off in ["none", "", "  "] {
+            let o = Overrides::parse(&ann(&[(TRACE_COLLECTOR, off)])).expect("valid");
+            assert_eq!(o.trace_collector, Some(Collector::Disabled), "{off:?}");
+        }
+        let o = Overrides::parse(&ann(&[])).expect("valid");
+        assert_eq!((o.trace_collector, o.trace_sampling, o.access_log_sampling), (None, None, None));
+        // An empty percentage is not said, like the other annotations.
+        assert_eq!(Overrides::parse(&ann(&[(TRACE_SAMPLING, "")])).map(|o| o.trace_sampling), Ok(None));
+
+        let e = Overrides::parse(&ann(&[(TRACE_COLLECTOR, "https://collector:4317")])).unwrap_err();
+        assert_eq!((e.annotation, e.value.as_str()), (TRACE_COLLECTOR, "https://collector:4317"));
+        assert!(e.to_string().contains("plain http"), "{e}");
+        let e = Overrides::parse(&ann(&[(TRACE_COLLECTOR, "otel-collector:4317")])).unwrap_err();
+        assert_eq!(e.annotation, TRACE_COLLECTOR);
+        let e = Overrides::parse(&ann(&[(TRACE_SAMPLING, "150")])).unwrap_err();
+        assert_eq!((e.annotation, e.value.as_str()), (TRACE_SAMPLING, "150"));
+        assert!(e.to_string().contains("0 to 100"), "{e}");
+        let e = Overrides::parse(&ann(&[(ACCESS_LOG_SAMPLING, "0.5x")])).unwrap_err();
+        assert_eq!(e.annotation, ACCESS_LOG_SAMPLING);
     }
 
     #[test]

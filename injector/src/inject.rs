@@ -38,6 +38,12 @@
 //!   text to its peers. A pod that already has a volume of
 //!   that name is skipped like a port clash, with or without identity, so that whether
 //!   a pod is meshed never depends on whether the anchors happen to be loaded.
+//! * **Tracing** (see [`crate::telemetry`]): with a collector (`--trace-collector`, or the
+//!   pod's `ballast.io/trace-collector`, which wins; `none` turns it off for the pod) the
+//!   proxy gets `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_PROTOCOL` and a
+//!   parent-based ratio sampler (`--trace-sampling` or `ballast.io/trace-sampling`, in
+//!   percent); without one, no `OTEL_*` at all. `ballast.io/access-log-sampling` becomes
+//!   `BALLAST_ACCESS_LOG_SAMPLING`, with or without tracing.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -55,6 +61,7 @@ use serde_json::{Value, json};
 
 use crate::annotations::{self, AnnotationError, Opt, Overrides};
 use crate::identity;
+use crate::telemetry::{self, TraceConfig};
 use ballast_api::names;
 
 /// Name of the init container that installs the iptables rules.
@@ -85,6 +92,9 @@ pub struct Config {
     /// proxy of every pod that does not opt out gets workload identity. The server sets
     /// it per review from the current trust anchors file.
     pub trust_anchors: Option<Arc<str>>,
+    /// Tracing for every proxy (`--trace-collector` and friends); pods can override the
+    /// collector and the sampling.
+    pub trace: TraceConfig,
 }
 
 impl Default for Config {
@@ -98,6 +108,7 @@ impl Default for Config {
             cpu_limit: None,
             memory_limit: Some("256Mi".into()),
             trust_anchors: None,
+            trace: TraceConfig::default(),
         }
     }
 }
@@ -173,6 +184,32 @@ pub fn needs_namespace_label(pod: &Pod) -> bool {
 /// value that does not parse counts as on (such a pod is refused anyway).
 pub fn wants_identity(pod: &Pod) -> bool {
     annotations_of(pod).get(annotations::IDENTITY).is_none_or(|v| v.trim() != "disabled")
+}
+
+/// Admission warnings for an injected pod whose tracing annotations are valid but
+/// probably not what was meant: its own collector on the conventional port of the other
+/// OTLP protocol than the injector's `--trace-collector-protocol`, or a sampling
+/// percentage without any collector (it changes nothing).
+pub fn trace_warnings(pod: &Pod, config: &Config) -> Vec<String> {
+    let Ok(o) = Overrides::parse(&annotations_of(pod)) else { return Vec::new() };
+    let mut out = Vec::new();
+    if let Some(url) = o.trace_collector.as_ref().and_then(|c| c.url())
+        && let Some(w) = telemetry::port_mismatch(url, config.trace.protocol)
+    {
+        out.push(format!("ballast: {}: {w}", annotations::TRACE_COLLECTOR));
+    }
+    let collector = match &o.trace_collector {
+        Some(c) => c.url().is_some(),
+        None => config.trace.collector.is_some(),
+    };
+    if o.trace_sampling.is_some() && !collector {
+        out.push(format!(
+            "ballast: {} has no effect: the proxy exports no traces (no --trace-collector on the injector, or {} is none)",
+            annotations::TRACE_SAMPLING,
+            annotations::TRACE_COLLECTOR
+        ));
+    }
+    out
 }
 
 fn annotations_of(pod: &Pod) -> BTreeMap<String, String> {
@@ -480,6 +517,11 @@ fn proxy_container(
     if !probes.is_empty() {
         env_vars.push(env("BALLAST_INBOUND_PROBES", probes.join(",")));
     }
+    if let Some(percent) = &o.access_log_sampling {
+        env_vars.push(env("BALLAST_ACCESS_LOG_SAMPLING", percent.to_string()));
+    }
+    let otel = telemetry::otel_env(&config.trace, o.trace_collector.as_ref(), o.trace_sampling.as_ref());
+    env_vars.extend(otel.into_iter().map(|(name, value)| env(name, value)));
     let mut volume_mounts = None;
     // The anchors go to every proxy when the mesh has them, also to a pod that opted out
     // of identity: its control plane serves TLS, which the proxy must verify. Without a
@@ -657,6 +699,78 @@ spec:
         assert!(!text.contains(identity::TOKEN_FILE_ENV) && !text.contains(identity::TOKEN_VOLUME), "{text}");
         // It still verifies the control plane, which serves TLS: the anchors are there.
         assert!(text.contains(identity::TRUST_ANCHORS_ENV), "{text}");
+    }
+
+    #[test]
+    fn tracing_env_from_the_flags_and_the_pods_annotations() {
+        let proxy_env = |p: &Pod, config: &Config| -> Vec<(String, Option<String>)> {
+            let Decision::Inject(patch) = inject(p, false, config) else { panic!("not injected") };
+            let out = apply(p, &patch);
+            let spec = out.spec.expect("spec");
+            let proxy = spec.init_containers.into_iter().flatten().find(|c| c.name == PROXY_CONTAINER);
+            proxy.and_then(|c| c.env).unwrap_or_default().into_iter().map(|e| (e.name, e.value)).collect()
+        };
+        let get = |env: &[(String, Option<String>)], n: &str| {
+            env.iter().find(|(k, _)| k == n).and_then(|(_, v)| v.clone())
+        };
+        let plain = pod(APP);
+        let off = Config::default();
+        let env = proxy_env(&plain, &off);
+        assert!(
+            !env.iter().any(|(k, _)| k.starts_with("OTEL_") || k == "BALLAST_ACCESS_LOG_SAMPLING"),
+            "{env:?}"
+        );
+
+        let on = Config {
+            trace: TraceConfig {
+                collector: Some("http://otel-agent.observability.svc:4317".into()),
+                ..TraceConfig::default()
+            },
+            ..Config::default()
+        };
+        let env = proxy_env(&plain, &on);
+        assert_eq!(
+            get(&env, "OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(),
+            Some("http://otel-agent.observability.svc:4317")
+        );
+        assert_eq!(get(&env, "OTEL_EXPORTER_OTLP_PROTOCOL").as_deref(), Some("grpc"));
+        assert_eq!(get(&env, "OTEL_TRACES_SAMPLER").as_deref(), Some("parentbased_traceidratio"));
+        assert_eq!(get(&env, "OTEL_TRACES_SAMPLER_ARG").as_deref(), Some("0.01"));
+        assert!(trace_warnings(&plain, &on).is_empty());
+
+        let annotated = |extra: &str| {
+            pod(&APP.replace("ballast.io/inject: enabled", &format!("ballast.io/inject: enabled, {extra}")))
+        };
+        let tuned = annotated(
+            "ballast.io/trace-collector: 'http://tempo.tracing.svc:4318', ballast.io/trace-sampling: '50', ballast.io/access-log-sampling: '10'",
+        );
+        let env = proxy_env(&tuned, &on);
+        assert_eq!(
+            get(&env, "OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(),
+            Some("http://tempo.tracing.svc:4318")
+        );
+        assert_eq!(get(&env, "OTEL_TRACES_SAMPLER_ARG").as_deref(), Some("0.5"));
+        assert_eq!(get(&env, "BALLAST_ACCESS_LOG_SAMPLING").as_deref(), Some("10"));
+        // 4318 is OTLP/HTTP's port, and the injector says grpc: a warning, not a refusal.
+        let w = trace_warnings(&tuned, &on);
+        assert!(
+            w.len() == 1 && w[0].contains("4318") && w[0].contains(annotations::TRACE_COLLECTOR),
+            "{w:?}"
+        );
+
+        // none: no tracing for this pod, whatever the flag says; its access log still sampled.
+        let none = annotated("ballast.io/trace-collector: none, ballast.io/access-log-sampling: '0'");
+        let env = proxy_env(&none, &on);
+        assert!(!env.iter().any(|(k, _)| k.starts_with("OTEL_")), "{env:?}");
+        assert_eq!(get(&env, "BALLAST_ACCESS_LOG_SAMPLING").as_deref(), Some("0"));
+        let sampled_only = annotated("ballast.io/trace-sampling: '5'");
+        assert!(!proxy_env(&sampled_only, &off).iter().any(|(k, _)| k.starts_with("OTEL_")));
+        let w = trace_warnings(&sampled_only, &off);
+        assert!(w.len() == 1 && w[0].contains("no effect"), "{w:?}");
+
+        let https = annotated("ballast.io/trace-collector: 'https://collector:4317'");
+        let Decision::Deny(e) = inject(&https, false, &on) else { panic!("not denied") };
+        assert_eq!(e.annotation, annotations::TRACE_COLLECTOR);
     }
 
     #[test]

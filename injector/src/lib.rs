@@ -7,6 +7,8 @@
 //! * [`identity`]: workload identity for the injected proxies: the mesh's trust anchors,
 //!   read from the file the control plane's ConfigMap `ballast-trust-anchors` is mounted
 //!   as and followed when it changes, and the projected service-account token;
+//! * [`telemetry`]: tracing (the OTLP collector, its protocol, sampling) and access-log
+//!   sampling for the injected proxies, from flags and annotations, checked;
 //! * [`review`]: AdmissionReview `admission.k8s.io/v1` in and out, answering every body;
 //! * [`namespaces`]: the namespace opt-in label, read through the API and cached;
 //! * [`tls`]: the serving certificate, reloaded when its files change, or generated at
@@ -19,6 +21,7 @@ pub mod inject;
 pub mod namespaces;
 pub mod review;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 
 /// The ports the injected proxy claims in the pod, which the app must leave free.

@@ -10,6 +10,7 @@ use ballast_injector::identity::TrustAnchors;
 use ballast_injector::inject::Config;
 use ballast_injector::namespaces::Namespaces;
 use ballast_injector::server::{self, Injector, Metrics};
+use ballast_injector::telemetry::{self, Collector, Percent, Protocol, TraceConfig};
 use ballast_injector::tls::{self, Bootstrap, Certificate};
 use clap::Parser;
 
@@ -60,6 +61,20 @@ struct Args {
     /// the ballast.io/native-sidecar annotation.
     #[arg(long, env = "BALLAST_NATIVE_SIDECAR", default_value_t = true, action = clap::ArgAction::Set)]
     native_sidecar: bool,
+    /// The OpenTelemetry collector (OTLP) every injected proxy exports spans to, plain
+    /// http:// (the proxy does not speak TLS to it: use a collector in the cluster, e.g. a
+    /// node agent or http://otel-collector.observability.svc:4317); `none` or unset: no
+    /// tracing. Pods can override it with the ballast.io/trace-collector annotation.
+    #[arg(long, env = "BALLAST_TRACE_COLLECTOR", value_name = "URL", value_parser = parse_collector)]
+    trace_collector: Option<Collector>,
+    /// How the proxies talk to the collector: grpc (port 4317) or http/protobuf (port
+    /// 4318, spans posted to URL/v1/traces).
+    #[arg(long, env = "BALLAST_TRACE_COLLECTOR_PROTOCOL", default_value = "grpc", value_name = "PROTOCOL", value_parser = parse_protocol)]
+    trace_collector_protocol: Protocol,
+    /// Percentage (0-100) of new traces the proxies sample (a caller's decision is always
+    /// followed); pods can override it with ballast.io/trace-sampling.
+    #[arg(long, env = "BALLAST_TRACE_SAMPLING", default_value = "1", value_name = "PERCENT", value_parser = parse_percent)]
+    trace_sampling: Percent,
     #[arg(long, env = "BALLAST_PROXY_CPU_REQUEST", default_value = "10m")]
     proxy_cpu_request: String,
     #[arg(long, env = "BALLAST_PROXY_MEMORY_REQUEST", default_value = "20Mi")]
@@ -107,6 +122,22 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     if !identity && args.control_plane_url.starts_with("https://") {
         tracing::warn!(url = %args.control_plane_url, "an https control plane URL without --identity-trust-anchors-file: injected proxies have no trust anchors to verify the control plane with");
+    }
+    let trace = TraceConfig {
+        collector: args.trace_collector.as_ref().and_then(|c| c.url().map(str::to_owned)),
+        protocol: args.trace_collector_protocol,
+        sampling: args.trace_sampling.clone(),
+    };
+    match &trace.collector {
+        Some(url) => {
+            if let Some(warning) = telemetry::port_mismatch(url, trace.protocol) {
+                tracing::warn!("{warning}");
+            }
+            tracing::info!(collector = %url, protocol = %trace.protocol, sampling_percent = %trace.sampling, "injected proxies export traces");
+        }
+        None => tracing::info!(
+            "no --trace-collector: injected proxies export no traces unless a pod sets ballast.io/trace-collector"
+        ),
     }
     let namespace = args
         .namespace
@@ -172,6 +203,7 @@ async fn run(args: Args) -> Result<(), String> {
         cpu_limit: None,
         memory_limit: Some(args.proxy_memory_limit),
         trust_anchors: None,
+        trace,
     };
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
@@ -190,6 +222,20 @@ async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
+/// `--trace-collector`: the URL checked, with the flag named in the error (clap adds the
+/// value).
+fn parse_collector(s: &str) -> Result<Collector, String> {
+    Collector::parse(s).map_err(|problem| format!("the trace collector {problem}"))
+}
+
+fn parse_percent(s: &str) -> Result<Percent, String> {
+    Percent::parse(s).map_err(|problem| format!("{s:?} {problem}"))
+}
+
+fn parse_protocol(s: &str) -> Result<Protocol, String> {
+    Protocol::parse(s).map_err(|problem| format!("{s:?} {problem}"))
+}
+
 async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
@@ -202,5 +248,68 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("ballast-injector").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn every_flag_has_its_env_twin() {
+        Args::command().debug_assert();
+        for arg in Args::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if ["help", "version"].contains(&long) {
+                continue;
+            }
+            let want = format!("BALLAST_{}", long.to_uppercase().replace('-', "_"));
+            assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(want.as_str()), "--{long}");
+        }
+    }
+
+    #[test]
+    fn trace_flags() {
+        let a = parse(&[]).expect("defaults");
+        assert_eq!(a.trace_collector, None);
+        assert_eq!(a.trace_collector_protocol, Protocol::Grpc);
+        assert_eq!(a.trace_sampling.ratio(), "0.01");
+        let a = parse(&[
+            "--trace-collector=http://otel-collector.observability.svc:4318",
+            "--trace-collector-protocol=http/protobuf",
+            "--trace-sampling=10",
+        ])
+        .expect("valid");
+        assert_eq!(
+            a.trace_collector.as_ref().and_then(Collector::url),
+            Some("http://otel-collector.observability.svc:4318")
+        );
+        assert_eq!(a.trace_collector_protocol, Protocol::HttpProtobuf);
+        assert_eq!(a.trace_sampling.ratio(), "0.1");
+        assert_eq!(
+            parse(&["--trace-collector=none"]).expect("valid").trace_collector,
+            Some(Collector::Disabled)
+        );
+
+        for (args, flag, hint) in [
+            (&["--trace-collector=https://otel-collector:4317"][..], "--trace-collector", "plain http"),
+            (&["--trace-collector=otel-collector:4317"], "--trace-collector", "http://"),
+            (&["--trace-collector=http://otel collector:4317"], "--trace-collector", "not a URL"),
+            (
+                &["--trace-collector-protocol=http/json"],
+                "--trace-collector-protocol",
+                "grpc or http/protobuf",
+            ),
+            (&["--trace-sampling=101"], "--trace-sampling", "0 to 100"),
+        ] {
+            let e = parse(args).expect_err("refused").to_string();
+            assert!(e.contains(flag) && e.contains(hint), "{args:?}: {e}");
+        }
     }
 }

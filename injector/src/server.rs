@@ -162,6 +162,7 @@ impl Injector {
         let mut response = match inject::inject(&pod, namespace_enabled, config) {
             Decision::Inject(patch) => {
                 let mut r = Review { patch: Some(patch), ..Review::allow(&req.uid) };
+                r.warnings.extend(inject::trace_warnings(&pod, config));
                 let reason = match &anchors {
                     None => "",
                     Some(_) if !inject::wants_identity(&pod) => "identity-disabled",

@@ -5,9 +5,11 @@
 //! through [`inject::inject`]; workloads as the pod their template makes, which is what
 //! the webhook sees. They run with workload identity on (the trust anchors of
 //! `tests/trust-anchors.pem`), as a deployed injector does; `tests/cases-without-identity/`
-//! runs with it off (no trust anchors). The decision and patch are compared with `tests/golden/`
-//! (`BLESS=1 cargo test -p ballast-injector --test golden` rewrites them; review the
-//! diff). Then every patch is applied, by an independent JSONPatch implementation
+//! runs with it off (no trust anchors), and `tests/cases-with-tracing/` with identity and
+//! a trace collector (`--trace-collector http://otel-collector.observability.svc:4317
+//! --trace-sampling 5`; every other set runs without one). The decision and patch are
+//! compared with `tests/golden/` (`BLESS=1 cargo test -p ballast-injector --test golden`
+//! rewrites them; review the diff). Then every patch is applied, by an independent JSONPatch implementation
 //! (Python `jsonpatch`), to the original JSON, and the result validated against the
 //! Kubernetes 1.33 schema in strict mode (`kubernetes-validate`), with checks that the
 //! app's containers are all still there, in order, and the proxy is there once.
@@ -19,6 +21,7 @@ mod venv;
 use std::path::{Path, PathBuf};
 
 use ballast_injector::inject::{self, Config, Decision, INIT_CONTAINER, PROXY_CONTAINER};
+use ballast_injector::telemetry::{Percent, TraceConfig};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 
@@ -26,15 +29,27 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The corpus directories, each with whether it runs with workload identity on.
-fn corpus_dirs() -> Vec<(PathBuf, bool)> {
+/// How the injector runs for a corpus directory.
+#[derive(Clone, Copy)]
+struct Setup {
+    /// Workload identity on (the test trust anchors).
+    identity: bool,
+    /// With `--trace-collector` (see [`config`]).
+    tracing: bool,
+}
+
+const DEPLOYED: Setup = Setup { identity: true, tracing: false };
+
+/// The corpus directories, each with how the injector runs for it.
+fn corpus_dirs() -> Vec<(PathBuf, Setup)> {
     let shared = workspace().join("../shared/corpus/kubernetes-manifests");
     let own = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
     let dirs = vec![
-        (shared.join("istio-inject-inputs"), true),
-        (shared.join("kubernetes-examples"), true),
-        (own.join("cases"), true),
-        (own.join("cases-without-identity"), false),
+        (shared.join("istio-inject-inputs"), DEPLOYED),
+        (shared.join("kubernetes-examples"), DEPLOYED),
+        (own.join("cases"), DEPLOYED),
+        (own.join("cases-without-identity"), Setup { identity: false, tracing: false }),
+        (own.join("cases-with-tracing"), Setup { identity: true, tracing: true }),
     ];
     for (d, _) in &dirs {
         assert!(
@@ -105,12 +120,24 @@ fn decide(pod_json: &Value, config: &Config) -> (Value, Option<Value>) {
     }
 }
 
-/// The injector's configuration with the test trust anchors (identity on), or without.
-fn config(identity: bool) -> Config {
+/// The injector's configuration with the test trust anchors (identity on), or without,
+/// and with a trace collector (`--trace-collector
+/// http://otel-collector.observability.svc:4317 --trace-sampling 5`, the protocol left at
+/// its default, grpc), or without.
+fn config(setup: Setup) -> Config {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/trust-anchors.pem");
     let pem = std::fs::read(&path).expect("read tests/trust-anchors.pem");
     let anchors = ballast_injector::identity::parse_anchors(&path, &pem).expect("test trust anchors parse");
-    Config { trust_anchors: identity.then(|| anchors.into()), ..Config::default() }
+    let trace = if setup.tracing {
+        TraceConfig {
+            collector: Some("http://otel-collector.observability.svc:4317".into()),
+            sampling: Percent::parse("5").expect("a percentage"),
+            ..TraceConfig::default()
+        }
+    } else {
+        TraceConfig::default()
+    };
+    Config { trust_anchors: setup.identity.then(|| anchors.into()), trace, ..Config::default() }
 }
 
 /// Whether the case's proxy must have workload identity: anchors given, not opted out.
@@ -125,8 +152,8 @@ fn corpus_matches_golden_files_and_patches_validate() {
     let mut cases = Vec::new();
     let mut mismatches = Vec::new();
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
-    for (dir, identity) in corpus_dirs() {
-        let config = config(identity);
+    for (dir, setup) in corpus_dirs() {
+        let config = config(setup);
         let set = dir.file_name().and_then(|n| n.to_str()).unwrap_or("cases").to_owned();
         let mut files: Vec<_> =
             std::fs::read_dir(&dir).expect("read corpus dir").flatten().map(|e| e.path()).collect();

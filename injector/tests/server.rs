@@ -14,6 +14,7 @@ use ballast_injector::identity::{self, TrustAnchors};
 use ballast_injector::inject::Config;
 use ballast_injector::namespaces::Namespaces;
 use ballast_injector::server::{self, Injector, Metrics};
+use ballast_injector::telemetry::TraceConfig;
 use ballast_injector::tls::{self, Bootstrap, Certificate, Pem};
 use base64::Engine as _;
 use http_body_util::BodyExt;
@@ -734,4 +735,120 @@ fn binary_refuses_identity_with_a_plain_text_control_plane_url() {
             && stderr.contains("--identity-trust-anchors-file"),
         "{stderr}"
     );
+}
+
+/// Tracing over the wire: the flag's collector in every patch, a pod's annotations over
+/// it, admission warnings for a collector on the other protocol's port and for sampling
+/// without a collector, and an https collector refused naming the annotation.
+#[tokio::test]
+async fn tracing_flags_and_annotations_reach_the_proxy_with_warnings() {
+    let config = Config {
+        trace: TraceConfig {
+            collector: Some("http://otel-collector.observability.svc:4317".into()),
+            ..TraceConfig::default()
+        },
+        ..Config::default()
+    };
+    let s = start_injector(Injector {
+        config,
+        namespaces: Namespaces::without_api(),
+        metrics: Metrics::new(),
+        trust_anchors: None,
+    })
+    .await;
+    let url = format!("https://localhost:{}/inject", s.addr.port());
+    let with = |annotations: Value| {
+        let mut pod = app_pod();
+        pod["metadata"]["annotations"] = annotations;
+        pod
+    };
+    let ask = |uid: &'static str, pod: Value| {
+        let (ca, url) = (s.ca.path().to_owned(), url.clone());
+        async move { curl(&ca, &url, "application/json", &review(uid, "shop", pod)).await }
+    };
+
+    let (code, body) = ask("t1", with(json!({"ballast.io/inject": "enabled"}))).await;
+    assert_eq!(code, 200);
+    let (env, v) = proxy_env(&body);
+    assert_eq!(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT").map(String::as_str),
+        Some("http://otel-collector.observability.svc:4317")
+    );
+    assert_eq!(env.get("OTEL_EXPORTER_OTLP_PROTOCOL").map(String::as_str), Some("grpc"));
+    assert_eq!(env.get("OTEL_TRACES_SAMPLER").map(String::as_str), Some("parentbased_traceidratio"));
+    assert_eq!(env.get("OTEL_TRACES_SAMPLER_ARG").map(String::as_str), Some("0.01"));
+    assert!(v["response"].get("warnings").is_none(), "{v}");
+
+    let (_, body) = ask(
+        "t2",
+        with(json!({
+            "ballast.io/inject": "enabled",
+            "ballast.io/trace-collector": "http://otel-collector.observability.svc:4318",
+            "ballast.io/trace-sampling": "25",
+            "ballast.io/access-log-sampling": "50",
+        })),
+    )
+    .await;
+    let (env, v) = proxy_env(&body);
+    assert_eq!(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT").map(String::as_str),
+        Some("http://otel-collector.observability.svc:4318")
+    );
+    assert_eq!(env.get("OTEL_TRACES_SAMPLER_ARG").map(String::as_str), Some("0.25"));
+    assert_eq!(env.get("BALLAST_ACCESS_LOG_SAMPLING").map(String::as_str), Some("50"));
+    let warning = v["response"]["warnings"][0].as_str().unwrap_or_default();
+    assert!(warning.contains("ballast.io/trace-collector") && warning.contains("4318"), "{v}");
+
+    let (_, body) = ask(
+        "t3",
+        with(json!({
+            "ballast.io/inject": "enabled",
+            "ballast.io/trace-collector": "none",
+            "ballast.io/trace-sampling": "5",
+        })),
+    )
+    .await;
+    let (env, v) = proxy_env(&body);
+    assert!(!env.keys().any(|k| k.starts_with("OTEL_")), "{env:?}");
+    let warning = v["response"]["warnings"][0].as_str().unwrap_or_default();
+    assert!(warning.contains("ballast.io/trace-sampling") && warning.contains("no effect"), "{v}");
+
+    let (code, body) = ask(
+        "t4",
+        with(json!({"ballast.io/inject": "enabled", "ballast.io/trace-collector": "https://collector:4317"})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let v: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["response"]["allowed"], false, "{v}");
+    let message = v["response"]["status"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("ballast.io/trace-collector") && message.contains("https"), "{v}");
+    stop(s).await;
+}
+
+/// The binary refuses an https trace collector at start, naming the flag (its env twin
+/// too).
+#[test]
+fn binary_refuses_an_https_trace_collector() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for (args, env) in [
+        (&["--trace-collector", "https://otel-collector.observability.svc:4317"][..], None),
+        (&[][..], Some("https://otel-collector.observability.svc:4317")),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ballast-injector"));
+        cmd.args(["--addr", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("KUBECONFIG", dir.path().join("no-kubeconfig"))
+            .env("HOME", dir.path());
+        match env {
+            Some(v) => cmd.env("BALLAST_TRACE_COLLECTOR", v),
+            None => cmd.env_remove("BALLAST_TRACE_COLLECTOR"),
+        };
+        let mut injector = Spawned::start(&mut cmd);
+        let status = injector.wait_at_most(Duration::from_secs(20), "did not refuse to start");
+        assert!(!status.success());
+        let stderr = injector.stderr();
+        assert!(stderr.contains("--trace-collector") && stderr.contains("plain http"), "{stderr}");
+    }
 }

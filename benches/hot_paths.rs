@@ -33,6 +33,10 @@
 //!   really was is counted (`handshake_kind`) and printed; the certificates come from an
 //!   in-process control plane (`mesh/identity.rs`), once, outside the timing.
 //!
+//! * `trace_context`: reading a request's trace context and writing the next hop's
+//!   (`telemetry::propagation`): W3C `traceparent` + `tracestate`, B3 multi-header, and a
+//!   request with none. It runs on every request once an OTLP endpoint is set.
+//!
 //! Everything async runs on a current-thread tokio runtime, server included, so the
 //! numbers are CPU cost on one core rather than cross-thread wake-up latency.
 //!
@@ -389,12 +393,61 @@ fn bench_mesh_tls(c: &mut Criterion) {
     group.finish();
 }
 
+fn bench_trace_context(c: &mut Criterion) {
+    use ballast_sidecar::telemetry::propagation;
+    use http::{HeaderMap, HeaderName, HeaderValue};
+    let headers = |pairs: &[(&'static str, &'static str)]| -> HeaderMap {
+        let mut h: HeaderMap =
+            pairs.iter().map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v))).collect();
+        // A request's usual company: the lookups walk past these.
+        for (k, v) in [("host", "payments"), ("user-agent", "curl/8.5"), ("accept", "*/*")] {
+            h.insert(k, HeaderValue::from_static(v));
+        }
+        h
+    };
+    let cases = [
+        (
+            "w3c",
+            headers(&[
+                ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                ("tracestate", "congo=t61rcWkgMzE"),
+            ]),
+        ),
+        (
+            "b3_multi",
+            headers(&[
+                ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+                ("x-b3-spanid", "a2fb4a1d1a96d312"),
+                ("x-b3-sampled", "1"),
+            ]),
+        ),
+        ("none", headers(&[])),
+    ];
+    let span = opentelemetry::trace::SpanId::from(0x53995c3f42cd8ad8u64);
+    let mut group = c.benchmark_group("trace_context");
+    for (name, h) in &cases {
+        group.bench_function(*name, |b| {
+            b.iter_batched_ref(
+                || h.clone(),
+                |h| {
+                    let e = propagation::extract(black_box(h));
+                    let trace =
+                        e.parent.map(|p| p.trace_id).unwrap_or(opentelemetry::trace::TraceId::from(7u128));
+                    propagation::inject(h, trace, span, true, e.formats, e.tracestate.as_ref());
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = hot_paths;
     config = Criterion::default()
         .measurement_time(Duration::from_secs(3))
         .warm_up_time(Duration::from_secs(1))
         .sample_size(50);
-    targets = bench_detect, bench_routing, bench_stack, bench_stack_in_memory, bench_mesh_tls
+    targets = bench_detect, bench_routing, bench_stack, bench_stack_in_memory, bench_mesh_tls, bench_trace_context
 }
 criterion_main!(hot_paths);

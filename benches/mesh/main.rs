@@ -11,6 +11,15 @@
 //!   resilience layer (retries, timeouts, breaker, bulkhead, rate limit, outliers).
 //! * `ballast x2`: client → client sidecar → server sidecar (inbound) → upstream, the
 //!   path of a request in a mesh, in plain text (static configuration).
+//! * `ballast x2 trace 1%`, `ballast x2 trace 100%`: `ballast x2` again (a pair of its
+//!   own, started the same way), both sidecars exporting spans with OTLP HTTP/protobuf
+//!   to an in-process sink (`otlp_sink.rs`), sampling 1% and 100% of new traces
+//!   (`parentbased_traceidratio`; the server sidecar follows the client's decision).
+//!   After each run the spans the sidecars exported and dropped (queue full) are read
+//!   from their `/metrics` and checked against what the sink received.
+//! * `ballast x2 access log`: `ballast x2` with the access log on
+//!   (`BALLAST_LOG=warn,ballast_sidecar::access=info`, as in production), written to a
+//!   file; no tracing.
 //! * `ballast x2 mTLS`: the same path between two sidecars with workload identity: an
 //!   in-process control plane (`identity.rs`) issues their certificates and pushes the
 //!   server sidecar's registration, and the client sidecar reaches it over mutual TLS
@@ -28,7 +37,8 @@
 //!
 //! Options (after `--`): `--quick` (1 run, short phases), `--repeats N`,
 //! `--protocols http1,http2,grpc`,
-//! `--setups direct,ballast-x1,ballast-x1-policy,ballast-x2,ballast-x2-mtls,haproxy`,
+//! `--setups direct,ballast-x1,ballast-x1-policy,ballast-x2,ballast-x2-trace1,ballast-x2-trace100,`
+//! `ballast-x2-accesslog,ballast-x2-mtls,haproxy`,
 //! `--modes fixed,max`, `--rates 1000,10000`, `--seconds S`, `--no-tcp`, `--no-handshakes`,
 //! `--json PATH`.
 //! To profile a proxy: `perf record -g -C 1` (the proxy CPU) while a filtered run goes.
@@ -36,6 +46,7 @@
 mod handshake;
 mod identity;
 mod loadgen;
+mod otlp_sink;
 mod procs;
 mod report;
 mod upstream;
@@ -70,6 +81,12 @@ enum Setup {
     Ballast1Policy,
     #[serde(rename = "ballast-x2")]
     Ballast2,
+    #[serde(rename = "ballast-x2-trace1")]
+    Ballast2Trace1,
+    #[serde(rename = "ballast-x2-trace100")]
+    Ballast2Trace100,
+    #[serde(rename = "ballast-x2-accesslog")]
+    Ballast2AccessLog,
     #[serde(rename = "ballast-x2-mtls")]
     Ballast2Mtls,
     #[serde(rename = "haproxy")]
@@ -83,21 +100,56 @@ impl Setup {
             Setup::Ballast1 => "ballast x1",
             Setup::Ballast1Policy => "ballast x1 +policy",
             Setup::Ballast2 => "ballast x2 (mesh)",
+            Setup::Ballast2Trace1 => "ballast x2 trace 1%",
+            Setup::Ballast2Trace100 => "ballast x2 trace 100%",
+            Setup::Ballast2AccessLog => "ballast x2 access log",
             Setup::Ballast2Mtls => "ballast x2 mTLS",
             Setup::Haproxy => "haproxy",
         }
     }
 
     /// Every set-up, in the order of the tables.
-    const ALL: [Setup; 6] = [
+    const ALL: [Setup; 9] = [
         Setup::Direct,
         Setup::Ballast1,
         Setup::Ballast1Policy,
         Setup::Ballast2,
+        Setup::Ballast2Trace1,
+        Setup::Ballast2Trace100,
+        Setup::Ballast2AccessLog,
         Setup::Ballast2Mtls,
         Setup::Haproxy,
     ];
+
+    /// `ballast x2` with one more feature on: compared to the plain pair as well.
+    fn vs_plain_x2(self) -> bool {
+        self == Setup::Ballast2Mtls || self.telemetry()
+    }
+
+    /// `ballast x2` with spans or the access log on.
+    fn telemetry(self) -> bool {
+        matches!(self, Setup::Ballast2Trace1 | Setup::Ballast2Trace100 | Setup::Ballast2AccessLog)
+    }
+
+    /// `OTEL_TRACES_SAMPLER_ARG` of the tracing set-ups.
+    fn trace_ratio(self) -> Option<&'static str> {
+        match self {
+            Setup::Ballast2Trace1 => Some("0.01"),
+            Setup::Ballast2Trace100 => Some("1"),
+            _ => None,
+        }
+    }
 }
+
+/// Spans per request at 100% sampling: the client sidecar's client span and one per
+/// attempt (no retries here), the server sidecar's server span.
+const SPANS_PER_REQUEST: u64 = 3;
+/// The tracing sidecars' span counters (`/metrics`).
+const SPANS_EXPORTED: &str = "ballast_trace_spans_exported_total";
+const SPANS_QUEUE_FULL: &str = r#"ballast_trace_spans_dropped_total{reason="queue_full"}"#;
+const SPANS_EXPORT_FAILED: &str = r#"ballast_trace_spans_dropped_total{reason="export_failed"}"#;
+/// The access log on, the rest of the log as in the other set-ups.
+const ACCESS_LOG_FILTER: &str = "warn,ballast_sidecar::access=info";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 enum Mode {
@@ -240,6 +292,85 @@ struct Run {
     proxy_user_seconds: f64,
     /// Number of proxy processes the request crossed.
     proxies: usize,
+    /// The tracing set-ups: spans exported and dropped over the run (warm-up included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spans: Option<Spans>,
+    /// `ballast x2 access log`: what both sidecars logged over the run (warm-up included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_log: Option<AccessLog>,
+}
+
+/// One sidecar's span counters, or their growth over a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+struct SpanCounters {
+    exported: u64,
+    dropped_queue_full: u64,
+    dropped_export_failed: u64,
+}
+
+impl SpanCounters {
+    fn read(admin: SocketAddr) -> Result<Self, String> {
+        let get = |sample: &str| procs::metric(admin, sample).map(|v| v as u64);
+        Ok(Self {
+            exported: get(SPANS_EXPORTED)
+                .ok_or_else(|| format!("no {SPANS_EXPORTED} on {admin}/metrics: is tracing on?"))?,
+            // A label value appears once counted.
+            dropped_queue_full: get(SPANS_QUEUE_FULL).unwrap_or(0),
+            dropped_export_failed: get(SPANS_EXPORT_FAILED).unwrap_or(0),
+        })
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            exported: self.exported - before.exported,
+            dropped_queue_full: self.dropped_queue_full - before.dropped_queue_full,
+            dropped_export_failed: self.dropped_export_failed - before.dropped_export_failed,
+        }
+    }
+
+    fn total(self) -> u64 {
+        self.exported + self.dropped_queue_full + self.dropped_export_failed
+    }
+}
+
+/// The spans of one run of a tracing set-up, once the sidecars' queues were drained.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Spans {
+    /// `OTEL_TRACES_SAMPLER_ARG`.
+    ratio: f64,
+    /// Requests sent, warm-up included: their spans are counted too.
+    requests: u64,
+    /// Client + attempt spans.
+    client: SpanCounters,
+    /// Server spans.
+    server: SpanCounters,
+    /// What the OTLP sink received meanwhile (it should be `exported`).
+    sink: otlp_sink::Received,
+}
+
+impl Spans {
+    fn exported(&self) -> u64 {
+        self.client.exported + self.server.exported
+    }
+    fn queue_full(&self) -> u64 {
+        self.client.dropped_queue_full + self.server.dropped_queue_full
+    }
+    fn export_failed(&self) -> u64 {
+        self.client.dropped_export_failed + self.server.dropped_export_failed
+    }
+    fn total(&self) -> u64 {
+        self.client.total() + self.server.total()
+    }
+}
+
+/// What the access log wrote during one run.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct AccessLog {
+    /// Requests sent, warm-up included.
+    requests: u64,
+    /// Lines and bytes on both sidecars' stderr (a file).
+    lines: u64,
+    bytes: u64,
 }
 
 impl Run {
@@ -260,14 +391,71 @@ impl Run {
     }
 }
 
+/// Two sidecars as `ballast x2` has them: client sidecar → server sidecar (inbound) →
+/// upstream, static configuration, plain text.
+struct Pair {
+    client: Proxy,
+    client_addrs: procs::SidecarAddrs,
+    server: Proxy,
+    server_addrs: procs::SidecarAddrs,
+}
+
+impl Pair {
+    /// `name-server` and `name-client`, both with `env` added to their environment.
+    fn start(
+        bin: &std::path::Path,
+        name: &str,
+        app: SocketAddr,
+        cpu: usize,
+        env: &[(&str, String)],
+    ) -> Result<Self, String> {
+        let (server, server_addrs) = Proxy::sidecar(bin, &format!("{name}-server"), "", app, cpu, env)?;
+        let (client, client_addrs) = Proxy::sidecar(
+            bin,
+            &format!("{name}-client"),
+            &service_yaml(SERVICE, server_addrs.inbound),
+            app,
+            cpu,
+            env,
+        )?;
+        Ok(Self { client, client_addrs, server, server_addrs })
+    }
+
+    fn span_counters(&self) -> Result<(SpanCounters, SpanCounters), String> {
+        Ok((SpanCounters::read(self.client_addrs.admin)?, SpanCounters::read(self.server_addrs.admin)?))
+    }
+}
+
+/// The environment of the tracing sidecars: OTLP HTTP/protobuf to `endpoint`, new traces
+/// sampled at `ratio`, the batch processor's defaults (queue 2,048 spans, batches of 512)
+/// except the schedule delay, 1 s instead of 5 s (100 ms in the smoke pass), so that a
+/// run's last spans are out soon after it.
+fn trace_env(endpoint: &str, ratio: &str, schedule_delay: Duration) -> Vec<(&'static str, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_owned()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".into()),
+        ("OTEL_TRACES_SAMPLER_ARG", ratio.into()),
+        ("OTEL_BSP_SCHEDULE_DELAY", schedule_delay.as_millis().to_string()),
+    ]
+}
+
 /// The proxies of one bench, started once and used by every scenario.
 struct Bed {
     up: upstream::Upstream,
     b1: Proxy,
     b1_addrs: procs::SidecarAddrs,
-    b2_client: Proxy,
-    b2_client_addrs: procs::SidecarAddrs,
-    b2_server: Proxy,
+    b2: Pair,
+    /// `ballast x2` pairs with one telemetry feature on: spans at 1% and 100%, the
+    /// access log; the collector of their spans.
+    t1: Pair,
+    t100: Pair,
+    alog: Pair,
+    otlp: otlp_sink::OtlpSink,
+    /// What each pair above had added to its environment (for the JSON).
+    env: BTreeMap<Setup, BTreeMap<String, String>>,
+    /// The tracing sidecars' `OTEL_BSP_SCHEDULE_DELAY`.
+    schedule_delay: Duration,
     /// The mTLS pair's control plane; the client identity of the handshake runs.
     ca: identity::MeshCa,
     m2_client: Proxy,
@@ -358,22 +546,31 @@ fn sidecar_binary(smoke: bool) -> Result<PathBuf, String> {
 }
 
 impl Bed {
-    fn start(bin: &std::path::Path, proxy_cpu: usize) -> Result<Self, String> {
+    fn start(bin: &std::path::Path, proxy_cpu: usize, smoke: bool) -> Result<Self, String> {
         let up = upstream::Upstream::start().map_err(|e| format!("upstream: {e}"))?;
         let b1_config = format!(
             "{}{}{FULL_POLICY}",
             service_yaml(SERVICE, up.http),
             service_yaml(SERVICE_WITH_POLICY, up.http)
         );
-        let (b1, b1_addrs) = Proxy::sidecar(bin, "ballast-x1", &b1_config, up.http, proxy_cpu)?;
-        let (b2_server, server_addrs) = Proxy::sidecar(bin, "ballast-x2-server", "", up.http, proxy_cpu)?;
-        let (b2_client, b2_client_addrs) = Proxy::sidecar(
-            bin,
-            "ballast-x2-client",
-            &service_yaml(SERVICE, server_addrs.inbound),
-            up.http,
-            proxy_cpu,
-        )?;
+        let (b1, b1_addrs) = Proxy::sidecar(bin, "ballast-x1", &b1_config, up.http, proxy_cpu, &[])?;
+        let otlp = otlp_sink::OtlpSink::start().map_err(|e| format!("OTLP sink: {e}"))?;
+        let schedule_delay = Duration::from_millis(if smoke { 100 } else { 1000 });
+        // The same pair each time, with its setting added.
+        let mut env = BTreeMap::new();
+        let mut pair = |setup: Setup, name: &str| {
+            let vars = match setup.trace_ratio() {
+                Some(ratio) => trace_env(&otlp.endpoint(), ratio, schedule_delay),
+                None if setup == Setup::Ballast2AccessLog => vec![("BALLAST_LOG", ACCESS_LOG_FILTER.into())],
+                None => Vec::new(),
+            };
+            env.insert(setup, vars.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect());
+            Pair::start(bin, name, up.http, proxy_cpu, &vars)
+        };
+        let b2 = pair(Setup::Ballast2, "ballast-x2")?;
+        let t1 = pair(Setup::Ballast2Trace1, "ballast-x2-trace1")?;
+        let t100 = pair(Setup::Ballast2Trace100, "ballast-x2-trace100")?;
+        let alog = pair(Setup::Ballast2AccessLog, "ballast-x2-accesslog")?;
         let ca = identity::MeshCa::start()?;
         let meshed = |name: &str, account: &str, extra: &[&str], app: SocketAddr| {
             let mut args = ca.sidecar_args(MTLS_NAMESPACE, name, account)?;
@@ -385,6 +582,7 @@ impl Bed {
                 procs::Source::ControlPlane { url: &url, args: &args },
                 app,
                 proxy_cpu,
+                &[],
             )
         };
         let (m2_server, m2_server_addrs) =
@@ -410,9 +608,13 @@ impl Bed {
             up,
             b1,
             b1_addrs,
-            b2_client,
-            b2_client_addrs,
-            b2_server,
+            b2,
+            t1,
+            t100,
+            alog,
+            otlp,
+            env,
+            schedule_delay,
             ca,
             m2_client,
             m2_client_addrs,
@@ -427,12 +629,25 @@ impl Bed {
         })
     }
 
+    /// The `ballast x2` pair of a set-up, if it is one.
+    fn pair(&self, setup: Setup) -> Option<&Pair> {
+        match setup {
+            Setup::Ballast2 => Some(&self.b2),
+            Setup::Ballast2Trace1 => Some(&self.t1),
+            Setup::Ballast2Trace100 => Some(&self.t100),
+            Setup::Ballast2AccessLog => Some(&self.alog),
+            _ => None,
+        }
+    }
+
     fn target(&self, setup: Setup, proto: Proto) -> Target {
         let (addr, authority) = match setup {
             Setup::Direct => (self.up.http, SERVICE),
             Setup::Ballast1 => (self.b1_addrs.outbound, SERVICE),
             Setup::Ballast1Policy => (self.b1_addrs.outbound, SERVICE_WITH_POLICY),
-            Setup::Ballast2 => (self.b2_client_addrs.outbound, SERVICE),
+            Setup::Ballast2 | Setup::Ballast2Trace1 | Setup::Ballast2Trace100 | Setup::Ballast2AccessLog => {
+                (self.pair(setup).map_or(self.up.http, |p| p.client_addrs.outbound), SERVICE)
+            }
             Setup::Ballast2Mtls => (self.m2_client_addrs.outbound, SERVICE),
             Setup::Haproxy => (if proto == Proto::Http1 { self.ha_h1 } else { self.ha_h2 }, SERVICE),
         };
@@ -443,17 +658,25 @@ impl Bed {
         match setup {
             Setup::Direct => vec![],
             Setup::Ballast1 | Setup::Ballast1Policy => vec![&self.b1],
-            Setup::Ballast2 => vec![&self.b2_client, &self.b2_server],
+            Setup::Ballast2 | Setup::Ballast2Trace1 | Setup::Ballast2Trace100 | Setup::Ballast2AccessLog => {
+                self.pair(setup).map(|p| vec![&p.client, &p.server]).unwrap_or_default()
+            }
             Setup::Ballast2Mtls => vec![&self.m2_client, &self.m2_server],
             Setup::Haproxy => vec![&self.haproxy],
         }
     }
 
-    fn all(&mut self) -> [&mut Proxy; 7] {
+    fn all(&mut self) -> [&mut Proxy; 13] {
         [
             &mut self.b1,
-            &mut self.b2_client,
-            &mut self.b2_server,
+            &mut self.b2.client,
+            &mut self.b2.server,
+            &mut self.t1.client,
+            &mut self.t1.server,
+            &mut self.t100.client,
+            &mut self.t100.server,
+            &mut self.alog.client,
+            &mut self.alog.server,
             &mut self.m2_client,
             &mut self.m2_server,
             &mut self.m2_sink,
@@ -470,11 +693,23 @@ fn measure(
     mode: Mode,
     setup: Setup,
     repeat: usize,
-) -> Run {
+) -> Result<Run, String> {
     let target = bed.target(setup, proto);
     let depth = if proto == Proto::Http1 { 1 } else { o.h2_depth };
+    // Telemetry counted from before the warm-up (its spans and lines are in the counts).
+    let traced = setup.trace_ratio().and_then(|r| Some((r.parse::<f64>().ok()?, bed.pair(setup)?)));
+    let spans_before = match traced {
+        Some((_, pair)) => Some((pair.span_counters()?, bed.otlp.received())),
+        None => None,
+    };
+    let logged = bed.pair(setup).filter(|_| setup == Setup::Ballast2AccessLog);
+    if let Some(pair) = logged {
+        for p in [&pair.client, &pair.server] {
+            p.take_stderr().map_err(|e| format!("{} stderr: {e}", p.name))?;
+        }
+    }
     // Warm-up: connections, pools and caches, unmeasured.
-    let _ = loadgen::max_rate(
+    let warm = loadgen::max_rate(
         rt,
         &target,
         Duration::from_millis(if o.smoke { 100 } else { 300 }),
@@ -498,7 +733,26 @@ fn measure(
     };
     let after = cpu(&proxies);
     let (user_s, cpu_s) = (after.0 - before.0, (after.0 + after.1) - (before.0 + before.1));
-    Run {
+    let requests = warm.ok + warm.errors + out.ok + out.errors;
+    let spans = match (traced, spans_before) {
+        (Some((ratio, pair)), Some(before)) => Some(settle_spans(bed, pair, ratio, requests, before)?),
+        _ => None,
+    };
+    let access_log = match logged {
+        Some(pair) => {
+            // The last lines are written as the last responses end.
+            std::thread::sleep(Duration::from_millis(50));
+            let (mut lines, mut bytes) = (0, 0);
+            for p in [&pair.client, &pair.server] {
+                let (l, b) = p.take_stderr().map_err(|e| format!("{} stderr: {e}", p.name))?;
+                lines += l;
+                bytes += b;
+            }
+            Some(AccessLog { requests, lines, bytes })
+        }
+        None => None,
+    };
+    Ok(Run {
         proto,
         mode,
         setup,
@@ -515,6 +769,56 @@ fn measure(
         proxy_cpu_seconds: cpu_s,
         proxy_user_seconds: user_s,
         proxies: proxies.len(),
+        spans,
+        access_log,
+    })
+}
+
+/// Waits for a tracing pair to export (or drop) the spans of the run that just ended,
+/// then returns what it did since `before`. The last batch leaves at most the schedule
+/// delay after its first span; at 100% sampling every span is expected, otherwise the
+/// counters must stand still for a while. Waiting here also keeps a run's export work
+/// out of the next run's CPU time.
+fn settle_spans(
+    bed: &Bed,
+    pair: &Pair,
+    ratio: f64,
+    requests: u64,
+    before: ((SpanCounters, SpanCounters), otlp_sink::Received),
+) -> Result<Spans, String> {
+    let ((client0, server0), sink0) = before;
+    let expected = if ratio >= 1.0 { requests * SPANS_PER_REQUEST } else { u64::MAX };
+    let start = std::time::Instant::now();
+    let quiet_after = bed.schedule_delay + Duration::from_millis(300);
+    let mut last: Option<(Spans, std::time::Instant)> = None;
+    loop {
+        let (client, server) = pair.span_counters()?;
+        let now = Spans {
+            ratio,
+            requests,
+            client: client.since(client0),
+            server: server.since(server0),
+            sink: bed.otlp.received() - sink0,
+        };
+        if now.total() >= expected && now.sink.spans >= now.exported() {
+            return Ok(now);
+        }
+        let unchanged_since = match last {
+            Some((prev, since))
+                if prev.client == now.client && prev.server == now.server && prev.sink == now.sink =>
+            {
+                since
+            }
+            _ => std::time::Instant::now(),
+        };
+        let quiet = unchanged_since.elapsed() >= Duration::from_millis(300);
+        if (quiet && start.elapsed() >= quiet_after)
+            || start.elapsed() >= quiet_after + Duration::from_secs(15)
+        {
+            return Ok(now);
+        }
+        last = Some((now, unchanged_since));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -549,9 +853,14 @@ struct Record {
     memory: Vec<Memory>,
     tcp: Vec<TcpRun>,
     handshakes: Vec<handshake::HandshakeRun>,
+    /// What the `ballast x2` pairs had added to their environment, by set-up.
+    sidecar_env: BTreeMap<Setup, BTreeMap<String, String>>,
+    /// The telemetry set-ups' findings, as printed (spans dropped, ...).
+    notes: Vec<String>,
 }
 
-/// One set-up against a base (`direct`; and `ballast-x2`, for `ballast-x2-mtls`).
+/// One set-up against a base (`direct`; and `ballast-x2`, for `ballast-x2-mtls` and the
+/// telemetry set-ups).
 #[derive(Serialize)]
 struct Ratio {
     proto: Proto,
@@ -610,7 +919,7 @@ fn run() -> Result<(), String> {
     };
     procs::pin_to(load_cpu).map_err(|e| format!("cannot pin the load generator: {e}"))?;
     let bin = sidecar_binary(o.smoke)?;
-    let mut bed = Bed::start(&bin, proxy_cpu)?;
+    let mut bed = Bed::start(&bin, proxy_cpu, o.smoke)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     eprintln!(
         "mesh bench: {} run(s); load generator and upstream on CPU {load_cpu}, proxies on CPU {proxy_cpu}; sidecar {}",
@@ -679,26 +988,44 @@ fn run() -> Result<(), String> {
         for &proto in &o.protocols {
             for &mode in &modes {
                 for &setup in &setups {
-                    if (setup == Setup::Ballast1Policy && proto != Proto::Http1)
+                    // The smoke pass runs the telemetry variants of x2 over HTTP/1.1 only.
+                    if ((setup == Setup::Ballast1Policy || (o.smoke && setup.telemetry()))
+                        && proto != Proto::Http1)
                         || (!o.setups.is_empty() && !o.setups.contains(&setup))
                     {
                         continue;
                     }
-                    let r = measure(&bed, &rt, &o, proto, mode, setup, repeat);
+                    let r = measure(&bed, &rt, &o, proto, mode, setup, repeat)?;
                     eprintln!(
-                        "  run {} {:<10} {:<9} {:<20} {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {}",
+                        "  run {} {:<10} {:<9} {:<21} {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {}",
                         repeat + 1,
                         proto.label(),
-                        match mode {
-                            Mode::Fixed(r) => format!("{r}/s"),
-                            Mode::Max => "max".into(),
-                        },
+                        load_label(mode),
                         setup.label(),
                         r.requests_per_second,
                         r.p50_ms,
                         r.p99_ms,
                         r.errors
                     );
+                    if let Some(s) = &r.spans {
+                        eprintln!(
+                            "        spans: {} exported, {} dropped (queue full), {} failed, of {} requests; the sink got {} spans in {} requests",
+                            s.exported(),
+                            s.queue_full(),
+                            s.export_failed(),
+                            s.requests,
+                            s.sink.spans,
+                            s.sink.requests
+                        );
+                    }
+                    if let Some(l) = &r.access_log {
+                        eprintln!(
+                            "        access log: {} lines, {:.1} MiB, of {} requests",
+                            l.lines,
+                            l.bytes as f64 / 1048576.0,
+                            l.requests
+                        );
+                    }
                     runs.push(r);
                 }
             }
@@ -739,7 +1066,8 @@ fn run() -> Result<(), String> {
         }
     }
 
-    print!("{}", render(&o, &runs, &memory, &peak, &tcp, &handshakes));
+    let notes = telemetry_notes(&runs);
+    print!("{}", render(&o, &runs, &memory, &peak, &tcp, &handshakes, &notes));
     let record = Record {
         machine: machine(cpus.len()),
         repeats: o.repeats,
@@ -752,6 +1080,8 @@ fn run() -> Result<(), String> {
         memory,
         tcp,
         handshakes,
+        sidecar_env: std::mem::take(&mut bed.env),
+        notes,
     };
     if let Some(dir) = o.json.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -776,13 +1106,14 @@ fn tcp_runs(
 ) -> Result<Vec<TcpRun>, String> {
     // The server sidecar of x2 sends its inbound to the HTTP upstream; the TCP path
     // needs one whose app is the sink.
-    let (_server, server) = Proxy::sidecar(bin, "ballast-tcp-server", "", bed.up.tcp, proxy_cpu)?;
+    let (_server, server) = Proxy::sidecar(bin, "ballast-tcp-server", "", bed.up.tcp, proxy_cpu, &[])?;
     let (_client, client) = Proxy::sidecar(
         bin,
         "ballast-tcp-client",
         &service_yaml("sink", server.inbound),
         bed.up.http,
         proxy_cpu,
+        &[],
     )?;
     let sink = bed.up.tcp;
     let sink_authority = sink.to_string();
@@ -828,6 +1159,30 @@ fn smoke_checks(r: &Record) -> Result<(), String> {
         if run.proxies > 0 && (run.proxy_cpu_seconds.is_nan() || run.proxy_cpu_seconds < 0.0) {
             return Err(format!("{}: no CPU time read", run.setup.label()));
         }
+        let what = format!("{} {:?} {}", run.proto.label(), run.mode, run.setup.label());
+        if let Some(s) = &run.spans {
+            // Drops are a finding; failures, strays and missing spans are the harness's.
+            if s.export_failed() > 0 || s.sink.bad > 0 || s.sink.spans != s.exported() {
+                return Err(format!("{what}: spans and the OTLP sink disagree: {s:?}"));
+            }
+            if s.ratio >= 1.0 && (s.exported() == 0 || s.total() < s.requests * SPANS_PER_REQUEST) {
+                return Err(format!(
+                    "{what}: {} spans for {} requests at 100% sampling: {s:?}",
+                    s.total(),
+                    s.requests
+                ));
+            }
+        } else if run.setup.trace_ratio().is_some() {
+            return Err(format!("{what}: no span counts"));
+        }
+        if run.setup == Setup::Ballast2AccessLog
+            && !run.access_log.is_some_and(|l| l.lines >= 2 * run.ok && l.bytes > 0)
+        {
+            return Err(format!(
+                "{what}: the access log is short: {:?} for {} requests",
+                run.access_log, run.ok
+            ));
+        }
     }
     for m in &r.memory {
         if !(m.idle_rss_mib > 0.0 && m.rss_with_idle_connections_mib > 0.0) {
@@ -865,6 +1220,7 @@ fn render(
     peak: &[(String, f64)],
     tcp: &[TcpRun],
     handshakes: &[handshake::HandshakeRun],
+    notes: &[String],
 ) -> String {
     let mut out = String::new();
     let n = o.repeats;
@@ -886,8 +1242,8 @@ fn render(
         for mode in o.rates.iter().map(|r| Mode::Fixed(*r)).chain([Mode::Max]) {
             let setups: Vec<Setup> =
                 Setup::ALL.into_iter().filter(|s| !of(proto, mode, *s).is_empty()).collect();
-            // The plain mesh is the base of the mTLS row (and its own, 1.00).
-            let vs_plain = |s: Setup| matches!(s, Setup::Ballast2 | Setup::Ballast2Mtls);
+            // The plain mesh is the base of the mTLS and telemetry rows (and its own, 1.00).
+            let vs_plain = |s: Setup| s == Setup::Ballast2 || s.vs_plain_x2();
             let mut rows = Vec::new();
             match mode {
                 Mode::Fixed(rate) => {
@@ -926,6 +1282,14 @@ fn render(
                                 "".into()
                             },
                             col(|r| r.cpu_per_1k_per_proxy()).show(4),
+                            if vs_plain(s) {
+                                paired(proto, mode, s, Setup::Ballast2, &|r, b| {
+                                    r.cpu_per_1k_per_proxy() / b.cpu_per_1k_per_proxy()
+                                })
+                                .show(2)
+                            } else {
+                                "".into()
+                            },
                             if s == Setup::Direct {
                                 "".into()
                             } else {
@@ -946,6 +1310,7 @@ fn render(
                             "p50 x plain x2",
                             "p99 x plain x2",
                             "CPU s/1k req/proxy",
+                            "CPU x plain x2",
                             "user %",
                             "errors",
                         ],
@@ -1010,6 +1375,7 @@ fn render(
             }
         }
     }
+    out.push_str(&render_telemetry(o, runs, notes));
     out.push_str(&format!(
         "\nMemory (RSS, MiB); {} idle HTTP/1.1 keep-alive connections after one request each\n",
         o.idle_connections
@@ -1085,8 +1451,164 @@ fn render(
     out
 }
 
-/// Every set-up against `direct` and the mTLS pair against the plain one, per protocol
-/// and mode: medians of the paired repeats.
+fn load_label(mode: Mode) -> String {
+    match mode {
+        Mode::Fixed(r) => format!("{r}/s"),
+        Mode::Max => "max".into(),
+    }
+}
+
+/// The runs of the telemetry set-ups, per set-up, protocol and mode in table order.
+fn telemetry_groups(runs: &[Run]) -> Vec<(Setup, Proto, Mode, Vec<&Run>)> {
+    let mut keys: Vec<(Setup, Proto, Mode)> =
+        runs.iter().filter(|r| r.setup.telemetry()).map(|r| (r.setup, r.proto, r.mode)).collect();
+    keys.sort_by_key(|k| (k.0, k.1 as u8, k.2));
+    keys.dedup();
+    keys.into_iter()
+        .map(|(s, p, m)| (s, p, m, runs.iter().filter(|r| (r.setup, r.proto, r.mode) == (s, p, m)).collect()))
+        .collect()
+}
+
+/// What the span counts say, in words: drops (a finding at 100% sampling, not an
+/// error), failed exports, and any disagreement between the sidecars and the sink.
+fn telemetry_notes(runs: &[Run]) -> Vec<String> {
+    let mut notes = Vec::new();
+    let mut traced_100 = false;
+    for (setup, proto, mode, rs) in telemetry_groups(runs) {
+        let spans: Vec<&Spans> = rs.iter().filter_map(|r| r.spans.as_ref()).collect();
+        if spans.is_empty() {
+            continue;
+        }
+        let sum = |f: fn(&Spans) -> u64| spans.iter().map(|s| f(s)).sum::<u64>();
+        let (total, full, failed) = (sum(Spans::total), sum(Spans::queue_full), sum(Spans::export_failed));
+        let (exported, received, requests) =
+            (sum(Spans::exported), sum(|s| s.sink.spans), sum(|s| s.requests));
+        let what = format!("{}, {} {}", setup.label(), proto.label(), load_label(mode));
+        traced_100 |= setup == Setup::Ballast2Trace100;
+        if full > 0 {
+            notes.push(format!(
+                "{what}: {full} of {total} spans ({:.1}%) DROPPED with the export queue full (client sidecar {}, server sidecar {}): the export thread did not keep up{}",
+                full as f64 * 100.0 / total.max(1) as f64,
+                spans.iter().map(|s| s.client.dropped_queue_full).sum::<u64>(),
+                spans.iter().map(|s| s.server.dropped_queue_full).sum::<u64>(),
+                if setup == Setup::Ballast2Trace100 { " with every request sampled at this rate" } else { "" }
+            ));
+        }
+        if failed > 0 {
+            notes.push(format!("{what}: {failed} spans failed to export to the sink"));
+        }
+        if received != exported {
+            notes.push(format!(
+                "{what}: the OTLP sink received {received} spans, the sidecars counted {exported} exported"
+            ));
+        }
+        if setup == Setup::Ballast2Trace100 && total < requests * SPANS_PER_REQUEST {
+            notes.push(format!(
+                "{what}: {total} spans accounted for (exported or dropped) of the {} expected ({SPANS_PER_REQUEST} per request)",
+                requests * SPANS_PER_REQUEST
+            ));
+        }
+    }
+    if traced_100
+        && !runs
+            .iter()
+            .any(|r| r.setup == Setup::Ballast2Trace100 && r.spans.is_some_and(|s| s.queue_full() > 0))
+    {
+        notes.push(format!("{}: no span dropped in any run", Setup::Ballast2Trace100.label()));
+    }
+    notes
+}
+
+/// The spans of the tracing set-ups and the lines of the access log, summed over the
+/// repeats, then the notes.
+fn render_telemetry(o: &Options, runs: &[Run], notes: &[String]) -> String {
+    let mut out = String::new();
+    let groups = telemetry_groups(runs);
+    let mut rows = Vec::new();
+    for (setup, proto, mode, rs) in &groups {
+        let spans: Vec<&Spans> = rs.iter().filter_map(|r| r.spans.as_ref()).collect();
+        if spans.is_empty() {
+            continue;
+        }
+        let sum = |f: fn(&Spans) -> u64| spans.iter().map(|s| f(s)).sum::<u64>();
+        let (requests, total, bytes) = (sum(|s| s.requests), sum(Spans::total), sum(|s| s.sink.bytes));
+        rows.push(vec![
+            setup.label().to_owned(),
+            proto.label().to_owned(),
+            load_label(*mode),
+            requests.to_string(),
+            total.to_string(),
+            format!("{:.3}", total as f64 / requests.max(1) as f64),
+            sum(Spans::exported).to_string(),
+            sum(Spans::queue_full).to_string(),
+            sum(Spans::export_failed).to_string(),
+            sum(|s| s.sink.requests).to_string(),
+            if total > 0 {
+                format!("{:.0}", bytes as f64 / sum(|s| s.sink.spans).max(1) as f64)
+            } else {
+                "-".into()
+            },
+        ]);
+    }
+    if !rows.is_empty() {
+        out.push_str(&format!(
+            "\nSpans of the tracing set-ups, both sidecars, warm-up included, sum of {} run(s); counted from /metrics once each run's spans were out\n",
+            o.repeats
+        ));
+        out.push_str(&table(
+            &[
+                "set-up",
+                "protocol",
+                "load",
+                "requests",
+                "spans",
+                "spans/request",
+                "exported",
+                "dropped (queue full)",
+                "export failed",
+                "OTLP requests",
+                "bytes/span",
+            ],
+            &rows,
+        ));
+    }
+    let mut rows = Vec::new();
+    for (_, proto, mode, rs) in &groups {
+        let logs: Vec<&AccessLog> = rs.iter().filter_map(|r| r.access_log.as_ref()).collect();
+        if logs.is_empty() {
+            continue;
+        }
+        let (requests, lines, bytes) =
+            logs.iter().fold((0, 0, 0), |a, l| (a.0 + l.requests, a.1 + l.lines, a.2 + l.bytes));
+        rows.push(vec![
+            proto.label().to_owned(),
+            load_label(*mode),
+            requests.to_string(),
+            lines.to_string(),
+            format!("{:.2}", lines as f64 / requests.max(1) as f64),
+            format!("{:.1}", bytes as f64 / 1048576.0),
+            format!("{:.0}", bytes as f64 / lines.max(1) as f64),
+        ]);
+    }
+    if !rows.is_empty() {
+        out.push_str(&format!(
+            "\nAccess log of {}, both sidecars (stderr to a file), warm-up included, sum of {} run(s)\n",
+            Setup::Ballast2AccessLog.label(),
+            o.repeats
+        ));
+        out.push_str(&table(
+            &["protocol", "load", "requests", "lines", "lines/request", "MiB", "bytes/line"],
+            &rows,
+        ));
+    }
+    for n in notes {
+        out.push_str(&format!("note: {n}\n"));
+    }
+    out
+}
+
+/// Every set-up against `direct`, and the mTLS and telemetry pairs against the plain
+/// one, per protocol and mode: medians of the paired repeats.
 fn ratios(runs: &[Run]) -> Vec<Ratio> {
     let mut out = Vec::new();
     let mut keys: Vec<(Proto, Mode, Setup)> = runs.iter().map(|r| (r.proto, r.mode, r.setup)).collect();
@@ -1095,7 +1617,7 @@ fn ratios(runs: &[Run]) -> Vec<Ratio> {
     for (proto, mode, setup) in keys {
         let bases: &[Setup] = match setup {
             Setup::Direct => &[],
-            Setup::Ballast2Mtls => &[Setup::Direct, Setup::Ballast2],
+            s if s.vs_plain_x2() => &[Setup::Direct, Setup::Ballast2],
             _ => &[Setup::Direct],
         };
         for &base in bases {

@@ -51,25 +51,29 @@ pub struct SidecarAddrs {
 
 impl Proxy {
     /// A Ballast sidecar with this static configuration; the app behind its inbound
-    /// listener is `app`.
+    /// listener is `app`. `env` is added to its environment (see [`Proxy::sidecar_from`]).
     pub fn sidecar(
         bin: &Path,
         name: &str,
         config: &str,
         app: SocketAddr,
         cpu: usize,
+        env: &[(&str, String)],
     ) -> Result<(Self, SidecarAddrs), String> {
-        Self::sidecar_from(bin, name, Source::File(config), app, cpu)
+        Self::sidecar_from(bin, name, Source::File(config), app, cpu, env)
     }
 
     /// A Ballast sidecar configured from `source`; with a control plane, `args` are its
     /// identity and registration flags, where `{inbound}` stands for its inbound address.
+    /// Its environment is the harness's with `BALLAST_LOG=warn` (no access log), then
+    /// `env` (`OTEL_*` for tracing, or a `BALLAST_LOG` that turns the access log on).
     pub fn sidecar_from(
         bin: &Path,
         name: &str,
         source: Source<'_>,
         app: SocketAddr,
         cpu: usize,
+        env: &[(&str, String)],
     ) -> Result<(Self, SidecarAddrs), String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let addrs = SidecarAddrs { outbound: free_addr(), inbound: free_addr(), admin: free_addr() };
@@ -98,7 +102,8 @@ impl Proxy {
             // Only loopback: a Host the mesh does not know yet (before a registration
             // arrives) must not become a DNS lookup.
             .arg("--egress-dns=false")
-            .env("BALLAST_LOG", "warn");
+            .env("BALLAST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)));
         let proxy = Self::spawn(name, cmd, dir, cpu)?;
         proxy.wait_ready(|| http_get(addrs.admin, "/ready").is_ok_and(|s| s == 200))?;
         Ok((proxy, addrs))
@@ -118,7 +123,12 @@ impl Proxy {
 
     fn spawn(name: &str, mut cmd: Command, dir: tempfile::TempDir, cpu: usize) -> Result<Self, String> {
         let stderr_path = dir.path().join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
+        // Appending, so that `take_stderr` can empty the file under a running process.
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&stderr_path)
+            .map_err(|e| e.to_string())?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
         // SAFETY: only the async-signal-safe sched_setaffinity runs between fork and exec.
         unsafe {
@@ -141,6 +151,26 @@ impl Proxy {
 
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Lines and bytes written to stderr since the last call (or the start), then
+    /// empties the file: an access log at full load would fill the disk otherwise.
+    pub fn take_stderr(&self) -> std::io::Result<(u64, u64)> {
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&self.stderr_path)?;
+        let (mut lines, mut bytes) = (0u64, 0u64);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            bytes += n as u64;
+            lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+        }
+        // The sidecar appends, so what it writes next starts the file again (a line
+        // written between the read and here is lost from the count, not misplaced).
+        f.set_len(0)?;
+        Ok((lines, bytes))
     }
 
     pub fn pid(&self) -> u32 {

@@ -445,3 +445,22 @@ fn access_log_in_json() {
     assert!(f["duration_ms"].as_f64().is_some_and(|d| d > 0.0 && d < 5000.0), "{v}");
     assert!(f["request_id"].as_str().is_some_and(|r| r.len() == 36), "{v}");
 }
+
+/// A policy's `accessLogSamplingPercent` wins over the flag, upwards too: with
+/// `--access-log-sampling 0`, only the service whose policy asks for lines gets them.
+#[test]
+fn a_policy_turns_the_access_log_on_over_the_flag() {
+    let app = Upstream::start("app");
+    let cfg = format!(
+        "{}\n---\n{}",
+        service("api", &app.addr.to_string(), "  telemetry: {accessLogSamplingPercent: 100}\n"),
+        service("quiet", &app.addr.to_string(), "")
+    );
+    let sidecar = Sidecar::start(&cfg, &["--access-log-sampling", "0"]);
+    assert_eq!(get(&sidecar, "http://quiet/status/200", &[]).0, 200);
+    assert_eq!(get(&sidecar, "http://api/status/200", &[]).0, 200);
+    let log = sidecar.log();
+    let lines = access_lines(&log);
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains("service=\"api.default\""), "{}", lines[0]);
+}

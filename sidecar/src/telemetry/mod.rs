@@ -115,11 +115,6 @@ impl Telemetry {
         Ok(Self { access_log_ratio: opts.access_log_ratio.clamp(0.0, 1.0), tracing })
     }
 
-    /// No spans; the access log at `access_log_ratio` (tests, benchmarks).
-    pub fn without_tracing(access_log_ratio: f64) -> Self {
-        Self { access_log_ratio, tracing: None }
-    }
-
     /// Flushes queued spans, waiting at most `deadline`.
     pub fn shutdown(&self, deadline: std::time::Duration) {
         if let Some(t) = &self.tracing {

@@ -73,7 +73,8 @@ pub struct RequestScope {
     /// A policy's access-log sampling (0-1), over the flag's.
     log_ratio_override: Option<f64>,
     service: Option<Arc<str>>,
-    shared: Arc<TraceShared>,
+    /// Set by [`RequestScope::prepare`], shared with the attempt layer.
+    shared: Option<Arc<TraceShared>>,
 }
 
 impl RequestScope {
@@ -91,9 +92,15 @@ impl RequestScope {
                 id
             }
         };
-        let log =
-            telemetry.access_log_ratio > 0.0 && tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO);
-        let extracted = propagation::extract(req.headers());
+        // Whether a line may be written: the ratio is applied at the end, since a policy
+        // can raise the flag's (even from 0).
+        let log = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO);
+        // With neither a log line nor spans to write, the trace context is not read.
+        let extracted = if log || telemetry.tracing.is_some() {
+            propagation::extract(req.headers())
+        } else {
+            Extracted::default()
+        };
         let (trace_id, span_id, sampled) = match &telemetry.tracing {
             Some(t) => {
                 let trace_id = extracted.parent.map(|p| p.trace_id).unwrap_or_else(super::new_trace_id);
@@ -126,7 +133,7 @@ impl RequestScope {
             log,
             log_ratio_override: None,
             service: None,
-            shared: Arc::new(TraceShared { attempts: AtomicU32::new(0), spans: None }),
+            shared: None,
         }
     }
 
@@ -171,10 +178,14 @@ impl RequestScope {
             },
             _ => None,
         };
-        if spans.is_some() {
-            self.shared = Arc::new(TraceShared { attempts: AtomicU32::new(0), spans });
-        }
-        req.extensions_mut().insert(RequestTrace(self.shared.clone()));
+        let shared = Arc::new(TraceShared { attempts: AtomicU32::new(0), spans });
+        req.extensions_mut().insert(RequestTrace(shared.clone()));
+        self.shared = Some(shared);
+    }
+
+    /// The tries the attempt layer counted (0 when the request never reached a stack).
+    fn attempts(&self) -> u32 {
+        self.shared.as_ref().map_or(0, |s| s.attempts.load(Ordering::Relaxed))
     }
 
     /// Called with the response: records once its body has ended.
@@ -339,7 +350,7 @@ impl Record {
             duration_ms = duration.as_micros() as f64 / 1000.0,
             bytes = e.bytes,
             upstream = e.upstream.map(|a| a.to_string()),
-            attempts = s.shared.attempts.load(Ordering::Relaxed),
+            attempts = s.attempts(),
             rejected = e.rejected,
             error = e.error.as_deref(),
             trace_id = trace_id.as_deref(),
@@ -383,15 +394,12 @@ impl Record {
             attrs.push(KeyValue::new("ballast.service", svc.to_string()));
         }
         if !server {
-            attrs.push(KeyValue::new(
-                "ballast.attempts",
-                i64::from(s.shared.attempts.load(Ordering::Relaxed)),
-            ));
+            attrs.push(KeyValue::new("ballast.attempts", i64::from(s.attempts())));
         }
         if let Some(up) = e.upstream {
             attrs.push(KeyValue::new("ballast.upstream", up.to_string()));
         }
-        let status = outcome_attributes(&mut attrs, &s.method, &s.uri, s.grpc, server, &e);
+        let status = outcome_attributes(&mut attrs, &s.uri, s.grpc, server, &e);
         let parent = s.extracted.parent;
         tracing.send(super::Finished {
             trace_id,
@@ -408,23 +416,29 @@ impl Record {
     }
 }
 
+/// The methods of RFC 9110 and PATCH, which the HTTP conventions name; others are
+/// `_OTHER` (attribute) or `HTTP` (span name), so a client cannot mint names.
+fn known_method(method: &Method) -> Option<&'static str> {
+    Some(match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => return None,
+    })
+}
+
 /// `{method}`, or for gRPC `{service}/{method}` (the RPC conventions' span name).
 pub(crate) fn span_name(method: &Method, grpc: Option<&Uri>) -> super::Text {
     if let Some(uri) = grpc {
         return uri.path().trim_start_matches('/').to_owned().into();
     }
-    match *method {
-        Method::GET => "GET".into(),
-        Method::POST => "POST".into(),
-        Method::PUT => "PUT".into(),
-        Method::DELETE => "DELETE".into(),
-        Method::HEAD => "HEAD".into(),
-        Method::PATCH => "PATCH".into(),
-        Method::OPTIONS => "OPTIONS".into(),
-        Method::CONNECT => "CONNECT".into(),
-        Method::TRACE => "TRACE".into(),
-        _ => "HTTP".into(),
-    }
+    known_method(method).unwrap_or("HTTP").into()
 }
 
 /// The request's attributes both span kinds share.
@@ -436,23 +450,12 @@ pub(crate) fn common_attributes(
     version: Version,
     server: bool,
 ) {
-    let known = matches!(
-        *method,
-        Method::GET
-            | Method::POST
-            | Method::PUT
-            | Method::DELETE
-            | Method::HEAD
-            | Method::PATCH
-            | Method::OPTIONS
-            | Method::CONNECT
-            | Method::TRACE
-    );
-    if known {
-        attrs.push(KeyValue::new("http.request.method", method.as_str().to_owned()));
-    } else {
-        attrs.push(KeyValue::new("http.request.method", "_OTHER"));
-        attrs.push(KeyValue::new("http.request.method_original", method.as_str().to_owned()));
+    match known_method(method) {
+        Some(m) => attrs.push(KeyValue::new("http.request.method", m)),
+        None => {
+            attrs.push(KeyValue::new("http.request.method", "_OTHER"));
+            attrs.push(KeyValue::new("http.request.method_original", method.as_str().to_owned()));
+        }
     }
     let authority = uri.authority().map(|a| a.as_str()).or_else(|| host.and_then(|h| h.to_str().ok()));
     if let Some(a) = authority {
@@ -486,14 +489,7 @@ pub(crate) fn common_attributes(
 /// Status code, gRPC, rejection and error attributes; returns the span status: an error
 /// for a client at 4xx and 5xx, for a server at 5xx (the HTTP conventions), and for gRPC
 /// by its status (the RPC conventions).
-fn outcome_attributes(
-    attrs: &mut Vec<KeyValue>,
-    _method: &Method,
-    uri: &Uri,
-    grpc: bool,
-    server: bool,
-    e: &Ended,
-) -> Status {
+fn outcome_attributes(attrs: &mut Vec<KeyValue>, uri: &Uri, grpc: bool, server: bool, e: &Ended) -> Status {
     if e.status != 0 {
         attrs.push(KeyValue::new("http.response.status_code", i64::from(e.status)));
     }

@@ -136,15 +136,19 @@ fn rate_limit_is_accurate_at_three_times_the_limit() {
         "admitted {ok}, expected {expected} ±10%: {text}"
     );
     assert!(limited >= 450, "the rest are rejected with 429: {text}");
+    // h2load's `-D` stops with up to one request per client (3) in flight: the sidecar
+    // may have answered those without h2load counting them.
     let m = sc.metrics();
-    assert_eq!(
-        metric_value(
-            &m,
-            r#"ballast_rejections_total{direction="outbound",reason="rate-limited",service="limited.default"}"#
-        ),
-        limited as f64
+    let rejected = metric_value(
+        &m,
+        r#"ballast_rejections_total{direction="outbound",reason="rate-limited",service="limited.default"}"#,
     );
-    assert_eq!(up.requests() as u64, ok);
+    assert!(
+        (limited as f64..=limited as f64 + 3.0).contains(&rejected),
+        "{rejected} rejections counted, h2load saw {limited}"
+    );
+    let reached = up.requests() as u64;
+    assert!((ok..=ok + 3).contains(&reached), "{reached} reached the upstream, h2load saw {ok} admitted");
 }
 
 #[test]

@@ -274,6 +274,7 @@ fn hostname() -> Option<String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ballast_api::logging::init(&cli.log_format);
+    ballast_sidecar::telemetry::access_log::set_json(cli.log_format == "json");
     match cli.command {
         Command::Init(a) => {
             let opts = init::InitOptions {

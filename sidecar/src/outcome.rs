@@ -25,6 +25,10 @@ use crate::client::ConnectError;
 use crate::rejection::{self, Rejected};
 use crate::stack::HttpResponse;
 
+/// The gRPC status trailer (or header, in a trailers-only response). A constant, so
+/// lookups do not parse the name each time.
+pub const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// When the overall request timeout fires (request extension).
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline(pub tokio::time::Instant);
@@ -64,10 +68,7 @@ pub fn is_failure(rsp: &HttpResponse) -> bool {
         return false;
     }
     rsp.status().is_server_error()
-        || rsp
-            .headers()
-            .get("grpc-status")
-            .is_some_and(|v| matches!(v.as_bytes(), b"2" | b"4" | b"13" | b"14"))
+        || rsp.headers().get(GRPC_STATUS).is_some_and(|v| matches!(v.as_bytes(), b"2" | b"4" | b"13" | b"14"))
 }
 
 /// Whether a try that was dropped before its response (the caller went away, or the

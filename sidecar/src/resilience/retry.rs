@@ -115,8 +115,11 @@ impl RetryConfig {
         }
         let status = rsp.status().as_u16();
         let failure = rsp.extensions().get::<UpstreamFailure>().copied();
-        let grpc =
-            rsp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok());
+        let grpc = rsp
+            .headers()
+            .get(crate::outcome::GRPC_STATUS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse().ok());
         self.on.iter().any(|c| match c {
             RetryOn::ServerError => (500..600).contains(&status),
             RetryOn::GatewayError => matches!(status, 502..=504),

@@ -150,7 +150,7 @@ impl AttemptSpan {
                     // Only a trailers-only answer has its status by now.
                     if let Some(code) = rsp
                         .headers()
-                        .get("grpc-status")
+                        .get(crate::outcome::GRPC_STATUS)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse::<i64>().ok())
                     {

@@ -39,6 +39,7 @@
 //!   `telemetry.accessLogSamplingPercent`). With a trace id the sampling decision is
 //!   taken from it, so the sidecars on both ends log the same requests.
 
+pub mod access_log;
 pub mod attempt;
 pub mod export;
 pub mod propagation;

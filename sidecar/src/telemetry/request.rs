@@ -242,7 +242,7 @@ struct Ended {
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<i64> {
-    headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+    headers.get(crate::outcome::GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }
 
 struct Record {
@@ -331,34 +331,43 @@ impl Record {
     }
 
     fn log_line(&self, duration: Duration) {
+        use super::access_log::{self, Value};
         let s = &self.scope;
         let e = &self.ended;
         let authority =
             s.uri.authority().map(|a| a.as_str()).or_else(|| s.host.as_ref().and_then(|h| h.to_str().ok()));
         let trace_id = s.trace_id.map(|t| t.to_string());
         let span_id = s.span_id.filter(|_| s.sampled).map(|t| t.to_string());
-        tracing::info!(
-            target: ACCESS_LOG,
-            direction = s.direction.as_str(),
-            service = s.service.as_deref().unwrap_or(""),
-            method = s.method.as_str(),
-            authority = authority.unwrap_or(""),
-            path = s.uri.path(),
-            protocol = ?s.version,
-            status = e.status,
-            grpc_status = e.grpc_status,
-            duration_ms = duration.as_micros() as f64 / 1000.0,
-            bytes = e.bytes,
-            upstream = e.upstream.map(|a| a.to_string()),
-            attempts = s.attempts(),
-            rejected = e.rejected,
-            error = e.error.as_deref(),
-            trace_id = trace_id.as_deref(),
-            span_id = span_id.as_deref(),
-            request_id = s.request_id.to_str().unwrap_or(""),
-            client = %s.client,
-            peer_identity = s.peer.as_ref().map(|p| p.identity.to_string()),
-        );
+        let peer = s.peer.as_ref().map(|p| p.identity.to_string());
+        let protocol = match s.version {
+            http::Version::HTTP_09 => "HTTP/0.9",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_11 => "HTTP/1.1",
+            http::Version::HTTP_2 => "HTTP/2.0",
+            http::Version::HTTP_3 => "HTTP/3.0",
+            _ => "HTTP/?",
+        };
+        access_log::write(&[
+            ("direction", Some(Value::Str(s.direction.as_str()))),
+            ("service", Some(Value::Str(s.service.as_deref().unwrap_or("")))),
+            ("method", Some(Value::Str(s.method.as_str()))),
+            ("authority", Some(Value::Str(authority.unwrap_or("")))),
+            ("path", Some(Value::Str(s.uri.path()))),
+            ("protocol", Some(Value::Bare(protocol))),
+            ("status", Some(Value::Int(i64::from(e.status)))),
+            ("grpc_status", e.grpc_status.map(Value::Int)),
+            ("duration_ms", Some(Value::Float(duration.as_micros() as f64 / 1000.0))),
+            ("bytes", Some(Value::Int(i64::try_from(e.bytes).unwrap_or(i64::MAX)))),
+            ("upstream", e.upstream.map(Value::QuotedAddr)),
+            ("attempts", Some(Value::Int(i64::from(s.attempts())))),
+            ("rejected", e.rejected.map(Value::Str)),
+            ("error", e.error.as_deref().map(Value::Str)),
+            ("trace_id", trace_id.as_deref().map(Value::Str)),
+            ("span_id", span_id.as_deref().map(Value::Str)),
+            ("request_id", Some(Value::Str(s.request_id.to_str().unwrap_or("")))),
+            ("client", Some(Value::Addr(s.client))),
+            ("peer_identity", peer.as_deref().map(Value::Str)),
+        ]);
     }
 
     /// The request's span: server inbound, client outbound, per the HTTP semantic

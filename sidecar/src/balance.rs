@@ -40,6 +40,7 @@ use tokio::time::Instant;
 use tower::Service;
 use tower::load::{CompleteOnResponse, Load, PeakEwma};
 
+use crate::body::{self, BoxError};
 use crate::client::{Clients, EndpointClient, PoolPolicy};
 use crate::metrics::Metrics;
 use crate::outcome::{self, Avoid, Deadline, PerTryTimeout, ServedBy};
@@ -466,8 +467,8 @@ impl Balancer {
                 None => Ok(fut.await),
             };
             let mut rsp = match result {
-                Ok(Ok(rsp)) => rsp,
-                Ok(Err(e)) => outcome::upstream_error_response(&e),
+                Ok(Ok(rsp)) => rsp.map(body::boxed),
+                Ok(Err(e)) => outcome::upstream_error_response(&BoxError::from(e)),
                 Err(t) => outcome::per_try_timeout_response(t, addr),
             };
             guard.done = true;

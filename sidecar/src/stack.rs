@@ -34,7 +34,7 @@ use tower::Service;
 use ballast_api::policy::PolicySpec;
 
 use crate::balance::{Balancer, BalancerConfig, OutlierConfig, Target};
-use crate::body::{Body, BoxError};
+use crate::body::{self, Body, BoxError};
 use crate::client::{Clients, PoolPolicy};
 use crate::metrics::Metrics;
 use crate::outcome::{self, ServedBy};
@@ -180,8 +180,8 @@ impl StackContext {
             let fut = client.request(req);
             Box::pin(async move {
                 let mut rsp = match fut.await {
-                    Ok(rsp) => rsp,
-                    Err(e) => outcome::upstream_error_response(&e),
+                    Ok(rsp) => rsp.map(body::boxed),
+                    Err(e) => outcome::upstream_error_response(&BoxError::from(e)),
                 };
                 rsp.extensions_mut().insert(ServedBy(addr));
                 Ok(rsp)

@@ -24,19 +24,17 @@ use std::time::Duration;
 
 use ballast_api::names::HEADER_ORIG_PROTO;
 use http::{HeaderValue, Request, Response, Version, header};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::body::{Body, BoxError};
+use crate::body::Body;
 use crate::identity::MeshIdentity;
 use crate::identity::tls::Dial;
 use crate::metrics::Metrics;
-
-mod h1;
-use h1::H1Pool;
 
 /// How long an idle upstream connection stays pooled. Shorter than common server
 /// keep-alive timeouts would be ideal but varies (Node.js closes after 5 s); 30 s bounds
@@ -142,16 +140,8 @@ impl tower::Service<http::Uri> for FixedConnector {
     }
 
     fn call(&mut self, _uri: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.connect().await })
-    }
-}
-
-impl FixedConnector {
-    /// A new connection to the endpoint, in mesh TLS when it has an identity.
-    pub async fn connect(&self) -> Result<TokioIo<UpstreamStream>, ConnectError> {
-        let (addr, timeout, tls) = (self.addr, self.connect_timeout, self.tls.as_ref());
-        {
+        let (addr, timeout, tls) = (self.addr, self.connect_timeout, self.tls.clone());
+        Box::pin(async move {
             let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
                 .await
                 .map_err(|_| ConnectError::Timeout { addr, timeout })?
@@ -165,7 +155,7 @@ impl FixedConnector {
                 _ => ConnectError::Tls { addr, name: dial.name().to_str().into_owned(), source },
             })?;
             Ok(TokioIo::new(UpstreamStream::Tls(Box::new(tls))))
-        }
+        })
     }
 }
 
@@ -173,17 +163,11 @@ impl FixedConnector {
 /// the request's version says.
 #[derive(Clone)]
 pub struct EndpointClient {
-    /// Plain-text HTTP/1.1 without upgrades: connections driven by their requests.
-    h1_plain: Option<Arc<H1Pool>>,
-    /// HTTP/1.1 upgrades, and HTTP/1.1 in mesh TLS.
     h1: Client<FixedConnector, Body>,
     h2: Client<FixedConnector, Body>,
     /// Mesh TLS to this endpoint: HTTP/1 requests go as HTTP/2 (module docs).
     mesh: bool,
 }
-
-/// What [`EndpointClient::request`] answers.
-pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
 
 impl EndpointClient {
     /// `tls`: the dials of a meshed endpoint, for the HTTP/1.1 and the HTTP/2 pool.
@@ -204,46 +188,32 @@ impl EndpointClient {
             .timer(TokioTimer::new())
             .http2_keep_alive_interval(Duration::from_secs(30))
             .build(connector(h2_tls));
-        let h1_plain = (!mesh).then(|| H1Pool::new(connector(None), idle));
-        Self { h1_plain, h1, h2, mesh }
+        Self { h1, h2, mesh }
     }
 }
 
 impl EndpointClient {
-    /// Sends `req` on a pooled connection; the pools queue, so there is no readiness to
+    /// Sends `req` on a pooled connection; the pool queues, so there is no readiness to
     /// wait for.
-    pub fn request(&self, mut req: Request<Body>) -> ResponseFuture {
+    pub fn request(&self, mut req: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
         if req.version() == Version::HTTP_2 {
-            return legacy(self.h2.request(req));
+            return self.h2.request(req);
         }
-        let upgrade = req.headers().contains_key(header::UPGRADE);
-        if self.mesh && !upgrade {
+        if self.mesh && !req.headers().contains_key(header::UPGRADE) {
             // The URI already carries the authority (the proxy sets it on every request).
             req.headers_mut().remove(header::HOST);
             req.headers_mut().insert(HEADER_ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
             *req.version_mut() = Version::HTTP_2;
-            return legacy(self.h2.request(req));
+            return self.h2.request(req);
         }
-        match &self.h1_plain {
-            Some(pool) if !upgrade => Box::pin(pool.clone().send(req)),
-            _ => legacy(self.h1.request(req)),
-        }
+        self.h1.request(req)
     }
 }
 
-fn legacy(fut: hyper_util::client::legacy::ResponseFuture) -> ResponseFuture {
-    Box::pin(async move {
-        match fut.await {
-            Ok(rsp) => Ok(rsp.map(crate::body::boxed)),
-            Err(e) => Err(e.into()),
-        }
-    })
-}
-
 impl tower::Service<Request<Body>> for EndpointClient {
-    type Response = Response<Body>;
-    type Error = BoxError;
-    type Future = ResponseFuture;
+    type Response = Response<Incoming>;
+    type Error = hyper_util::client::legacy::Error;
+    type Future = hyper_util::client::legacy::ResponseFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))

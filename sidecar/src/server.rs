@@ -65,7 +65,7 @@ async fn handle(stream: TcpStream, peer: std::net::SocketAddr, direction: Direct
             == Some(DeclaredProtocol::Tcp)
     {
         shared.metrics.tcp_connections_total.with_label_values(&[dir, Protocol::Opaque.as_str()]).inc();
-        return tcp::forward(shared, conn, stream).await;
+        return Box::pin(tcp::forward(shared, conn, stream)).await;
     }
     let (protocol, io) = match detect::detect(stream, shared.settings.detect_timeout).await {
         Ok(Detection::Detected { protocol, io, timed_out }) => {
@@ -90,7 +90,10 @@ async fn handle(stream: TcpStream, peer: std::net::SocketAddr, direction: Direct
         && orig_dst.is_some_and(|dst| shared.store.load().by_original_dst(dst).is_none())
         && detect::is_proxy_request(io.prefix());
     if direction == Direction::Inbound && protocol == Protocol::Tls {
-        return inbound_tls(io, conn, shared).await;
+        // Boxed, like the opaque forwards below: a task is as large as the largest future
+        // it may await, and plain HTTP connections must not each reserve room for a TLS
+        // session or a splice.
+        return Box::pin(inbound_tls(io, conn, shared)).await;
     }
     if direction == Direction::Inbound
         && protocol == Protocol::Opaque
@@ -100,9 +103,9 @@ async fn handle(stream: TcpStream, peer: std::net::SocketAddr, direction: Direct
         return;
     }
     match protocol {
-        Protocol::Http1 if own_proxy => tcp::forward(shared, conn, io).await,
+        Protocol::Http1 if own_proxy => Box::pin(tcp::forward(shared, conn, io)).await,
         Protocol::Http1 | Protocol::Http2 => serve_http(io, protocol, conn, shared).await,
-        Protocol::Tls | Protocol::Opaque => tcp::forward(shared, conn, io).await,
+        Protocol::Tls | Protocol::Opaque => Box::pin(tcp::forward(shared, conn, io)).await,
     }
 }
 
@@ -210,7 +213,10 @@ where
     let conn = Arc::new(conn);
     let svc = {
         let shared = shared.clone();
-        service_fn(move |req| http::handle(shared.clone(), conn.clone(), req))
+        // Boxed: hyper keeps the service's future inline in the connection's state, so
+        // an unboxed one would make every idle connection as large as a request in
+        // flight (23 KiB per idle HTTP/1.1 connection instead of 16 KiB, measured).
+        service_fn(move |req| Box::pin(http::handle(shared.clone(), conn.clone(), req)))
     };
     let io = TokioIo::new(io);
     let stop = shared.shutdown.signaled();

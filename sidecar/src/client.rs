@@ -176,7 +176,9 @@ impl EndpointClient {
         let (h1_tls, h2_tls) = tls.unzip();
         let connector = |tls| FixedConnector { addr, connect_timeout: settings.connect_timeout, tls };
         let idle = settings.idle_timeout.unwrap_or(POOL_IDLE_TIMEOUT);
+        // send(2) rather than writev(2), as the server side does (see `server::serve_http`).
         let h1 = Client::builder(TokioExecutor::new())
+            .http1_writev(false)
             .pool_idle_timeout(idle)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())

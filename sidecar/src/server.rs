@@ -235,7 +235,15 @@ where
         }
     } else {
         let mut builder = http1::Builder::new();
-        builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
+        // `writev(false)`: the head and a body chunk are copied into one buffer and sent
+        // with send(2), not writev(2), whose VFS path (file position lock, iovec copy,
+        // permission hook) cost more in the kernel than the copy does here: 5-12% more
+        // HTTP/1.1 requests per second (benches/README.md, session 10). Same upstream.
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .keep_alive(true)
+            .writev(false);
         let c = builder.serve_connection(io, svc).with_upgrades();
         tokio::pin!(c);
         tokio::select! {

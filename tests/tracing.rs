@@ -464,3 +464,24 @@ fn a_policy_turns_the_access_log_on_over_the_flag() {
     assert_eq!(lines.len(), 1, "{log}");
     assert!(lines[0].contains("service=\"api.default\""), "{}", lines[0]);
 }
+
+/// With the access log filtered out and no exporter the sidecar records nothing per
+/// request (no clock, no copies: see `RequestScope`), but requests still get an id and
+/// keep the one they carry.
+#[test]
+fn with_the_access_log_off_requests_still_get_ids_and_no_line_is_written() {
+    let app = Upstream::start("app");
+    let sidecar =
+        Sidecar::start_with_env(&service("api", &app.addr.to_string(), ""), &[], &[("BALLAST_LOG", "warn")]);
+    let (status, body) = get(&sidecar, "http://api/headers", &["x-request-id: given-2"]);
+    assert_eq!(status, 200);
+    let h: serde_json::Value = serde_json::from_str(&body).expect("headers");
+    assert_eq!(h["x-request-id"], "given-2", "an existing id is kept");
+    let (status, body) = get(&sidecar, "http://api/headers", &[]);
+    assert_eq!(status, 200);
+    let h: serde_json::Value = serde_json::from_str(&body).expect("headers");
+    assert!(h["x-request-id"].as_str().is_some_and(|v| v.len() == 36), "{h}");
+    assert!(h.get("traceparent").is_none(), "no context made up: {h}");
+    let log = sidecar.log();
+    assert!(access_lines(&log).is_empty(), "{log}");
+}

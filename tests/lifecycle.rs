@@ -244,3 +244,19 @@ fn drain_waits_for_open_tunnels() {
     drop(tunnel);
     assert_eq!(sc.wait_exit(Duration::from_secs(5)), Some(0), "exits once the tunnel closed");
 }
+
+/// The sidecar turns transparent huge pages off for itself (`PR_SET_THP_DISABLE`), so
+/// its RSS stays small on nodes whose THP mode is `always`: the kernel shows the flag in
+/// `/proc/PID/status` as `THP_enabled: 0`.
+#[test]
+fn transparent_huge_pages_are_off_for_the_sidecar() {
+    let up = Upstream::start("up");
+    let sc = Sidecar::start(&svc("api", &up), &[]);
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", sc.pid())).expect("read /proc/PID/status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("THP_enabled:"))
+        .expect("THP_enabled in /proc/PID/status (Linux 5.0+)");
+    assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+}

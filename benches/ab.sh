@@ -10,11 +10,12 @@
 # Prints each round's req/s and the medians, and B/A. Both sidecars must be idle apart
 # from the load, so run nothing else meanwhile. Needs haproxy, h2load, curl, taskset.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-A=${1:?usage: benches/ab.sh BIN_A BIN_B [ROUNDS] [SECONDS]}
-B=${2:?usage: benches/ab.sh BIN_A BIN_B [ROUNDS] [SECONDS]}
+A=$(realpath "${1:?usage: benches/ab.sh BIN_A BIN_B [ROUNDS] [SECONDS]}")
+B=$(realpath "${2:?usage: benches/ab.sh BIN_A BIN_B [ROUNDS] [SECONDS]}")
 ROUNDS=${3:-8}
 SECONDS_EACH=${4:-3}
+((ROUNDS > 0)) || { echo "ab.sh: ROUNDS must be at least 1" >&2; exit 1; }
+cd "$(dirname "$0")/.."
 for tool in haproxy h2load curl taskset; do
   command -v "$tool" >/dev/null || { echo "ab.sh: $tool is missing" >&2; exit 1; }
 done
@@ -45,9 +46,12 @@ spec:
   endpoints: [{address: "$UP"}]
 EOF
 PIDS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
-taskset -c 0 haproxy -db -f "$DIR/upstream.cfg" &
+# Waits too, so a quick second run does not find this one's sidecars on its ports.
+trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+taskset -c 0 haproxy -db -f "$DIR/upstream.cfg" 2>"$DIR/haproxy.log" &
 PIDS+=($!)
+for _ in $(seq 1 100); do curl -sf -o /dev/null "http://$UP/" && break; sleep 0.1; done
+curl -sf -o /dev/null "http://$UP/" || { echo "ab.sh: the upstream HAProxy did not start: $(cat "$DIR/haproxy.log")" >&2; exit 1; }
 # start BIN BASE_PORT: outbound on BASE, inbound BASE+1, admin BASE+2.
 start() {
   BALLAST_LOG=warn taskset -c 1 "$1" run --config "$DIR/config.yaml" \
@@ -61,9 +65,16 @@ start() {
 }
 start "$A" 19190
 start "$B" 19200
+# A misrouted request would still count as an answer: check both paths serve the body.
+for port in 19190 19200; do
+  got=$(curl -s -o "$DIR/check.$port" -w '%{http_code} %{size_download}' -H 'Host: bench' "http://127.0.0.1:$port/")
+  [ "$got" = "200 1024" ] || { echo "ab.sh: through :$port got '$got', not 200 with 1024 bytes: $(head -c 300 "$DIR/check.$port")" >&2; exit 1; }
+done
 run() {
-  taskset -c 0 h2load --h1 -D "$SECONDS_EACH" -c 32 -t 1 -H ':authority: bench' "http://127.0.0.1:$1/" 2>/dev/null |
-    awk '/^finished in/ {print $4}'
+  local out
+  out=$(taskset -c 0 h2load --h1 -D "$SECONDS_EACH" -c 32 -t 1 -H ':authority: bench' "http://127.0.0.1:$1/" 2>&1) ||
+    { echo "ab.sh: h2load failed: $out" >&2; exit 1; }
+  awk '/^finished in/ {print $4}' <<<"$out"
 }
 run 19190 >/dev/null
 run 19200 >/dev/null

@@ -250,13 +250,18 @@ fn drain_waits_for_open_tunnels() {
 /// `/proc/PID/status` as `THP_enabled: 0`.
 #[test]
 fn transparent_huge_pages_are_off_for_the_sidecar() {
+    let thp = |pid: &str| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("THP_enabled:"))
+            .expect("THP_enabled in /proc/PID/status (Linux 5.0+)")
+            .to_owned();
+        line.split_whitespace().nth(1).unwrap_or_default().to_owned()
+    };
+    // Otherwise the sidecar's 0 would prove nothing: THP must be on for processes here.
+    assert_eq!(thp("self"), "1", "this kernel has transparent huge pages off for every process");
     let up = Upstream::start("up");
     let sc = Sidecar::start(&svc("api", &up), &[]);
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", sc.pid())).expect("read /proc/PID/status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("THP_enabled:"))
-        .expect("THP_enabled in /proc/PID/status (Linux 5.0+)");
-    assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+    assert_eq!(thp(&sc.pid().to_string()), "0");
 }

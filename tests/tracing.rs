@@ -466,8 +466,8 @@ fn a_policy_turns_the_access_log_on_over_the_flag() {
 }
 
 /// With the access log filtered out and no exporter the sidecar records nothing per
-/// request (no clock, no copies: see `RequestScope`), but requests still get an id and
-/// keep the one they carry.
+/// request (the quiet `RequestScope`, unit-tested in `telemetry::request`), but requests
+/// still get an id and keep the one they carry, and no line is written.
 #[test]
 fn with_the_access_log_off_requests_still_get_ids_and_no_line_is_written() {
     let app = Upstream::start("app");

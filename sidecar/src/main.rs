@@ -289,22 +289,22 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// and a sidecar's few MiB of heap would cost 2 MiB a page. Only pages touched from here
 /// on are affected, and start-up before `main` touches little.
 fn disable_transparent_huge_pages() {
-    // SAFETY: PR_SET_THP_DISABLE takes one integer argument and the rest must be 0; it
-    // only sets a flag on this process's memory.
-    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    let (on, zero): (libc::c_ulong, libc::c_ulong) = (1, 0);
+    // SAFETY: PR_SET_THP_DISABLE takes one unsigned long argument and the rest must be
+    // 0; it only sets a flag on this process's memory.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, on, zero, zero, zero) };
     if rc != 0 {
         // Kernels before 3.15: nothing to disable, and nothing wrong with running.
-        eprintln!(
-            "ballast-sidecar: cannot turn transparent huge pages off: {}",
-            std::io::Error::last_os_error()
-        );
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot turn transparent huge pages off");
     }
 }
 
 fn main() -> ExitCode {
-    disable_transparent_huge_pages();
     let cli = Cli::parse();
     ballast_api::logging::init(&cli.log_format);
+    // Right after the logger, so a failure is logged in its format; what was allocated
+    // before is a few KiB.
+    disable_transparent_huge_pages();
     ballast_sidecar::telemetry::access_log::set_json(cli.log_format == "json");
     match cli.command {
         Command::Init(a) => {

@@ -210,6 +210,7 @@ async fn serve_http<T>(io: T, protocol: Protocol, conn: ConnInfo, shared: Arc<Sh
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let mesh_tls = conn.mesh_peer.is_some();
     let conn = Arc::new(conn);
     let svc = {
         let shared = shared.clone();
@@ -235,15 +236,15 @@ where
         }
     } else {
         let mut builder = http1::Builder::new();
-        // `writev(false)`: the head and a body chunk are copied into one buffer and sent
-        // with send(2), not writev(2), whose VFS path (file position lock, iovec copy,
+        builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
+        // Plain text: the head and a body chunk are copied into one buffer and sent with
+        // send(2), not writev(2), whose VFS path (file position lock, iovec copy,
         // permission hook) cost more in the kernel than the copy does here: 5-12% more
-        // HTTP/1.1 requests per second (benches/README.md, session 10). Same upstream.
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
-            .keep_alive(true)
-            .writev(false);
+        // HTTP/1.1 requests per second (benches/README.md, session 10). Over mesh TLS
+        // rustls builds the records from the slices itself, so the copy would be waste.
+        if !mesh_tls {
+            builder.writev(false);
+        }
         let c = builder.serve_connection(io, svc).with_upgrades();
         tokio::pin!(c);
         tokio::select! {

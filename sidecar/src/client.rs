@@ -176,14 +176,12 @@ impl EndpointClient {
         let (h1_tls, h2_tls) = tls.unzip();
         let connector = |tls| FixedConnector { addr, connect_timeout: settings.connect_timeout, tls };
         let idle = settings.idle_timeout.unwrap_or(POOL_IDLE_TIMEOUT);
-        let mut h1 = Client::builder(TokioExecutor::new());
-        h1.pool_idle_timeout(idle).pool_timer(TokioTimer::new()).timer(TokioTimer::new());
-        if !mesh {
-            // Plain text: send(2) rather than writev(2), as the server side does (see
-            // `server::serve_http`); over TLS rustls copies the slices into records anyway.
-            h1.http1_writev(false);
-        }
-        let h1 = h1.build(connector(h1_tls));
+        // writev, not a flattened send(2): see `server::serve_http`.
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector(h1_tls));
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .pool_idle_timeout(idle)

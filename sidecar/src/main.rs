@@ -271,23 +271,17 @@ fn hostname() -> Option<String> {
     (!name.is_empty()).then(|| name.to_owned())
 }
 
-/// mimalloc instead of glibc's malloc: a proxied request makes about 40 small
-/// allocations, and glibc spent 5,800 of its 41,600 instructions on them (callgrind,
-/// `benches/callgrind.sh`); with mimalloc the request costs 38,500 and one sidecar's
-/// maximum HTTP/1.1 throughput rose about 3% (benches/README.md, session 10).
-/// linkerd2-proxy swaps its allocator for the same reason (jemalloc).
-///
-/// Version 2 with transparent huge pages off (`no_thp`): mimalloc otherwise advises the
-/// kernel to back its arenas with 2 MiB pages, which put 6-8 MiB on an idle sidecar's
-/// RSS (8.6 MiB with glibc, 14.8 with mimalloc's defaults, 8.9-9.4 like this).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// The allocator is glibc's. mimalloc was tried in session 10 (benches/README.md): 2,400
+// fewer instructions per request and ~3% more throughput, but it keeps memory it has
+// recycled resident: 50 keep-alive connections that had each carried 4 MiB to a slow
+// reader left an idle sidecar at 35-37 MiB RSS (glibc: 9.6 MiB), and neither its purge
+// options nor `mi_collect` on idle gave it back.
 
 /// Transparent huge pages off for the whole process, whatever the node's THP mode: with
-/// `always` (RHEL's default) the kernel would back the allocator's 2 MiB-aligned arenas
-/// with huge pages on first touch, as it did with mimalloc's `madvise` (see `GLOBAL`),
-/// and a sidecar's few MiB of heap would cost 2 MiB a page. Only pages touched from here
-/// on are affected, and start-up before `main` touches little.
+/// `always` (RHEL's default) the kernel backs 2 MiB-aligned anonymous memory with huge
+/// pages on first touch, so a sidecar's few MiB of scattered heap could cost 2 MiB a
+/// page (session 10 saw 6-8 MiB more idle RSS from mimalloc's huge-page `madvise`).
+/// Only pages touched from here on are affected, and start-up before it touches little.
 fn disable_transparent_huge_pages() {
     let (on, zero): (libc::c_ulong, libc::c_ulong) = (1, 0);
     // SAFETY: PR_SET_THP_DISABLE takes one unsigned long argument and the rest must be

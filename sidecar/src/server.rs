@@ -210,7 +210,6 @@ async fn serve_http<T>(io: T, protocol: Protocol, conn: ConnInfo, shared: Arc<Sh
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mesh_tls = conn.mesh_peer.is_some();
     let conn = Arc::new(conn);
     let svc = {
         let shared = shared.clone();
@@ -236,15 +235,11 @@ where
         }
     } else {
         let mut builder = http1::Builder::new();
+        // hyper's default write strategy (writev of head and body) stays: flattening them
+        // into one buffer for send(2) was 5-12% faster, but that buffer keeps its size on
+        // a keep-alive connection, ~550 KiB per connection that once carried a large body
+        // to a slow reader (benches/README.md, session 10).
         builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
-        // Plain text: the head and a body chunk are copied into one buffer and sent with
-        // send(2), not writev(2), whose VFS path (file position lock, iovec copy,
-        // permission hook) cost more in the kernel than the copy does here: 5-12% more
-        // HTTP/1.1 requests per second (benches/README.md, session 10). Over mesh TLS
-        // rustls builds the records from the slices itself, so the copy would be waste.
-        if !mesh_tls {
-            builder.writev(false);
-        }
         let c = builder.serve_connection(io, svc).with_upgrades();
         tokio::pin!(c);
         tokio::select! {

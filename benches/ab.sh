@@ -25,26 +25,9 @@ done
 DIR=target/ab
 mkdir -p "$DIR"
 UP=127.0.0.1:19180
-body=$(printf 'x%.0s' $(seq 1 1024))
-cat >"$DIR/upstream.cfg" <<EOF
-global
-    nbthread 1
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-frontend up
-    bind $UP
-    http-request return status 200 content-type text/plain string "$body"
-EOF
-cat >"$DIR/config.yaml" <<EOF
-apiVersion: ballast.io/v1alpha1
-kind: Service
-metadata: {name: bench}
-spec:
-  endpoints: [{address: "$UP"}]
-EOF
+# shellcheck source=benches/upstream.sh
+. benches/upstream.sh
+write_upstream_and_service "$DIR" "$UP"
 PIDS=()
 # Waits too, so a quick second run does not find this one's sidecars on its ports.
 trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT

@@ -93,13 +93,11 @@ impl RequestScope {
         // Whether a line may be written: the ratio is applied at the end, since a policy
         // can raise the flag's (even from 0).
         let log = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO);
+        let request_id = request_id(req);
         if !log && telemetry.tracing.is_none() {
-            if !req.headers().contains_key(X_REQUEST_ID) {
-                req.headers_mut().insert(X_REQUEST_ID, super::new_request_id());
-            }
             return Self(None);
         }
-        Self(Some(Recording::start(telemetry, conn, req, log)))
+        Self(Some(Recording::start(telemetry, conn, req, request_id, log)))
     }
 
     /// The request's service is known: its label, and its policy's sampling.
@@ -125,31 +123,39 @@ impl RequestScope {
         }
     }
 
-    /// Whether anything of this request can be recorded.
-    pub fn is_quiet(&self) -> bool {
+    /// Whether nothing of this request can be recorded.
+    #[cfg(test)]
+    fn is_quiet(&self) -> bool {
         self.0.is_none()
     }
 }
 
+/// The request's `x-request-id`, made and set when it has none.
+fn request_id(req: &mut HttpRequest) -> HeaderValue {
+    let headers = req.headers_mut();
+    match headers.get(X_REQUEST_ID) {
+        Some(v) => v.clone(),
+        None => {
+            let id = super::new_request_id();
+            headers.insert(X_REQUEST_ID, id.clone());
+            id
+        }
+    }
+}
+
 impl Recording {
-    fn start(telemetry: &Arc<Telemetry>, conn: &ConnInfo, req: &mut HttpRequest, log: bool) -> Self {
+    /// Only made when a log line or a span may be written, so the caller's trace context
+    /// is always read here.
+    fn start(
+        telemetry: &Arc<Telemetry>,
+        conn: &ConnInfo,
+        req: &mut HttpRequest,
+        request_id: HeaderValue,
+        log: bool,
+    ) -> Self {
         let start = Instant::now();
         let start_wall = SystemTime::now();
-        let headers = req.headers_mut();
-        let request_id = match headers.get(X_REQUEST_ID) {
-            Some(v) => v.clone(),
-            None => {
-                let id = super::new_request_id();
-                headers.insert(X_REQUEST_ID, id.clone());
-                id
-            }
-        };
-        // With neither a log line nor spans to write, the trace context is not read.
-        let extracted = if log || telemetry.tracing.is_some() {
-            propagation::extract(req.headers())
-        } else {
-            Extracted::default()
-        };
+        let extracted = propagation::extract(req.headers());
         let (trace_id, span_id, sampled) = match &telemetry.tracing {
             Some(t) => {
                 let trace_id = extracted.parent.map(|p| p.trace_id).unwrap_or_else(super::new_trace_id);

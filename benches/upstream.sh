@@ -1,0 +1,27 @@
+# Sourced by benches/callgrind.sh and benches/ab.sh: writes, into directory $1, the one
+# upstream both use (HAProxy, one thread, answering every request with 200 and 1 KiB of
+# text on $2) and the sidecar configuration naming it as service `bench`:
+# $1/upstream.cfg and $1/config.yaml.
+write_upstream_and_service() {
+  local dir=$1 up=$2 body
+  body=$(printf 'x%.0s' $(seq 1 1024))
+  cat >"$dir/upstream.cfg" <<CFG
+global
+    nbthread 1
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+frontend up
+    bind $up
+    http-request return status 200 content-type text/plain string "$body"
+CFG
+  cat >"$dir/config.yaml" <<CFG
+apiVersion: ballast.io/v1alpha1
+kind: Service
+metadata: {name: bench}
+spec:
+  endpoints: [{address: "$up"}]
+CFG
+}

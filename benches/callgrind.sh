@@ -7,6 +7,7 @@
 #
 #   benches/callgrind.sh [BIN] [N]        BIN defaults to target/release/ballast-sidecar
 #   BALLAST_LOG=warn,ballast_sidecar::access=info benches/callgrind.sh   # with access log
+#   POLICY=1 benches/callgrind.sh          # every resilience layer on (full-policy.yaml)
 #
 # Needs valgrind, haproxy, h2load and curl. The profiles stay in target/callgrind/ for
 # `callgrind_annotate --inclusive=yes target/callgrind/out.3N`.
@@ -25,6 +26,13 @@ UP=127.0.0.1:18180 OUT=127.0.0.1:18181 IN=127.0.0.1:18182 ADMIN=127.0.0.1:18183
 # shellcheck source=benches/upstream.sh
 . benches/upstream.sh
 write_upstream_and_service "$DIR" "$UP"
+AUTHORITY=bench
+if [ "${POLICY:-0}" = 1 ]; then
+  # The benchmarks' full policy targets the service `bench-policy`.
+  AUTHORITY=bench-policy
+  { sed 's/name: bench}/name: bench-policy}/' "$DIR/config.yaml"; echo ---; cat benches/full-policy.yaml; } >"$DIR/config.policy.yaml"
+  mv "$DIR/config.policy.yaml" "$DIR/config.yaml"
+fi
 haproxy -db -f "$DIR/upstream.cfg" &
 HAPROXY=$!
 trap 'kill $HAPROXY 2>/dev/null' EXIT
@@ -37,7 +45,7 @@ count() {
   local pid=$!
   for _ in $(seq 1 300); do curl -sf -o /dev/null "http://$ADMIN/ready" && break; sleep 0.1; done
   local ok
-  ok=$(h2load --h1 -n "$n" -c 4 -H ':authority: bench' "http://$OUT/" | awk '/^status codes:/ {print $3}')
+  ok=$(h2load --h1 -n "$n" -c 4 -H ":authority: $AUTHORITY" "http://$OUT/" | awk '/^status codes:/ {print $3}')
   kill -INT $pid
   wait $pid || true
   [ "$ok" = "$n" ] || { echo "callgrind.sh: only $ok of $n requests answered 2xx" >&2; exit 1; }

@@ -90,13 +90,14 @@ fn strips_hop_by_hop_headers_both_ways_and_keeps_the_host() {
         "TE: trailers, deflate",
         "-H",
         "X-End-To-End: kept",
-        "http://web.default/headers",
+        "http://web.default/headers?q=a%20b",
     ]));
     let text = stdout(&out);
     let (head, body) = text.split_once("\r\n\r\n").expect("response");
     let seen: serde_json::Value = serde_json::from_str(body).expect("json body");
     assert_eq!(seen["x-end-to-end"], "kept");
     assert_eq!(seen["host"], "web.default", "the app's Host reaches the upstream unchanged");
+    assert_eq!(seen[":uri"], "/headers?q=a%20b", "origin form, the query kept");
     for h in ["x-private", "keep-alive", "proxy-authorization", "connection", "proxy-connection"] {
         assert!(seen.get(h).is_none(), "{h} reached the upstream: {seen}");
     }

@@ -213,7 +213,7 @@ impl<T: AsyncWrite> AsyncWrite for PrefixedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
+        crate::small_write::poll_write_vectored(self.project().io, cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()

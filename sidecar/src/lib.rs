@@ -36,6 +36,7 @@ pub mod resilience;
 pub mod routes;
 pub mod run;
 pub mod server;
+pub mod small_write;
 pub mod stack;
 pub mod telemetry;
 

@@ -238,7 +238,8 @@ where
         // hyper's default write strategy (writev of head and body) stays: flattening them
         // into one buffer for send(2) was 5-12% faster, but that buffer keeps its size on
         // a keep-alive connection, ~550 KiB per connection that once carried a large body
-        // to a slow reader (benches/README.md, session 10).
+        // to a slow reader (benches/README.md, session 10). The socket below copies small
+        // writes into one send(2) instead (`small_write`), which keeps no memory.
         builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
         let c = builder.serve_connection(io, svc).with_upgrades();
         tokio::pin!(c);

@@ -171,8 +171,16 @@ impl Guard for Retry {
             // Known to be too long to replay: sent once, untouched.
             return inner.call(HttpRequest::from_parts(parts, body));
         }
-        let replay = Replay::new(body, MAX_REPLAY_BODY);
-        let req = HttpRequest::from_parts(parts, body::boxed(replay.body()));
+        // A body that has ended already (a GET, a `Content-Length: 0`) needs no record:
+        // every try gets an empty one, which allocates nothing.
+        let (replay, body) = if body.is_end_stream() {
+            (None, body::empty())
+        } else {
+            let replay = Replay::new(body, MAX_REPLAY_BODY);
+            let body = body::boxed(replay.body());
+            (Some(replay), body)
+        };
+        let req = HttpRequest::from_parts(parts, body);
         let policy =
             RetryPolicy { config: self.config.clone(), shared: self.shared.clone(), replay, tries: 1 };
         retrying(policy, inner.clone(), req)
@@ -190,7 +198,8 @@ fn retrying(policy: RetryPolicy, inner: HttpService, req: HttpRequest) -> Respon
 pub struct RetryPolicy {
     config: Arc<RetryConfig>,
     shared: RetryShared,
-    replay: Replay,
+    /// `None` for a body that was empty from the start.
+    replay: Option<Replay>,
     tries: u32,
 }
 
@@ -206,7 +215,7 @@ impl tower::retry::Policy<HttpRequest, HttpResponse, BoxError> for RetryPolicy {
         if self.tries > self.config.attempts || !self.config.retriable(rsp) {
             return None;
         }
-        if !self.replay.can_replay() {
+        if self.replay.as_ref().is_some_and(|r| !r.can_replay()) {
             // Over the buffer limit, or the failed try still holds the body.
             return None;
         }
@@ -231,7 +240,8 @@ impl tower::retry::Policy<HttpRequest, HttpResponse, BoxError> for RetryPolicy {
     }
 
     fn clone_request(&mut self, req: &HttpRequest) -> Option<HttpRequest> {
-        let mut clone = http::Request::new(body::boxed(self.replay.body()));
+        let body = self.replay.as_ref().map_or_else(body::empty, |r| body::boxed(r.body()));
+        let mut clone = http::Request::new(body);
         *clone.method_mut() = req.method().clone();
         *clone.uri_mut() = req.uri().clone();
         *clone.version_mut() = req.version();

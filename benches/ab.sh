@@ -6,6 +6,7 @@
 # pair measured a few percent faster with the same binary in both slots.
 #
 #   benches/ab.sh BIN_A BIN_B [ROUNDS] [SECONDS]     defaults: 8 rounds of 3 s each
+#   POLICY=1 benches/ab.sh BIN_A BIN_B              with every resilience layer on
 #
 # Prints each round's req/s and the medians, and B/A. Both sidecars must be idle apart
 # from the load, so run nothing else meanwhile. Needs haproxy, h2load, curl, taskset.

@@ -26,13 +26,6 @@ UP=127.0.0.1:18180 OUT=127.0.0.1:18181 IN=127.0.0.1:18182 ADMIN=127.0.0.1:18183
 # shellcheck source=benches/upstream.sh
 . benches/upstream.sh
 write_upstream_and_service "$DIR" "$UP"
-AUTHORITY=bench
-if [ "${POLICY:-0}" = 1 ]; then
-  # The benchmarks' full policy targets the service `bench-policy`.
-  AUTHORITY=bench-policy
-  { sed 's/name: bench}/name: bench-policy}/' "$DIR/config.yaml"; echo ---; cat benches/full-policy.yaml; } >"$DIR/config.policy.yaml"
-  mv "$DIR/config.policy.yaml" "$DIR/config.yaml"
-fi
 haproxy -db -f "$DIR/upstream.cfg" &
 HAPROXY=$!
 trap 'kill $HAPROXY 2>/dev/null' EXIT
@@ -45,7 +38,7 @@ count() {
   local pid=$!
   for _ in $(seq 1 300); do curl -sf -o /dev/null "http://$ADMIN/ready" && break; sleep 0.1; done
   local ok
-  ok=$(h2load --h1 -n "$n" -c 4 -H ":authority: $AUTHORITY" "http://$OUT/" | awk '/^status codes:/ {print $3}')
+  ok=$(h2load --h1 -n "$n" -c 4 -H ':authority: bench' "http://$OUT/" | awk '/^status codes:/ {print $3}')
   kill -INT $pid
   wait $pid || true
   [ "$ok" = "$n" ] || { echo "callgrind.sh: only $ok of $n requests answered 2xx" >&2; exit 1; }

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+# The sidecar's allocator (jemalloc, through tikv-jemalloc-sys) builds with make.
+have make      || need+=(make)
 have curl      || need+=(curl)
 have iptables  || need+=(iptables)
 have ip        || need+=(iproute2)

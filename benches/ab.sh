@@ -7,6 +7,8 @@
 #
 #   benches/ab.sh BIN_A BIN_B [ROUNDS] [SECONDS]     defaults: 8 rounds of 3 s each
 #   POLICY=1 benches/ab.sh BIN_A BIN_B              with every resilience layer on
+#   POLICY=B benches/ab.sh BIN BIN                  B alone has the full policy: its cost,
+#                                                   paired (same binary, same minutes)
 #
 # Prints each round's req/s and the medians, and B/A. Both sidecars must be idle apart
 # from the load, so run nothing else meanwhile. Needs haproxy, h2load, curl, taskset.
@@ -36,9 +38,9 @@ taskset -c 0 haproxy -db -f "$DIR/upstream.cfg" 2>"$DIR/haproxy.log" &
 PIDS+=($!)
 for _ in $(seq 1 100); do curl -sf -o /dev/null "http://$UP/" && break; sleep 0.1; done
 curl -sf -o /dev/null "http://$UP/" || { echo "ab.sh: the upstream HAProxy did not start: $(cat "$DIR/haproxy.log")" >&2; exit 1; }
-# start BIN BASE_PORT: outbound on BASE, inbound BASE+1, admin BASE+2.
+# start BIN BASE_PORT [CONFIG]: outbound on BASE, inbound BASE+1, admin BASE+2.
 start() {
-  BALLAST_LOG=warn taskset -c 1 "$1" run --config "$DIR/config.yaml" \
+  BALLAST_LOG=warn taskset -c 1 "$1" run --config "${3:-$DIR/config.yaml}" \
     --outbound-addr "127.0.0.1:$2" --inbound-addr "127.0.0.1:$(($2 + 1))" \
     --admin-addr "127.0.0.1:$(($2 + 2))" --app-addr "$UP" --workers 1 --egress-dns=false \
     >/dev/null 2>"$DIR/sidecar.$2.log" &
@@ -48,7 +50,7 @@ start() {
   exit 1
 }
 start "$A" 19190
-start "$B" 19200
+if [ "${POLICY:-0}" = B ]; then start "$B" 19200 "$DIR/config.policy.yaml"; else start "$B" 19200; fi
 # A misrouted request would still count as an answer: check both paths serve the body.
 for port in 19190 19200; do
   got=$(curl -s -o "$DIR/check.$port" -w '%{http_code} %{size_download}' -H 'Host: bench' "http://127.0.0.1:$port/")

@@ -251,13 +251,7 @@ fn drain_waits_for_open_tunnels() {
 #[test]
 fn transparent_huge_pages_are_off_for_the_sidecar() {
     let thp = |pid: &str| {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("THP_enabled:"))
-            .expect("THP_enabled in /proc/PID/status (Linux 5.0+)")
-            .to_owned();
-        line.split_whitespace().nth(1).unwrap_or_default().to_owned()
+        proc_status_field(pid, "THP_enabled").expect("THP_enabled in /proc/PID/status (Linux 5.0+)")
     };
     // Otherwise the sidecar's 0 would prove nothing: THP must be on for processes here.
     assert_eq!(thp("self"), "1", "this kernel has transparent huge pages off for every process");
@@ -274,12 +268,6 @@ fn transparent_huge_pages_are_off_for_the_sidecar() {
 fn memory_of_closed_connections_goes_back_to_the_kernel() {
     let up = Upstream::start("up");
     let sc = Sidecar::start(&svc("api", &up), &[]);
-    let rss_kib = || {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", sc.pid())).expect("read /proc/PID/status");
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS").to_owned();
-        line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).expect("VmRSS in KiB")
-    };
     let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", sc.pid()))
         .expect("list /proc/PID/task")
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
@@ -287,7 +275,7 @@ fn memory_of_closed_connections_goes_back_to_the_kernel() {
         .collect();
     assert!(threads.iter().any(|t| t == "jemalloc_bg_thd"), "no jemalloc background thread: {threads:?}");
 
-    let before = rss_kib();
+    let before = sc.rss_kib();
     // One request at a time, so the sidecar pools a single upstream connection (pooled
     // connections stay for their idle timeout, which is not what this test is about).
     let mut conns = Vec::new();
@@ -300,15 +288,15 @@ fn memory_of_closed_connections_goes_back_to_the_kernel() {
         conns.push(s);
     }
     assert_eq!(up.connections(), 1, "the sidecar reused one upstream connection");
-    let busy = rss_kib();
+    let busy = sc.rss_kib();
     assert!(busy >= before + 4096, "800 open connections should take MiBs: {before} KiB -> {busy} KiB");
     drop(conns);
     let back = before + (busy - before) / 3;
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut now = rss_kib();
+    let mut now = sc.rss_kib();
     while now > back && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
-        now = rss_kib();
+        now = sc.rss_kib();
     }
     assert!(
         now <= back,

@@ -271,14 +271,28 @@ impl Sidecar {
 
     /// Peak resident memory (VmHWM) in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        self.status_field("VmHWM").and_then(|v| v.parse().ok()).unwrap_or(0)
     }
+
+    /// Resident memory now (VmRSS) in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let rss = self.status_field("VmRSS").expect("VmRSS in /proc/PID/status");
+        rss.parse().unwrap_or_else(|_| panic!("VmRSS {rss:?} is not a number of KiB"))
+    }
+
+    /// The first value of a field of the sidecar's `/proc/PID/status`.
+    pub fn status_field(&self, field: &str) -> Option<String> {
+        proc_status_field(&self.pid().to_string(), field)
+    }
+}
+
+/// The first value of a field of `/proc/PID/status` (`self` for this process): `VmRSS`
+/// gives `"1234"` (KiB), `THP_enabled` `"1"`.
+pub fn proc_status_field(pid: &str, field: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let prefix = format!("{field}:");
+    let line = status.lines().find(|l| l.starts_with(&prefix))?;
+    line[prefix.len()..].split_whitespace().next().map(str::to_owned)
 }
 
 impl Drop for Sidecar {

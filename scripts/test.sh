@@ -63,5 +63,6 @@ else
 fi
 # The benchmarks' smoke pass: every scenario of the harness (with HAProxy) briefly, and
 # each Criterion benchmark once. Figures come from scripts/bench.sh, not from here.
+# `--workspace` resolves features as the test run did, so nothing is compiled again.
 echo "--- benchmark smoke pass"
-cargo test --benches --locked
+cargo test --workspace --benches --locked

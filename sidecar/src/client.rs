@@ -1,8 +1,9 @@
 //! Pooled upstream connections, one [`EndpointClient`] per endpoint address.
 //!
-//! Each endpoint gets its own hyper-util client whose connector always dials that
-//! endpoint. The request URI keeps the authority the app asked for, so the upstream sees
-//! the caller's `Host`/`:authority` unchanged, while the pool is still per endpoint.
+//! Each endpoint gets its own pools (HTTP/1.1: [`crate::pool`]; HTTP/2: hyper-util's
+//! client) whose connector always dials that endpoint. The request keeps the authority
+//! the app asked for, so the upstream sees the caller's `Host`/`:authority` unchanged,
+//! while the pool is still per endpoint.
 //! Clients are cached in [`Clients`] and shared by every stack, so a configuration change
 //! that rebuilds a service's stack keeps its warm connections.
 //!
@@ -23,8 +24,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ballast_api::names::HEADER_ORIG_PROTO;
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
+use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -32,10 +32,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::body::Body;
+use crate::body::{Body, BoxError};
 use crate::identity::MeshIdentity;
 use crate::identity::tls::Dial;
 use crate::metrics::Metrics;
+use crate::pool::H1Pool;
 
 /// How long an idle upstream connection stays pooled. Shorter than common server
 /// keep-alive timeouts would be ideal but varies (Node.js closes after 5 s); 30 s bounds
@@ -72,6 +73,13 @@ pub enum ConnectError {
 pub enum UpstreamStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl FixedConnector {
+    /// Plain TCP to `addr`.
+    pub fn plain(addr: SocketAddr, connect_timeout: Duration) -> Self {
+        Self { addr, connect_timeout, tls: None }
+    }
 }
 
 impl Connection for UpstreamStream {
@@ -164,10 +172,12 @@ impl tower::Service<http::Uri> for FixedConnector {
 }
 
 /// A pooled client for one endpoint, speaking HTTP/1.1 or HTTP/2 (prior knowledge) as
-/// the request's version says.
+/// the request's version says. HTTP/1.1 goes through this crate's own per-endpoint pool
+/// ([`crate::pool`], which says why), HTTP/2 through hyper-util's, which multiplexes one
+/// connection.
 #[derive(Clone)]
 pub struct EndpointClient {
-    h1: Client<FixedConnector, Body>,
+    h1: H1Pool,
     h2: Client<FixedConnector, Body>,
     /// Mesh TLS to this endpoint: HTTP/1 requests go as HTTP/2 (module docs).
     mesh: bool,
@@ -182,11 +192,7 @@ impl EndpointClient {
         let idle = settings.idle_timeout.unwrap_or(POOL_IDLE_TIMEOUT);
         // hyper's writev strategy, with small writes sent as one send(2) by
         // `UpstreamStream`: see `server::serve_http`.
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector(h1_tls));
+        let h1 = H1Pool::new(connector(h1_tls), idle);
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .pool_idle_timeout(idle)
@@ -199,53 +205,44 @@ impl EndpointClient {
 }
 
 impl EndpointClient {
-    /// Sends `req` on a pooled connection; the pool queues, so there is no readiness to
+    /// Sends `req` on a pooled connection; the pools queue, so there is no readiness to
     /// wait for.
-    pub fn request(&self, mut req: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
+    pub fn request(&self, mut req: Request<Body>) -> ResponseFuture {
         if req.version() == Version::HTTP_2 {
-            return self.h2.request(req);
+            return ResponseFuture::H2(self.h2.request(req));
         }
         if self.mesh && !req.headers().contains_key(header::UPGRADE) {
             // The URI already carries the authority (the proxy sets it on every request).
             req.headers_mut().remove(header::HOST);
             req.headers_mut().insert(HEADER_ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
             *req.version_mut() = Version::HTTP_2;
-            return self.h2.request(req);
+            return ResponseFuture::H2(self.h2.request(req));
         }
-        if req.method() != Method::CONNECT && req.headers().contains_key(header::HOST) {
-            pool_authority(&mut req);
-        }
-        self.h1.request(req)
+        ResponseFuture::H1(Box::pin(self.h1.request(req)))
     }
 }
 
-/// Gives a plain HTTP/1.1 request the one short authority every such request of this
-/// client shares. hyper-util keys its pool by the URI's scheme and authority, and hashes
-/// that key with SipHash a byte at a time (http's `Authority` hashes each byte lowercased)
-/// on every checkout and return: about 1,200 instructions per request for the five bytes
-/// of `bench` (callgrind), several thousand for a name such as
-/// `payments.shop.svc.cluster.local:8080`. One client is one endpoint already, so the
-/// authority partitions nothing. The upstream still sees the caller's authority: HTTP/1.1
-/// goes out in origin form with the `Host` header, which the proxy has set; a request
-/// without one (not from the proxy) keeps its URI, so hyper-util derives `Host` from it.
-fn pool_authority(req: &mut Request<Body>) {
-    let mut parts = std::mem::take(req.uri_mut()).into_parts();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(Authority::from_static(POOL_AUTHORITY));
-    if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(PathAndQuery::from_static("/"));
-    }
-    // Scheme, authority and path are all set, which is all `from_parts` checks.
-    *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("http://ep/"));
+/// The response of either pool.
+pub enum ResponseFuture {
+    H1(Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>),
+    H2(hyper_util::client::legacy::ResponseFuture),
 }
 
-/// See [`pool_authority`].
-const POOL_AUTHORITY: &str = "ep";
+impl Future for ResponseFuture {
+    type Output = Result<Response<Incoming>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            ResponseFuture::H1(f) => f.as_mut().poll(cx),
+            ResponseFuture::H2(f) => Pin::new(f).poll(cx).map_err(BoxError::from),
+        }
+    }
+}
 
 impl tower::Service<Request<Body>> for EndpointClient {
     type Response = Response<Incoming>;
-    type Error = hyper_util::client::legacy::Error;
-    type Future = hyper_util::client::legacy::ResponseFuture;
+    type Error = BoxError;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -338,25 +335,5 @@ impl Clients {
         let c = EndpointClient::new(addr, &key.1, tls);
         cache.insert(key, c.clone());
         c
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_pool_authority_keeps_the_path_and_query() {
-        let mut req = Request::builder()
-            .uri("http://payments.shop.svc.cluster.local:8080/charge/1?x=%20y")
-            .header(header::HOST, "payments.shop.svc.cluster.local:8080")
-            .body(crate::body::empty())
-            .expect("request");
-        pool_authority(&mut req);
-        assert_eq!(req.uri(), "http://ep/charge/1?x=%20y");
-        assert_eq!(req.headers()[header::HOST], "payments.shop.svc.cluster.local:8080");
-        let mut req = Request::builder().uri("/").body(crate::body::empty()).expect("request");
-        pool_authority(&mut req);
-        assert_eq!(req.uri(), "http://ep/");
     }
 }

@@ -30,6 +30,7 @@ pub mod init;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outcome;
+pub mod pool;
 pub mod proxy;
 pub mod rejection;
 pub mod resilience;

@@ -193,19 +193,26 @@ fn resource(opts: &TelemetryOptions) -> Resource {
 }
 
 /// A fresh request id: a random UUID (version 4, RFC 9562 §5.4).
+///
+/// Written into a stack buffer by table rather than pushed into a `String` char by char:
+/// that was about 1,400 instructions per request without an `x-request-id` (callgrind,
+/// session 12), this is about a quarter of it.
 pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let mut s = String::with_capacity(36);
+    let mut s = [b'-'; 36];
+    let mut at = 0;
     for (i, byte) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
-            s.push('-');
+            at += 1;
         }
-        s.push(char::from(b"0123456789abcdef"[(byte >> 4) as usize]));
-        s.push(char::from(b"0123456789abcdef"[(byte & 0xf) as usize]));
+        s[at] = HEX[(byte >> 4) as usize];
+        s[at + 1] = HEX[(byte & 0xf) as usize];
+        at += 2;
     }
-    HeaderValue::try_from(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    HeaderValue::from_bytes(&s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 /// A random, valid (non-zero) span id.
@@ -242,6 +249,13 @@ mod tests {
         assert_eq!(s.len(), 36);
         assert_eq!(s.as_bytes()[14], b'4', "{s}");
         assert!(matches!(s.as_bytes()[19], b'8' | b'9' | b'a' | b'b'), "{s}");
+        for (i, c) in s.bytes().enumerate() {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                assert_eq!(c, b'-', "{s}");
+            } else {
+                assert!(c.is_ascii_digit() || (b'a'..=b'f').contains(&c), "{s}");
+            }
+        }
         assert_ne!(a, new_request_id());
     }
 }

@@ -67,8 +67,10 @@ async fn outbound(
     req: HttpRequest,
     scope: &mut RequestScope,
 ) -> Result<Response<Body>, BoxError> {
+    // The rare paths (a CONNECT tunnel, a name to resolve) are boxed: inline, their
+    // futures made every request's future several KiB, which hyper copies into its box.
     if req.method() == Method::CONNECT {
-        return connect_tunnel(shared, conn, req).await;
+        return Box::pin(connect_tunnel(shared, conn, req)).await;
     }
     let authority = request_authority(&req);
     let authority_port = authority.as_deref().and_then(|a| split_host_port(a).1);
@@ -101,7 +103,7 @@ async fn outbound(
             scope.route(&passthrough_label(), None);
             (shared.ctx.endpoint_stack(Direction::Outbound, &passthrough_label(), dst), None, dst)
         }
-        Destination::Resolve(a) => match resolve(shared.settings.egress_dns, a.clone(), 80).await {
+        Destination::Resolve(a) => match Box::pin(resolve(shared.settings.egress_dns, a.clone(), 80)).await {
             Ok(addr) if shared.is_own_listener(addr, &conn) => {
                 return Ok(text_response(
                     StatusCode::LOOP_DETECTED,

@@ -23,7 +23,7 @@
 //! * **Origin form and `Host`.** A request goes out in origin form (`GET /path`), CONNECT in
 //!   authority form; a request without `Host` gets one from its URI.
 //! * **Upgrades.** A connection that switched protocols (101) or tunnels a CONNECT belongs
-//!   to that exchange and never returns.
+//!   to that exchange and never returns; one whose upgrade the server declined does.
 //!
 //! No limit on idle connections, as hyper-util's default: the number open is bounded by
 //! the requests in flight, and the idle timeout closes what a burst left.
@@ -84,6 +84,8 @@ impl H1Pool {
                 };
                 match tx.try_send_request(req).await {
                     Ok(rsp) => {
+                        // An upgrade the server declined (401, 426, ...) leaves an ordinary
+                        // HTTP/1.1 connection, which goes back like any other.
                         if keeps_connection && rsp.status() != StatusCode::SWITCHING_PROTOCOLS {
                             inner.checkin(tx);
                         }
@@ -153,11 +155,18 @@ impl Inner {
     }
 }
 
-/// Closes connections idle for longer than `timeout`, once per `timeout`, while the pool
-/// lives: a connection is closed at most twice its idle timeout after its last use.
+/// The shortest interval between two sweeps of a pool.
+const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Closes connections idle for longer than `timeout`, once per `timeout` (at least
+/// [`MIN_SWEEP_INTERVAL`]), while the pool lives: a connection is closed at most twice
+/// its idle timeout (or that interval) after its last use.
 async fn sweep(pool: Weak<Inner>, timeout: Duration) {
+    // A policy may set a tiny idle timeout; checkout still honours it, the sweep need not
+    // wake more often than this (hyper-util's pool clamps at 90 ms too).
+    let every = timeout.max(MIN_SWEEP_INTERVAL);
     loop {
-        tokio::time::sleep(timeout).await;
+        tokio::time::sleep(every).await;
         let Some(pool) = pool.upgrade() else { return };
         let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.retain(|c| !c.tx.is_closed() && c.since.elapsed() < timeout);
@@ -166,11 +175,10 @@ async fn sweep(pool: Weak<Inner>, timeout: Duration) {
 
 /// Puts `req` in the form HTTP/1.1 sends (origin form, or authority form for CONNECT) with
 /// a `Host` header; returns whether the connection can serve another request afterwards
-/// (not after a CONNECT tunnel or an upgrade).
+/// (not after a CONNECT tunnel; after an upgrade only if the server declined it).
 fn to_wire_form(req: &mut Request<Body>) -> bool {
     if !req.headers().contains_key(header::HOST)
-        && let Some(authority) = req.uri().authority()
-        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        && let Some(host) = host_of(req.uri())
     {
         req.headers_mut().insert(header::HOST, host);
     }
@@ -188,7 +196,22 @@ fn to_wire_form(req: &mut Request<Body>) -> bool {
         })
     };
     *req.uri_mut() = wire.unwrap_or_default();
-    !connect && !req.headers().contains_key(header::UPGRADE)
+    !connect
+}
+
+/// `Host` for a URI, as hyper-util derives it: the host and a port other than the
+/// scheme's default, never the user information of `user:password@host`.
+fn host_of(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let default_port = match uri.scheme_str() {
+        Some("https") => Some(443),
+        Some("http") | None => Some(80),
+        Some(_) => None,
+    };
+    match uri.port_u16() {
+        Some(port) if Some(port) != default_port => HeaderValue::from_str(&format!("{host}:{port}")).ok(),
+        _ => HeaderValue::from_str(host).ok(),
+    }
 }
 
 #[cfg(test)]
@@ -345,7 +368,30 @@ mod tests {
         assert_eq!(req.uri(), "db.example:5432");
         let mut req = get("http://web.example/chat");
         req.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        assert!(!to_wire_form(&mut req));
+        assert!(to_wire_form(&mut req), "kept unless the answer is 101");
         assert_eq!(req.uri(), "/chat");
+    }
+
+    #[test]
+    fn host_is_the_host_and_a_non_default_port_without_user_information() {
+        let host = |u: &str| host_of(&u.parse().expect("uri")).expect("host");
+        assert_eq!(host("http://user:pw@web.example/"), "web.example");
+        assert_eq!(host("http://web.example:80/"), "web.example");
+        assert_eq!(host("http://web.example:8080/"), "web.example:8080");
+        assert_eq!(host("https://web.example:443/"), "web.example");
+        assert!(host_of(&"/relative".parse().expect("uri")).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_declined_upgrade_keeps_the_connection() {
+        let (addr, conns, _) = server(usize::MAX).await;
+        let pool = pool(addr, Duration::from_secs(30));
+        for _ in 0..3 {
+            let mut req = get("http://web.example/chat");
+            req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            req.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            ok(&pool, req).await;
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
     }
 }

@@ -376,7 +376,11 @@ async fn resolve(egress_dns: bool, authority: String, default_port: u16) -> Resu
 /// The authority the request names: the URI's (absolute-form, HTTP/2) or `Host`.
 fn request_authority<B>(req: &Request<B>) -> Option<String> {
     if let Some(a) = req.uri().authority() {
-        return Some(a.as_str().to_owned());
+        // Never the user information of `http://user:password@host/`: it is not part of
+        // `Host` (RFC 9110 §7.2), names no service, and is a secret the upstream must not
+        // get in a header it logs.
+        let a = a.as_str();
+        return Some(a.rsplit_once('@').map_or(a, |(_, host)| host).to_owned());
     }
     req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).filter(|h| !h.is_empty()).map(str::to_owned)
 }
@@ -469,6 +473,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_authority_never_carries_user_information() {
+        let req = |uri: &str| Request::get(uri).body(()).expect("request");
+        assert_eq!(
+            request_authority(&req("http://user:pw@web.example:8080/")).as_deref(),
+            Some("web.example:8080")
+        );
+        assert_eq!(request_authority(&req("http://web.example/")).as_deref(), Some("web.example"));
+        let with_host = Request::get("/").header(header::HOST, "api.example").body(()).expect("request");
+        assert_eq!(request_authority(&with_host).as_deref(), Some("api.example"));
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {

@@ -283,10 +283,10 @@ fn hostname() -> Option<String> {
 /// 38,501, `benches/callgrind.sh`) and 11% fewer with every resilience layer on
 /// (43,297 instead of 48,598), where allocations are most of the extra work; side by
 /// side (`POLICY=1 benches/ab.sh` and `benches/ab.sh`) that is 1.07x the requests/s
-/// with the full policy and 0.99x without one. linkerd2-proxy uses jemalloc too. mimalloc (session 10) was as fast
-/// but kept recycled memory resident whatever its purge options (35-37 MiB after large
-/// transfers to slow readers, against 11-13 MiB here). `_RJEM_MALLOC_CONF` in the
-/// environment overrides these options at run time.
+/// with the full policy and 0.99x without one. linkerd2-proxy uses jemalloc too.
+/// mimalloc (session 10) was as fast but kept recycled memory resident whatever its
+/// purge options (35-37 MiB after large transfers to slow readers, against 11-13 MiB
+/// here). `_RJEM_MALLOC_CONF` in the environment overrides these options at run time.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -387,6 +387,31 @@ fn circuit_opens_fails_fast_and_recovers_through_half_open() {
     assert!(sc.log().contains("circuit breaker state changed"));
 }
 
+/// A try the request timeout cuts off is the upstream's failure: slow answers open the
+/// circuit as errors do, and the circuit then rejects without waiting out the timeout.
+#[test]
+fn requests_cut_by_the_request_timeout_open_the_circuit() {
+    let up = Upstream::start("sluggish");
+    let spec = "  timeouts: {request: 200ms}\n  circuitBreaker: {consecutiveFailures: 3, openFor: 30s}\n";
+    let sc = Sidecar::start(&service_with_policy("sluggish", &up, spec), &[]);
+    for _ in 0..3 {
+        let (status, text) = fetch(&sc, &["http://sluggish/slow/3000"]);
+        assert_eq!(status, 504, "{text}");
+        assert!(text.contains("ballast-rejected: timeout"), "{text}");
+    }
+    assert_eq!(
+        sc.metric(r#"ballast_circuit_state{service="sluggish.default"}"#),
+        1.0,
+        "open after 3 timeouts"
+    );
+    let started = Instant::now();
+    let (status, text) = fetch(&sc, &["http://sluggish/slow/3000"]);
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("ballast-rejected: circuit-open"), "{text}");
+    assert!(started.elapsed() < Duration::from_millis(150), "rejected at once: {:?}", started.elapsed());
+    assert_eq!(up.requests(), 3, "nothing reached the upstream while open");
+}
+
 /// A try that hits its per-try timeout is retried on the other endpoint, well within the
 /// request timeout.
 #[test]

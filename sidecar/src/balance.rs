@@ -43,7 +43,7 @@ use tower::load::{CompleteOnResponse, Load, PeakEwma};
 use crate::body::{self, BoxError};
 use crate::client::{Clients, EndpointClient, PoolPolicy};
 use crate::metrics::Metrics;
-use crate::outcome::{self, Avoid, Deadline, PerTryTimeout, ServedBy};
+use crate::outcome::{self, Avoid, Deadline, Limits, ServedBy};
 use crate::rejection::{self, Reason};
 use crate::resilience::ResponseFuture;
 use crate::stack::HttpRequest;
@@ -424,6 +424,25 @@ fn rendezvous(set: &EndpointSet, candidates: &[usize], key: &[u8]) -> usize {
     best.1
 }
 
+/// Which limit ends a try (see [`try_bound`]).
+#[derive(Clone, Copy)]
+enum Cut {
+    PerTry(Duration),
+    Deadline,
+}
+
+/// When a try starting now must have its response headers: the earlier of its per-try
+/// timeout and the request's deadline. One timer bounds both, so a route's request
+/// timeout needs no timer of its own (see [`crate::resilience::timeout`]).
+fn try_bound(limits: &Limits) -> Option<(tokio::time::Instant, Cut)> {
+    let per_try = limits.per_try.map(|t| (tokio::time::Instant::now() + t, Cut::PerTry(t)));
+    match (per_try, limits.deadline()) {
+        (Some((end, cut)), Some(Deadline(d))) if end < d => Some((end, cut)),
+        (_, Some(Deadline(d))) => Some((d, Cut::Deadline)),
+        (per_try, None) => per_try,
+    }
+}
+
 /// Counts a try in flight until its response headers, and reports a try abandoned
 /// before them (see [`outcome::dropped_is_failure`]).
 struct InFlight {
@@ -455,21 +474,25 @@ impl Balancer {
         let now = Instant::now();
         shared.refresh_gauges(now);
         let endpoint = set.endpoints[shared.pick(&set, &req, now)].clone();
-        let per_try = req.extensions().get::<PerTryTimeout>().map(|t| t.0);
-        let deadline = req.extensions().get::<Deadline>().copied();
+        let limits = req.extensions().get::<Limits>().copied();
+        let bound = limits.as_ref().and_then(try_bound);
         let addr = endpoint.addr;
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         let fut = endpoint.client.lock().unwrap_or_else(|p| p.into_inner()).call(req);
+        let deadline = limits.and_then(|l| l.deadline());
         let mut guard = InFlight { shared, endpoint, deadline, done: false };
         Box::pin(async move {
-            let result = match per_try {
-                Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| t),
+            let result = match bound {
+                Some((end, cut)) => tokio::time::timeout_at(end, fut).await.map_err(|_| cut),
                 None => Ok(fut.await),
             };
             let mut rsp = match result {
                 Ok(Ok(rsp)) => rsp.map(body::boxed),
                 Ok(Err(e)) => outcome::upstream_error_response(&BoxError::from(e)),
-                Err(t) => outcome::per_try_timeout_response(t, addr),
+                Err(Cut::PerTry(t)) => outcome::per_try_timeout_response(t, addr),
+                // Counts as the endpoint's failure (`outcome::is_failure`), as a try the
+                // request timeout cuts off must.
+                Err(Cut::Deadline) => limits.unwrap_or_default().timeout_response(),
             };
             guard.done = true;
             guard.shared.record(&guard.endpoint, outcome::is_failure(&rsp));
@@ -482,6 +505,24 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_try_is_bounded_by_the_earlier_of_per_try_and_deadline() {
+        let now = tokio::time::Instant::now();
+        let s = Duration::from_secs;
+        let limits = |deadline: Option<u64>, per_try: Option<u64>| Limits {
+            deadline: deadline.map(|d| (Deadline(now + s(d)), s(d))),
+            per_try: per_try.map(s),
+            grpc: false,
+        };
+        let bound = |l: Limits| try_bound(&l).map(|(end, cut)| (end - now, matches!(cut, Cut::Deadline)));
+        assert_eq!(bound(limits(None, None)), None);
+        assert_eq!(bound(limits(None, Some(2))), Some((s(2), false)));
+        assert_eq!(bound(limits(Some(5), None)), Some((s(5), true)));
+        assert_eq!(bound(limits(Some(5), Some(2))), Some((s(2), false)));
+        assert_eq!(bound(limits(Some(1), Some(2))), Some((s(1), true)), "the deadline comes first");
+        assert_eq!(bound(limits(Some(2), Some(2))), Some((s(2), true)), "a tie is the deadline's 504");
+    }
 
     #[test]
     fn smooth_weighted_schedule_spreads_turns() {

@@ -3,10 +3,11 @@
 //! Layers talk through typed request and response extensions rather than arguments, so
 //! each stays a plain `Service<Request>` and the stack can be read top to bottom:
 //!
-//! * the request timeout puts the request's [`Deadline`] on it, so lower layers can tell
-//!   a try cut off by the timeout (a failure) from a caller that went away (neutral);
-//! * the route layer puts the [`PerTryTimeout`] on it, which the balancer enforces around
-//!   the one endpoint call it makes;
+//! * the route layer puts the request's time [`Limits`] on it: its [`Deadline`] (from
+//!   `timeouts.request`) and the per-try timeout. The balancer enforces whichever comes
+//!   first around the one endpoint call it makes, so one timer per try bounds both; lower
+//!   layers tell a try cut off by the deadline (a failure) from a caller that went away
+//!   (neutral);
 //! * a retry adds the endpoints that already failed to [`Avoid`];
 //! * the balancer marks each response with the endpoint that answered ([`ServedBy`]) and
 //!   every response it had to make itself with its [`UpstreamFailure`].
@@ -29,14 +30,47 @@ use crate::stack::HttpResponse;
 /// lookups do not parse the name each time.
 pub const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
-/// When the overall request timeout fires (request extension).
+/// When the overall request timeout fires.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline(pub tokio::time::Instant);
 
-/// Bound on each try, enforced by the balancer around one endpoint call (request
-/// extension).
-#[derive(Debug, Clone, Copy)]
-pub struct PerTryTimeout(pub Duration);
+/// The time limits of a request (request extension), put on it by its route's stack
+/// (see [`crate::resilience::timeout`]).
+///
+/// One extension rather than one per limit: every try copies the request's extensions
+/// (the retry keeps a copy to send again), one allocation per entry.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// `timeouts.request` counted from when the request entered its route, and the
+    /// timeout itself, for the message of the 504.
+    pub deadline: Option<(Deadline, Duration)>,
+    /// `timeouts.perTry`.
+    pub per_try: Option<Duration>,
+    /// Whether the request is a gRPC call: a timeout is then answered as gRPC's
+    /// DEADLINE_EXCEEDED. Looked up once, where the limits are set.
+    pub grpc: bool,
+}
+
+impl Limits {
+    pub fn deadline(&self) -> Option<Deadline> {
+        self.deadline.map(|(d, _)| d)
+    }
+
+    /// The deadline of `req`, if its route has a request timeout.
+    pub fn deadline_of<B>(req: &http::Request<B>) -> Option<Deadline> {
+        req.extensions().get::<Limits>().and_then(Limits::deadline)
+    }
+
+    /// The 504 `ballast-rejected: timeout` for a request past its deadline.
+    pub fn timeout_response(&self) -> HttpResponse {
+        let timeout = self.deadline.map(|(_, t)| t).unwrap_or_default();
+        rejection::response(
+            rejection::Reason::Timeout,
+            self.grpc,
+            &format!("no response within the request timeout of {timeout:?}"),
+        )
+    }
+}
 
 /// Endpoints a retry should not go back to while another is available (request
 /// extension).
@@ -62,10 +96,13 @@ pub enum UpstreamFailure {
 /// a 5xx from upstream, a reset, a connect failure or a timeout, and for gRPC (always
 /// HTTP 200) a trailers-only UNKNOWN, DEADLINE_EXCEEDED, INTERNAL or UNAVAILABLE: the
 /// statuses of a server in trouble rather than of a bad call. The mesh's own rejections
-/// below the breaker (no endpoints) are not the upstream's failures.
+/// below the breaker (no endpoints) are not the upstream's failures; a try the request
+/// timeout cut off is.
 pub fn is_failure(rsp: &HttpResponse) -> bool {
-    if rsp.extensions().get::<Rejected>().is_some() {
-        return false;
+    if let Some(Rejected(reason)) = rsp.extensions().get::<Rejected>() {
+        // Below the breaker, a timeout rejection is the balancer's answer for a try the
+        // request's deadline cut off: the upstream was too slow.
+        return *reason == rejection::Reason::Timeout;
     }
     rsp.status().is_server_error()
         || rsp.headers().get(GRPC_STATUS).is_some_and(|v| matches!(v.as_bytes(), b"2" | b"4" | b"13" | b"14"))
@@ -118,4 +155,23 @@ pub fn per_try_timeout_response(timeout: Duration, endpoint: SocketAddr) -> Http
     rsp.extensions_mut().insert(UpstreamFailure::Timeout);
     rsp.headers_mut().insert(ballast_api::names::HEADER_ERROR, HeaderValue::from_static("per-try-timeout"));
     rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_rejection_is_a_failure_other_rejections_are_not() {
+        let limits = Limits {
+            deadline: Some((Deadline(tokio::time::Instant::now()), Duration::ZERO)),
+            ..Default::default()
+        };
+        assert!(is_failure(&limits.timeout_response()), "a try the deadline cut off");
+        let grpc = Limits { grpc: true, ..limits };
+        assert!(is_failure(&grpc.timeout_response()), "gRPC too (HTTP 200, DEADLINE_EXCEEDED)");
+        let none = rejection::response(rejection::Reason::NoEndpoints, false, "none");
+        assert!(!is_failure(&none));
+        assert!(is_failure(&per_try_timeout_response(Duration::from_secs(1), ([127, 0, 0, 1], 1).into())));
+    }
 }

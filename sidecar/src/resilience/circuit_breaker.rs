@@ -334,7 +334,7 @@ impl Guard for CircuitBreaker {
                 ))));
             }
         };
-        let deadline = req.extensions().get::<Deadline>().copied();
+        let deadline = outcome::Limits::deadline_of(&req);
         let mut guard = PermitGuard { breaker: self.clone(), permit: Some(permit), deadline };
         let fut = inner.call(req);
         Box::pin(async move {

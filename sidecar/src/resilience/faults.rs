@@ -8,6 +8,7 @@ use ballast_api::policy::Faults as FaultPolicy;
 use http::{HeaderValue, StatusCode};
 
 use super::{Guard, ResponseFuture};
+use crate::outcome::{Deadline, Limits};
 use crate::rejection;
 use crate::stack::{HttpRequest, HttpService};
 
@@ -39,13 +40,23 @@ impl Guard for Faults {
             return Box::pin(std::future::ready(Ok(rsp)));
         }
         let delay = self.policy.delay.filter(|d| hit(d.percent)).map(|d| d.duration.get());
-        let fut = inner.call(req);
-        match delay {
-            None => fut,
-            Some(d) => Box::pin(async move {
-                tokio::time::sleep(d).await;
-                fut.await
+        let Some(delay) = delay else { return inner.call(req) };
+        // The request timeout has no timer of its own above (see `timeout`): a delay
+        // that outlasts the deadline ends at it, with the timeout's 504.
+        let limits = req.extensions().get::<Limits>().copied().unwrap_or_default();
+        let until = tokio::time::Instant::now() + delay;
+        match limits.deadline() {
+            Some(Deadline(deadline)) if deadline <= until => Box::pin(async move {
+                tokio::time::sleep_until(deadline).await;
+                Ok(limits.timeout_response())
             }),
+            _ => {
+                let fut = inner.call(req);
+                Box::pin(async move {
+                    tokio::time::sleep_until(until).await;
+                    fut.await
+                })
+            }
         }
     }
 }
@@ -74,6 +85,33 @@ mod tests {
         let rsp = Faults::new(delay).layer(ok_after(Duration::ZERO)).oneshot(request()).await.unwrap();
         assert_eq!(rsp.status(), 200);
         assert_eq!(started.elapsed(), Duration::from_millis(700));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delay_past_the_deadline_ends_at_it_with_the_timeout() {
+        let delay = FaultPolicy {
+            abort: None,
+            delay: Some(DelayFault { percent: 100.0, duration: ballast_api::Duration::from_secs(3) }),
+        };
+        let called = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let inner = {
+            let called = called.clone();
+            HttpService::from_fn(move |_req: HttpRequest| {
+                called.store(true, std::sync::atomic::Ordering::SeqCst);
+                Box::pin(std::future::ready(Ok(http::Response::new(crate::body::empty()))))
+            })
+        };
+        let faulty = Faults::new(delay).layer(inner);
+        let svc = crate::resilience::timeout::limits(faulty.clone(), Some(Duration::from_secs(1)), None);
+        let started = tokio::time::Instant::now();
+        let rsp = svc.oneshot(request()).await.unwrap();
+        assert_eq!(rsp.status(), 504);
+        assert_eq!(rsp.headers()[crate::HEADER_REJECTED], "timeout");
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        assert!(!called.load(std::sync::atomic::Ordering::SeqCst), "the request never went on");
+        let svc = crate::resilience::timeout::limits(faulty, Some(Duration::from_secs(5)), None);
+        assert_eq!(svc.oneshot(request()).await.unwrap().status(), 200);
+        assert_eq!(started.elapsed(), Duration::from_secs(4));
     }
 
     #[test]

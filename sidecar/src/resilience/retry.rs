@@ -23,9 +23,13 @@
 //! * **Budget**: every original request deposits, every retry withdraws. A spent budget
 //!   returns the last upstream response as it is and counts
 //!   `ballast_retry_budget_exhausted_total`.
+//! * **Deadline**: the overall `timeouts.request` covers every try and sleep. A retry
+//!   whose backoff would end at or past the request's deadline is not made: the client
+//!   gets the last upstream response (its real status, a `Retry-After` it may honour) at
+//!   once instead of a 504 `timeout` when the deadline comes. No budget is spent on it.
 //!
-//! The overall `timeouts.request` sits above this layer and covers every try and sleep;
-//! `timeouts.perTry` is enforced by the balancer around each endpoint call.
+//! `timeouts.perTry` and the deadline during a try are enforced by the balancer around
+//! each endpoint call (see [`timeout`](super::timeout)).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +45,7 @@ use super::budget::RatioBudget;
 use super::replay::Replay;
 use super::{Guard, ResponseFuture};
 use crate::body::{self, BoxError};
-use crate::outcome::{Avoid, ServedBy, UpstreamFailure};
+use crate::outcome::{Avoid, Deadline, Limits, ServedBy, UpstreamFailure};
 use crate::rejection::{self, Rejected};
 use crate::stack::{HttpRequest, HttpResponse, HttpService};
 
@@ -219,6 +223,17 @@ impl tower::retry::Policy<HttpRequest, HttpResponse, BoxError> for RetryPolicy {
             // Over the buffer limit, or the failed try still holds the body.
             return None;
         }
+        let retry_after = rsp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let until = tokio::time::Instant::now() + self.config.backoff(self.tries, retry_after);
+        if Limits::deadline_of(req).is_some_and(|Deadline(d)| d <= until) {
+            // No time left for another try: the last response now beats a 504 later.
+            return None;
+        }
         if !self.shared.budget.withdraw() {
             self.shared.exhausted.inc();
             return None;
@@ -228,15 +243,8 @@ impl tower::retry::Policy<HttpRequest, HttpResponse, BoxError> for RetryPolicy {
             let avoid = req.extensions_mut().get_or_insert_default::<Avoid>();
             avoid.0.push(*addr);
         }
-        let retry_after = rsp
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let delay = self.config.backoff(self.tries, retry_after);
         self.tries += 1;
-        Some(tokio::time::sleep(delay))
+        Some(tokio::time::sleep_until(until))
     }
 
     fn clone_request(&mut self, req: &HttpRequest) -> Option<HttpRequest> {
@@ -369,6 +377,40 @@ mod tests {
         assert!((10..=15).contains(&tries), "10 requests, at most 5 retries, got {tries} tries");
         assert!(budget.exhausted.get() >= 5);
         assert_eq!(budget.retries.get() as usize, tries - 10);
+    }
+
+    /// Answers 503 with `Retry-After: 1` and counts the tries.
+    fn unavailable_retry_after_1s(tries: Arc<AtomicUsize>) -> HttpService {
+        HttpService::from_fn(move |_req: HttpRequest| {
+            tries.fetch_add(1, Ordering::SeqCst);
+            let mut rsp = http::Response::new(body::empty());
+            *rsp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            rsp.headers_mut().insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            Box::pin(std::future::ready(Ok(rsp)))
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn does_not_retry_if_the_backoff_ends_past_the_deadline() {
+        let c = RetryConfig { max: Duration::from_secs(2), ..config(3, &["5xx"]) };
+        let budget = shared(0.2, 10);
+        let tries = Arc::new(AtomicUsize::new(0));
+        let retry = Retry::new(c, budget.clone()).layer(unavailable_retry_after_1s(tries.clone()));
+        // 500 ms left, the upstream asks for 1 s: the 503 comes back at once.
+        let svc = super::super::timeout::limits(retry.clone(), Some(Duration::from_millis(500)), None);
+        let started = tokio::time::Instant::now();
+        let rsp = svc.oneshot(request(Method::GET, "")).await.expect("response");
+        assert_eq!(rsp.status(), 503);
+        assert_eq!(rsp.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(tries.load(Ordering::SeqCst), 1);
+        assert_eq!(budget.retries.get(), 0, "no budget spent on a retry not made");
+        // 10 s left: the retries wait out the second each.
+        let svc = super::super::timeout::limits(retry, Some(Duration::from_secs(10)), None);
+        let rsp = svc.oneshot(request(Method::GET, "")).await.expect("response");
+        assert_eq!(rsp.status(), 503);
+        assert_eq!(tries.load(Ordering::SeqCst), 1 + 4, "first try and 3 retries");
+        assert!(started.elapsed() >= Duration::from_secs(3), "{:?}", started.elapsed());
     }
 
     #[test]

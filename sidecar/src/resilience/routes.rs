@@ -1,8 +1,8 @@
 //! `routes`: per-route overrides of `timeouts` and `retries`.
 //!
-//! Each route gets its own small stack — request timeout, faults, retry, per-try timeout
-//! — over the service's shared circuit breaker and balancer, and a router sends each
-//! request down the first route whose `match` it meets, else the policy's default. A
+//! Each route gets its own small stack — the request's time limits, faults, retry — over
+//! the service's shared circuit breaker and balancer, and a router sends each request
+//! down the first route whose `match` it meets, else the policy's default. A
 //! route's `timeouts` and `retries` override the policy's field by field: a route that
 //! says `retries: {attempts: 0}` keeps the policy's conditions and backoff but never
 //! retries; `timeouts: {request: 5s}` keeps the policy's `perTry`. Every route draws on
@@ -17,7 +17,6 @@ use ballast_api::policy::{PolicySpec, Retries, RouteMatch, Timeouts};
 
 use super::retry::{Retry, RetryConfig, RetryShared};
 use super::{Guard, faults, timeout};
-use crate::outcome::PerTryTimeout;
 use crate::stack::{HttpRequest, HttpService};
 
 /// The policy's route stacks over `lower` (the breaker and balancer).
@@ -55,14 +54,6 @@ fn route_stack(
     budget: &RetryShared,
 ) -> HttpService {
     let mut svc = lower;
-    if let Some(per_try) = timeouts.and_then(|t| t.per_try) {
-        let per_try = PerTryTimeout(per_try.get());
-        let inner = svc;
-        svc = HttpService::from_fn(move |mut req: HttpRequest| {
-            req.extensions_mut().insert(per_try);
-            inner.call(req)
-        });
-    }
     if let Some(r) = retries {
         let config = RetryConfig::from_policy(r);
         if config.attempts > 0 {
@@ -72,10 +63,12 @@ fn route_stack(
     if let Some(f) = &policy.faults {
         svc = faults::Faults::new(f.clone()).layer(svc);
     }
-    if let Some(t) = timeouts.and_then(|t| t.request) {
-        svc = timeout::RequestTimeout::new(t.get()).layer(svc);
-    }
-    svc
+    // Every layer below bounds its waits by the limits (see `timeout`).
+    timeout::limits(
+        svc,
+        timeouts.and_then(|t| t.request).map(|d| d.get()),
+        timeouts.and_then(|t| t.per_try).map(|d| d.get()),
+    )
 }
 
 fn merge_timeouts(base: Option<&Timeouts>, over: Option<&Timeouts>) -> Option<Timeouts> {

@@ -21,7 +21,7 @@ use prometheus::IntGauge;
 
 use super::propagation;
 use super::request::{AttemptParent, RequestTrace, common_attributes, span_name};
-use crate::outcome::{Deadline, ServedBy, UpstreamFailure};
+use crate::outcome::{Deadline, Limits, ServedBy, UpstreamFailure};
 use crate::rejection::Rejected;
 use crate::resilience::{Guard, ResponseFuture};
 use crate::stack::{HttpRequest, HttpResponse, HttpService};
@@ -68,7 +68,7 @@ impl Guard for Attempt {
             uri: req.uri().clone(),
             version: req.version(),
             grpc: crate::rejection::is_grpc(&req),
-            deadline: req.extensions().get::<Deadline>().copied(),
+            deadline: Limits::deadline_of(&req),
             circuit: self.circuit.clone(),
             done: false,
         };

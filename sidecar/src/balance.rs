@@ -478,8 +478,9 @@ impl Balancer {
         let bound = limits.as_ref().and_then(try_bound);
         let addr = endpoint.addr;
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        let fut = endpoint.client.lock().unwrap_or_else(|p| p.into_inner()).call(req);
         let deadline = limits.and_then(|l| l.deadline());
+        let grpc = rejection::is_grpc(&req);
+        let fut = endpoint.client.lock().unwrap_or_else(|p| p.into_inner()).call(req);
         let mut guard = InFlight { shared, endpoint, deadline, done: false };
         Box::pin(async move {
             let result = match bound {
@@ -495,7 +496,7 @@ impl Balancer {
                 Err(Cut::Deadline) => limits.unwrap_or_default().timeout_response(),
             };
             guard.done = true;
-            guard.shared.record(&guard.endpoint, outcome::is_failure(&rsp));
+            guard.shared.record(&guard.endpoint, outcome::is_failure(&rsp, grpc));
             rsp.extensions_mut().insert(ServedBy(addr));
             Ok(rsp)
         })

@@ -98,14 +98,21 @@ pub enum UpstreamFailure {
 /// statuses of a server in trouble rather than of a bad call. The mesh's own rejections
 /// below the breaker (no endpoints) are not the upstream's failures; a try the request
 /// timeout cut off is.
-pub fn is_failure(rsp: &HttpResponse) -> bool {
+///
+/// `grpc` says whether the request was a gRPC call (`rejection::is_grpc`): only then is
+/// `grpc-status` looked for.
+pub fn is_failure(rsp: &HttpResponse, grpc: bool) -> bool {
     if let Some(Rejected(reason)) = rsp.extensions().get::<Rejected>() {
         // Below the breaker, a timeout rejection is the balancer's answer for a try the
         // request's deadline cut off: the upstream was too slow.
         return *reason == rejection::Reason::Timeout;
     }
     rsp.status().is_server_error()
-        || rsp.headers().get(GRPC_STATUS).is_some_and(|v| matches!(v.as_bytes(), b"2" | b"4" | b"13" | b"14"))
+        || grpc
+            && rsp
+                .headers()
+                .get(GRPC_STATUS)
+                .is_some_and(|v| matches!(v.as_bytes(), b"2" | b"4" | b"13" | b"14"))
 }
 
 /// Whether a try that was dropped before its response (the caller went away, or the
@@ -167,11 +174,24 @@ mod tests {
             deadline: Some((Deadline(tokio::time::Instant::now()), Duration::ZERO)),
             ..Default::default()
         };
-        assert!(is_failure(&limits.timeout_response()), "a try the deadline cut off");
+        assert!(is_failure(&limits.timeout_response(), false), "a try the deadline cut off");
         let grpc = Limits { grpc: true, ..limits };
-        assert!(is_failure(&grpc.timeout_response()), "gRPC too (HTTP 200, DEADLINE_EXCEEDED)");
+        assert!(is_failure(&grpc.timeout_response(), true), "gRPC too (HTTP 200, DEADLINE_EXCEEDED)");
         let none = rejection::response(rejection::Reason::NoEndpoints, false, "none");
-        assert!(!is_failure(&none));
-        assert!(is_failure(&per_try_timeout_response(Duration::from_secs(1), ([127, 0, 0, 1], 1).into())));
+        assert!(!is_failure(&none, false));
+        let timeout = per_try_timeout_response(Duration::from_secs(1), ([127, 0, 0, 1], 1).into());
+        assert!(is_failure(&timeout, false));
+    }
+
+    #[test]
+    fn grpc_statuses_count_for_grpc_calls_only() {
+        let rsp = |status: &'static str| {
+            let mut r = http::Response::new(crate::body::empty());
+            r.headers_mut().insert(GRPC_STATUS, HeaderValue::from_static(status));
+            r
+        };
+        assert!(is_failure(&rsp("14"), true), "UNAVAILABLE");
+        assert!(!is_failure(&rsp("5"), true), "NOT_FOUND is the call's, not the server's");
+        assert!(!is_failure(&rsp("14"), false), "grpc-status means nothing outside gRPC");
     }
 }

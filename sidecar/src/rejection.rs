@@ -53,12 +53,16 @@ impl Reason {
     }
 }
 
-/// Whether the request is gRPC (`content-type: application/grpc[+proto|...]`).
+/// Whether the request is gRPC (`content-type: application/grpc[+proto|...]`). Every gRPC
+/// call is a POST, so most requests are told apart by their method alone, without a
+/// header lookup (several layers ask, per request).
 pub fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"))
+    req.method() == http::Method::POST
+        && req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
 /// Marks a response made by this sidecar's own rejection, in its extensions. Metrics

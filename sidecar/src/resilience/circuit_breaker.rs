@@ -335,12 +335,13 @@ impl Guard for CircuitBreaker {
             }
         };
         let deadline = outcome::Limits::deadline_of(&req);
+        let grpc = rejection::is_grpc(&req);
         let mut guard = PermitGuard { breaker: self.clone(), permit: Some(permit), deadline };
         let fut = inner.call(req);
         Box::pin(async move {
             let res = fut.await;
             let outcome = match &res {
-                Ok(rsp) if outcome::is_failure(rsp) => Outcome::Failure,
+                Ok(rsp) if outcome::is_failure(rsp, grpc) => Outcome::Failure,
                 Ok(_) => Outcome::Success,
                 Err(_) => Outcome::Failure,
             };

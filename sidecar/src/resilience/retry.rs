@@ -38,7 +38,7 @@ use ballast_api::policy::{Retries, RetryOn};
 use http::{Method, header};
 use http_body::Body as _;
 use prometheus::IntCounter;
-use tower::ServiceExt;
+
 use tower::retry::budget::Budget;
 
 use super::budget::RatioBudget;
@@ -111,19 +111,19 @@ impl RetryConfig {
         idempotent || self.non_idempotent || grpc_allowed
     }
 
-    /// Whether `rsp` meets one of the conditions.
-    pub fn retriable(&self, rsp: &HttpResponse) -> bool {
+    /// Whether `rsp` meets one of the conditions; `grpc`: whether the request was a gRPC
+    /// call, whose status is read from `grpc-status` (not looked up otherwise).
+    pub fn retriable(&self, rsp: &HttpResponse, grpc: bool) -> bool {
         if rsp.extensions().get::<Rejected>().is_some() {
             // The mesh's own verdicts (circuit open, no endpoints) are not transient.
             return false;
         }
         let status = rsp.status().as_u16();
         let failure = rsp.extensions().get::<UpstreamFailure>().copied();
-        let grpc = rsp
-            .headers()
-            .get(crate::outcome::GRPC_STATUS)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.parse().ok());
+        let grpc_status = || -> Option<u32> {
+            let v = rsp.headers().get(crate::outcome::GRPC_STATUS)?;
+            v.to_str().ok()?.parse().ok()
+        };
         self.on.iter().any(|c| match c {
             RetryOn::ServerError => (500..600).contains(&status),
             RetryOn::GatewayError => matches!(status, 502..=504),
@@ -132,7 +132,7 @@ impl RetryConfig {
             RetryOn::Reset => matches!(failure, Some(UpstreamFailure::Reset | UpstreamFailure::Timeout)),
             RetryOn::ConnectFailure => failure == Some(UpstreamFailure::Connect),
             RetryOn::RetriableStatus(code) => status == *code,
-            RetryOn::Grpc(code) => grpc == Some(*code as u32),
+            RetryOn::Grpc(code) => grpc && grpc_status() == Some(*code as u32),
         })
     }
 
@@ -154,20 +154,19 @@ impl RetryConfig {
 /// A retrying layer of one route.
 #[derive(Clone)]
 pub struct Retry {
-    config: Arc<RetryConfig>,
-    shared: RetryShared,
+    state: Arc<RetryState>,
 }
 
 impl Retry {
     pub fn new(config: RetryConfig, shared: RetryShared) -> Self {
-        Self { config: Arc::new(config), shared }
+        Self { state: Arc::new(RetryState { config, shared }) }
     }
 }
 
 impl Guard for Retry {
     fn handle(&self, inner: &HttpService, req: HttpRequest) -> ResponseFuture {
-        self.shared.budget.deposit();
-        if !self.config.may_retry(&req) {
+        self.state.shared.budget.deposit();
+        if !self.state.config.may_retry(&req) {
             return inner.call(req);
         }
         let (parts, body) = req.into_parts();
@@ -185,26 +184,36 @@ impl Guard for Retry {
             (Some(replay), body)
         };
         let req = HttpRequest::from_parts(parts, body);
-        let policy =
-            RetryPolicy { config: self.config.clone(), shared: self.shared.clone(), replay, tries: 1 };
+        let grpc = rejection::is_grpc(&req);
+        let policy = RetryPolicy { state: self.state.clone(), replay, tries: 1, grpc };
         retrying(policy, inner.clone(), req)
     }
 }
 
-/// The tower retry future, erased: rustc cannot prove `Send` for it awaited in
-/// an async block directly.
+/// The tower retry future, erased: rustc cannot prove `Send` for it awaited in an async
+/// block directly. Called without `poll_ready` first (not through `oneshot`, whose state
+/// machine holds and moves the request until its first poll): `tower::retry::Retry` is
+/// ready when its service is, and an [`HttpService`] always is.
 fn retrying(policy: RetryPolicy, inner: HttpService, req: HttpRequest) -> ResponseFuture {
-    Box::pin(tower::retry::Retry::new(policy, inner).oneshot(req))
+    use tower::Service as _;
+    Box::pin(tower::retry::Retry::new(policy, inner).call(req))
+}
+
+/// What every try of a route's requests shares: one reference count to clone.
+struct RetryState {
+    config: RetryConfig,
+    shared: RetryShared,
 }
 
 /// The `tower::retry::Policy` of one request.
 #[derive(Clone)]
 pub struct RetryPolicy {
-    config: Arc<RetryConfig>,
-    shared: RetryShared,
+    state: Arc<RetryState>,
     /// `None` for a body that was empty from the start.
     replay: Option<Replay>,
     tries: u32,
+    /// Whether the request is a gRPC call (its conditions read `grpc-status`).
+    grpc: bool,
 }
 
 impl tower::retry::Policy<HttpRequest, HttpResponse, BoxError> for RetryPolicy {
@@ -216,7 +225,8 @@ impl tower::retry::Policy<HttpRequest, HttpResponse, BoxError> for RetryPolicy {
         result: &mut Result<HttpResponse, BoxError>,
     ) -> Option<Self::Future> {
         let rsp = result.as_ref().ok()?;
-        if self.tries > self.config.attempts || !self.config.retriable(rsp) {
+        let RetryState { config, shared } = &*self.state;
+        if self.tries > config.attempts || !config.retriable(rsp, self.grpc) {
             return None;
         }
         if self.replay.as_ref().is_some_and(|r| !r.can_replay()) {
@@ -229,16 +239,16 @@ impl tower::retry::Policy<HttpRequest, HttpResponse, BoxError> for RetryPolicy {
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let until = tokio::time::Instant::now() + self.config.backoff(self.tries, retry_after);
+        let until = tokio::time::Instant::now() + config.backoff(self.tries, retry_after);
         if Limits::deadline_of(req).is_some_and(|Deadline(d)| d <= until) {
             // No time left for another try: the last response now beats a 504 later.
             return None;
         }
-        if !self.shared.budget.withdraw() {
-            self.shared.exhausted.inc();
+        if !shared.budget.withdraw() {
+            shared.exhausted.inc();
             return None;
         }
-        self.shared.retries.inc();
+        shared.retries.inc();
         if let Some(ServedBy(addr)) = rsp.extensions().get::<ServedBy>() {
             let avoid = req.extensions_mut().get_or_insert_default::<Avoid>();
             avoid.0.push(*addr);
@@ -262,6 +272,8 @@ impl tower::retry::Policy<HttpRequest, HttpResponse, BoxError> for RetryPolicy {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tower::ServiceExt;
 
     use super::*;
     use bytes::Bytes;
@@ -440,19 +452,20 @@ mod tests {
             r
         };
         let c = config(1, &["gateway-error"]);
-        assert!(c.retriable(&rsp(503, None, None)));
-        assert!(!c.retriable(&rsp(500, None, None)));
+        assert!(c.retriable(&rsp(503, None, None), false));
+        assert!(!c.retriable(&rsp(500, None, None), false));
         let c = config(1, &["reset"]);
-        assert!(c.retriable(&rsp(502, None, Some(UpstreamFailure::Reset))));
-        assert!(c.retriable(&rsp(504, None, Some(UpstreamFailure::Timeout))));
-        assert!(!c.retriable(&rsp(502, None, Some(UpstreamFailure::Connect))));
+        assert!(c.retriable(&rsp(502, None, Some(UpstreamFailure::Reset)), false));
+        assert!(c.retriable(&rsp(504, None, Some(UpstreamFailure::Timeout)), false));
+        assert!(!c.retriable(&rsp(502, None, Some(UpstreamFailure::Connect)), false));
         let c = config(1, &["retriable-status:409"]);
-        assert!(c.retriable(&rsp(409, None, None)));
+        assert!(c.retriable(&rsp(409, None, None), false));
         let c = config(1, &["grpc:unavailable"]);
-        assert!(c.retriable(&rsp(200, Some("14"), None)));
-        assert!(!c.retriable(&rsp(200, Some("13"), None)));
+        assert!(c.retriable(&rsp(200, Some("14"), None), true));
+        assert!(!c.retriable(&rsp(200, Some("14"), None), false), "not a gRPC call");
+        assert!(!c.retriable(&rsp(200, Some("13"), None), true));
         let mut rejected = rsp(503, None, None);
         rejected.extensions_mut().insert(Rejected(rejection::Reason::CircuitOpen));
-        assert!(!config(1, &["5xx"]).retriable(&rejected));
+        assert!(!config(1, &["5xx"]).retriable(&rejected, false));
     }
 }

@@ -33,7 +33,9 @@ impl RatioBudget {
         }
     }
 
-    fn with_current<T>(&self, f: impl FnOnce(&mut (Instant, u64, u64), (u64, u64)) -> T) -> T {
+    /// Runs `f` on the window with its newest bucket current; `f` sums the buckets only
+    /// if it needs the totals (a withdrawal does, every request's deposit does not).
+    fn with_current<T>(&self, f: impl FnOnce(&mut VecDeque<(Instant, u64, u64)>) -> T) -> T {
         let now = Instant::now();
         let bucket = WINDOW / BUCKETS;
         let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
@@ -43,27 +45,31 @@ impl RatioBudget {
         if b.back().is_none_or(|&(start, _, _)| now >= start + bucket) {
             b.push_back((now, 0, 0));
         }
-        let totals = b.iter().fold((0, 0), |(r, x), &(_, rr, xx)| (r + rr, x + xx));
-        let last = b.back_mut().expect("a bucket was just pushed");
-        f(last, totals)
+        f(&mut b)
     }
 }
 
 impl Budget for RatioBudget {
     /// One original request.
     fn deposit(&self) {
-        self.with_current(|cur, _| cur.1 += 1);
+        self.with_current(|b| {
+            if let Some(cur) = b.back_mut() {
+                cur.1 += 1;
+            }
+        });
     }
 
     /// One retry, if the window allows it.
     fn withdraw(&self) -> bool {
-        self.with_current(|cur, (requests, retries)| {
+        self.with_current(|b| {
+            let (requests, retries) = b.iter().fold((0, 0), |(r, x), &(_, rr, xx)| (r + rr, x + xx));
             let allowed = requests as f64 * self.ratio + self.floor;
-            if (retries + 1) as f64 <= allowed {
-                cur.2 += 1;
-                true
-            } else {
-                false
+            match b.back_mut() {
+                Some(cur) if (retries + 1) as f64 <= allowed => {
+                    cur.2 += 1;
+                    true
+                }
+                _ => false,
             }
         })
     }

@@ -8,6 +8,10 @@
 //! admits no queue at all; the contract wants a bounded queue with a deadline. A slot is
 //! held until the response body ends (or is dropped), not just until its headers, so a
 //! streaming response counts as in flight.
+//!
+//! Without a queue (`maxPending: 0`, the default) the slots are a plain atomic count:
+//! nothing ever waits for one, and a semaphore's release takes its waiters' lock on
+//! every request.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -37,15 +41,55 @@ pub struct Bulkhead {
 }
 
 struct State {
-    slots: Arc<Semaphore>,
+    slots: Slots,
     pending: AtomicUsize,
     config: BulkheadConfig,
 }
 
+enum Slots {
+    /// Requests in flight, when none may wait.
+    Count(AtomicUsize),
+    /// Free slots, when some may wait for one.
+    Queue(Arc<Semaphore>),
+}
+
+/// A slot, given back when dropped.
+enum Permit {
+    Counted(Arc<State>),
+    Queued { _permit: OwnedSemaphorePermit },
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Permit::Counted(state) = self
+            && let Slots::Count(n) = &state.slots
+        {
+            n.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 impl Bulkhead {
     pub fn new(config: BulkheadConfig) -> Self {
-        let slots = Arc::new(Semaphore::new(config.max_concurrent.max(1)));
+        let max = config.max_concurrent.max(1);
+        let slots = if config.max_pending == 0 {
+            Slots::Count(AtomicUsize::new(0))
+        } else {
+            Slots::Queue(Arc::new(Semaphore::new(max)))
+        };
         Self { state: Arc::new(State { slots, pending: AtomicUsize::new(0), config }) }
+    }
+
+    /// A free slot, if there is one now.
+    fn try_acquire(&self) -> Option<Permit> {
+        match &self.state.slots {
+            Slots::Count(n) => {
+                let max = self.state.config.max_concurrent.max(1);
+                n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| (c < max).then_some(c + 1)).ok()?;
+                Some(Permit::Counted(self.state.clone()))
+            }
+            Slots::Queue(s) => s.clone().try_acquire_owned().ok().map(|p| Permit::Queued { _permit: p }),
+        }
     }
 }
 
@@ -60,7 +104,8 @@ impl Drop for Pending<'_> {
 
 impl State {
     /// Waits in the queue for a slot, if the queue has room.
-    async fn queue(&self) -> Option<OwnedSemaphorePermit> {
+    async fn queue(&self) -> Option<Permit> {
+        let Slots::Queue(slots) = &self.slots else { return None };
         let admitted = self
             .pending
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -71,14 +116,23 @@ impl State {
             return None;
         }
         let _pending = Pending(&self.pending);
-        tokio::time::timeout(self.config.queue_timeout, self.slots.clone().acquire_owned()).await.ok()?.ok()
+        let permit = tokio::time::timeout(self.config.queue_timeout, slots.clone().acquire_owned());
+        Some(Permit::Queued { _permit: permit.await.ok()?.ok()? })
+    }
+
+    fn in_flight(&self) -> usize {
+        let max = self.config.max_concurrent;
+        match &self.slots {
+            Slots::Count(n) => n.load(Ordering::Acquire),
+            Slots::Queue(s) => max - s.available_permits().min(max),
+        }
     }
 
     fn reject(&self, req: &HttpRequest) -> HttpResponse {
         let c = self.config;
         let detail = format!(
             "{} requests in flight and {} waiting (maxConcurrent {}, maxPending {}, queueTimeout {:?})",
-            c.max_concurrent - self.slots.available_permits().min(c.max_concurrent),
+            self.in_flight(),
             self.pending.load(Ordering::Acquire),
             c.max_concurrent,
             c.max_pending,
@@ -88,14 +142,14 @@ impl State {
     }
 }
 
-fn hold(rsp: HttpResponse, permit: OwnedSemaphorePermit) -> HttpResponse {
+fn hold(rsp: HttpResponse, permit: Permit) -> HttpResponse {
     rsp.map(|body| crate::body::boxed(HoldPermit { body, _permit: permit }))
 }
 
 impl Guard for Bulkhead {
     fn handle(&self, inner: &HttpService, req: HttpRequest) -> ResponseFuture {
         // A free slot is taken at once, without waiting in an async block first.
-        if let Ok(permit) = self.state.slots.clone().try_acquire_owned() {
+        if let Some(permit) = self.try_acquire() {
             let fut = inner.call(req);
             return Box::pin(async move { Ok(hold(fut.await?, permit)) });
         }
@@ -115,7 +169,7 @@ impl Guard for Bulkhead {
 /// A body that keeps its bulkhead slot until it ends or is dropped.
 struct HoldPermit {
     body: Body,
-    _permit: OwnedSemaphorePermit,
+    _permit: Permit,
 }
 
 impl http_body::Body for HoldPermit {
@@ -167,9 +221,21 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn admits_max_concurrent_and_rejects_the_rest_without_a_queue() {
-        let s = statuses(&bulkhead(10, 0, 100), 50).await;
+        let b = bulkhead(10, 0, 100);
+        let s = statuses(&b, 50).await;
         assert_eq!(s.iter().filter(|&&c| c == 200).count(), 10);
         assert_eq!(s.iter().filter(|&&c| c == 503).count(), 40);
+        // Every body ended: the slots are free again, and only then.
+        let s = statuses(&b, 12).await;
+        assert_eq!(s.iter().filter(|&&c| c == 200).count(), 10);
+        let held = b.clone().oneshot(request()).await.unwrap();
+        assert_eq!(
+            statuses(&b, 10).await.iter().filter(|&&c| c == 200).count(),
+            9,
+            "one slot held by a body"
+        );
+        drop(held);
+        assert_eq!(statuses(&b, 10).await.iter().filter(|&&c| c == 200).count(), 10);
     }
 
     #[tokio::test(start_paused = true)]

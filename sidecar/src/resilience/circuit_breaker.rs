@@ -112,12 +112,15 @@ pub enum Outcome {
     Cancelled,
 }
 
-/// Counts over a sliding window of ten buckets.
+/// Counts over a sliding window of ten buckets, with running totals so a request's
+/// record does not sum the buckets.
 #[derive(Debug)]
 struct Window {
     bucket_len: Duration,
     /// (bucket start, successes, failures), oldest first.
     buckets: std::collections::VecDeque<(Instant, u32, u32)>,
+    /// (requests, failures) over `buckets`.
+    totals: (u32, u32),
 }
 
 impl Window {
@@ -127,6 +130,7 @@ impl Window {
         Self {
             bucket_len: (window / Self::BUCKETS).max(Duration::from_millis(1)),
             buckets: Default::default(),
+            totals: (0, 0),
         }
     }
 
@@ -139,26 +143,34 @@ impl Window {
         if let Some(b) = self.buckets.back_mut() {
             if failed {
                 b.2 += 1;
+                self.totals.1 += 1;
             } else {
                 b.1 += 1;
             }
+            self.totals.0 += 1;
         }
     }
 
     fn expire(&mut self, now: Instant) {
         let span = self.bucket_len * Self::BUCKETS;
-        while self.buckets.front().is_some_and(|&(start, _, _)| now >= start + span) {
+        while let Some(&(start, ok, failed)) = self.buckets.front() {
+            if now < start + span {
+                break;
+            }
             self.buckets.pop_front();
+            self.totals.0 -= ok + failed;
+            self.totals.1 -= failed;
         }
     }
 
     /// (requests, failures) in the window.
     fn totals(&self) -> (u32, u32) {
-        self.buckets.iter().fold((0, 0), |(r, f), &(_, s, x)| (r + s + x, f + x))
+        self.totals
     }
 
     fn clear(&mut self) {
         self.buckets.clear();
+        self.totals = (0, 0);
     }
 }
 
@@ -192,10 +204,18 @@ impl Machine {
 
     /// Asks to send a request now: a permit, or how long the circuit stays open.
     pub fn try_acquire(&mut self, now: Instant) -> Result<Permit, Duration> {
+        self.try_acquire_with(|| now)
+    }
+
+    /// [`Self::try_acquire`], reading the time only when the state needs it.
+    pub fn try_acquire_with(&mut self, now: impl FnOnce() -> Instant) -> Result<Permit, Duration> {
         match self.state {
             State::Closed => Ok(Permit { generation: self.generation, probe: false }),
-            State::Open { until } if now < until => Err(until - now),
-            State::Open { .. } => {
+            State::Open { until } => {
+                let now = now();
+                if now < until {
+                    return Err(until - now);
+                }
                 self.transition(State::HalfOpen { in_flight: 1, succeeded: 0 });
                 Ok(Permit { generation: self.generation, probe: true })
             }
@@ -270,10 +290,13 @@ impl Machine {
     }
 }
 
-/// The breaker in a stack: one [`Machine`] per service, shared by every request.
+/// The breaker in a stack: one [`Machine`] per service, shared by every request. One
+/// reference count to clone per request (each request's guard holds one).
 #[derive(Clone)]
-pub struct CircuitBreaker {
-    machine: Arc<Mutex<Machine>>,
+pub struct CircuitBreaker(Arc<Breaker>);
+
+struct Breaker {
+    machine: Mutex<Machine>,
     gauge: IntGauge,
     service: Arc<str>,
 }
@@ -281,17 +304,18 @@ pub struct CircuitBreaker {
 impl CircuitBreaker {
     pub fn new(config: BreakerConfig, service: Arc<str>, gauge: IntGauge) -> Self {
         gauge.set(0);
-        Self { machine: Arc::new(Mutex::new(Machine::new(config))), gauge, service }
+        Self(Arc::new(Breaker { machine: Mutex::new(Machine::new(config)), gauge, service }))
     }
 
     fn with_machine<T>(&self, f: impl FnOnce(&mut Machine) -> T) -> T {
-        let mut m = self.machine.lock().unwrap_or_else(|p| p.into_inner());
+        let this = &*self.0;
+        let mut m = this.machine.lock().unwrap_or_else(|p| p.into_inner());
         let before = m.state();
         let out = f(&mut m);
         let after = m.state();
         if before.gauge() != after.gauge() {
-            self.gauge.set(after.gauge());
-            tracing::info!(service = %self.service, from = ?before, to = ?after, "circuit breaker state changed");
+            this.gauge.set(after.gauge());
+            tracing::info!(service = %this.service, from = ?before, to = ?after, "circuit breaker state changed");
         }
         out
     }
@@ -319,12 +343,13 @@ impl Drop for PermitGuard {
 
 impl Guard for CircuitBreaker {
     fn handle(&self, inner: &HttpService, req: HttpRequest) -> ResponseFuture {
-        let permit = match self.with_machine(|m| m.try_acquire(Instant::now())) {
+        // A closed circuit (the common case) admits without reading the clock.
+        let permit = match self.with_machine(|m| m.try_acquire_with(Instant::now)) {
             Ok(p) => p,
             Err(remaining) => {
                 let detail = format!(
                     "the circuit breaker of {} is open after repeated failures; retry in {:.1}s",
-                    self.service,
+                    self.0.service,
                     remaining.as_secs_f64()
                 );
                 return Box::pin(std::future::ready(Ok(rejection::response(

@@ -8,7 +8,9 @@
 //! Bulkhead         503 bulkhead-full         maxConcurrent, maxPending, queueTimeout
 //! Router           per-route overrides       routes.rs: the first matching route's
 //!                                            stack of the three layers below
-//! RequestTimeout   504 timeout               timeouts.request, until response headers
+//! Limits           504 timeout               timeouts.request and perTry put on the
+//!                                            request (timeout.rs); enforced below by
+//!                                            faults, retry and the balancer's timer
 //! Faults           injected delay / abort    chaos testing; inside the timeout so a
 //!                                            delay fault exercises it, outside retries
 //!                                            so injected aborts are not retried

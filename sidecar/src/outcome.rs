@@ -47,7 +47,8 @@ pub struct Limits {
     /// `timeouts.perTry`.
     pub per_try: Option<Duration>,
     /// Whether the request is a gRPC call: a timeout is then answered as gRPC's
-    /// DEADLINE_EXCEEDED. Looked up once, where the limits are set.
+    /// DEADLINE_EXCEEDED. Looked up once where the limits are set, and only with a
+    /// deadline (only the timeout's answer reads it).
     pub grpc: bool,
 }
 

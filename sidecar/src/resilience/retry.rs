@@ -38,7 +38,6 @@ use ballast_api::policy::{Retries, RetryOn};
 use http::{Method, header};
 use http_body::Body as _;
 use prometheus::IntCounter;
-
 use tower::retry::budget::Budget;
 
 use super::budget::RatioBudget;
@@ -98,8 +97,9 @@ impl RetryConfig {
         }
     }
 
-    /// Whether this request may be tried more than once, its body aside.
-    fn may_retry(&self, req: &HttpRequest) -> bool {
+    /// Whether this request may be tried more than once, its body aside; `grpc`: whether
+    /// it is a gRPC call.
+    fn may_retry(&self, req: &HttpRequest, grpc: bool) -> bool {
         if self.attempts == 0 || req.headers().contains_key(header::UPGRADE) {
             return false;
         }
@@ -107,7 +107,7 @@ impl RetryConfig {
             *req.method(),
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
         );
-        let grpc_allowed = rejection::is_grpc(req) && self.on.iter().any(|c| matches!(c, RetryOn::Grpc(_)));
+        let grpc_allowed = grpc && self.on.iter().any(|c| matches!(c, RetryOn::Grpc(_)));
         idempotent || self.non_idempotent || grpc_allowed
     }
 
@@ -166,7 +166,8 @@ impl Retry {
 impl Guard for Retry {
     fn handle(&self, inner: &HttpService, req: HttpRequest) -> ResponseFuture {
         self.state.shared.budget.deposit();
-        if !self.state.config.may_retry(&req) {
+        let grpc = rejection::is_grpc(&req);
+        if !self.state.config.may_retry(&req, grpc) {
             return inner.call(req);
         }
         let (parts, body) = req.into_parts();
@@ -184,7 +185,6 @@ impl Guard for Retry {
             (Some(replay), body)
         };
         let req = HttpRequest::from_parts(parts, body);
-        let grpc = rejection::is_grpc(&req);
         let policy = RetryPolicy { state: self.state.clone(), replay, tries: 1, grpc };
         retrying(policy, inner.clone(), req)
     }

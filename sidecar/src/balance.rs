@@ -43,7 +43,7 @@ use tower::load::{CompleteOnResponse, Load, PeakEwma};
 use crate::body::{self, BoxError};
 use crate::client::{Clients, EndpointClient, PoolPolicy};
 use crate::metrics::Metrics;
-use crate::outcome::{self, Avoid, Deadline, Limits, ServedBy};
+use crate::outcome::{self, Avoid, Deadline, Limits, ReportServedBy, ServedBy};
 use crate::rejection::{self, Reason};
 use crate::resilience::ResponseFuture;
 use crate::stack::HttpRequest;
@@ -480,6 +480,7 @@ impl Balancer {
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         let deadline = limits.and_then(|l| l.deadline());
         let grpc = rejection::is_grpc(&req);
+        let report = ReportServedBy::asked(&req);
         let fut = endpoint.client.lock().unwrap_or_else(|p| p.into_inner()).call(req);
         let mut guard = InFlight { shared, endpoint, deadline, done: false };
         Box::pin(async move {
@@ -497,7 +498,9 @@ impl Balancer {
             };
             guard.done = true;
             guard.shared.record(&guard.endpoint, outcome::is_failure(&rsp, grpc));
-            rsp.extensions_mut().insert(ServedBy(addr));
+            if report {
+                rsp.extensions_mut().insert(ServedBy(addr));
+            }
             Ok(rsp)
         })
     }

@@ -22,6 +22,7 @@ pub mod admin;
 pub mod balance;
 pub mod body;
 pub mod client;
+pub mod coarse_timer;
 pub mod control;
 pub mod detect;
 pub mod drain;

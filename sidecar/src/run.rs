@@ -144,6 +144,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         shutdown: shutdown.clone(),
         identity: identity.clone(),
         telemetry: telemetry.clone(),
+        header_timer: crate::coarse_timer::CoarseTimer::default(),
     });
     admin::spawn(
         admin_listener,

@@ -240,7 +240,12 @@ where
         // a keep-alive connection, ~550 KiB per connection that once carried a large body
         // to a slow reader (benches/README.md, session 10). The socket below copies small
         // writes into one send(2) instead (`small_write`), which keeps no memory.
-        builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
+        // The header read timeout (30 s, hyper's default) also closes idle keep-alive
+        // connections; its timer is coarse, since hyper makes one per request.
+        builder
+            .timer(shared.header_timer.clone())
+            .header_read_timeout(Duration::from_secs(30))
+            .keep_alive(true);
         let c = builder.serve_connection(io, svc).with_upgrades();
         tokio::pin!(c);
         tokio::select! {

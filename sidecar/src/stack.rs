@@ -37,7 +37,7 @@ use crate::balance::{Balancer, BalancerConfig, OutlierConfig, Target};
 use crate::body::{self, Body, BoxError};
 use crate::client::{Clients, PoolPolicy};
 use crate::metrics::Metrics;
-use crate::outcome::{self, ServedBy};
+use crate::outcome::{self, ReportServedBy, ServedBy};
 use crate::rejection;
 use crate::resilience::Guard;
 use crate::telemetry::attempt::Attempt;
@@ -177,13 +177,16 @@ impl StackContext {
     fn endpoint_client(&self, addr: SocketAddr) -> HttpService {
         let client = self.clients.get(addr);
         HttpService::from_fn(move |req| {
+            let report = ReportServedBy::asked(&req);
             let fut = client.request(req);
             Box::pin(async move {
                 let mut rsp = match fut.await {
                     Ok(rsp) => rsp.map(body::boxed),
                     Err(e) => outcome::upstream_error_response(&BoxError::from(e)),
                 };
-                rsp.extensions_mut().insert(ServedBy(addr));
+                if report {
+                    rsp.extensions_mut().insert(ServedBy(addr));
+                }
                 Ok(rsp)
             })
         })

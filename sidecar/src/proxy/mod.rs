@@ -42,6 +42,9 @@ pub struct Shared {
     pub identity: Option<Arc<MeshIdentity>>,
     /// Spans, trace context and the access log.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// The HTTP/1 header read timeout's timer: one for every connection (see
+    /// [`crate::coarse_timer`] for why not tokio's).
+    pub header_timer: crate::coarse_timer::CoarseTimer,
 }
 
 /// What is known of one accepted connection.

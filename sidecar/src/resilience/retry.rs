@@ -44,7 +44,7 @@ use super::budget::RatioBudget;
 use super::replay::Replay;
 use super::{Guard, ResponseFuture};
 use crate::body::{self, BoxError};
-use crate::outcome::{Avoid, Deadline, Limits, ServedBy, UpstreamFailure};
+use crate::outcome::{Avoid, Deadline, Limits, ReportServedBy, ServedBy, UpstreamFailure};
 use crate::rejection::{self, Rejected};
 use crate::stack::{HttpRequest, HttpResponse, HttpService};
 
@@ -164,12 +164,14 @@ impl Retry {
 }
 
 impl Guard for Retry {
-    fn handle(&self, inner: &HttpService, req: HttpRequest) -> ResponseFuture {
+    fn handle(&self, inner: &HttpService, mut req: HttpRequest) -> ResponseFuture {
         self.state.shared.budget.deposit();
         let grpc = rejection::is_grpc(&req);
         if !self.state.config.may_retry(&req, grpc) {
             return inner.call(req);
         }
+        // A retry steers away from the endpoint that answered the failed try.
+        req.extensions_mut().insert(ReportServedBy);
         let (parts, body) = req.into_parts();
         if body.size_hint().lower() > MAX_REPLAY_BODY as u64 {
             // Known to be too long to replay: sent once, untouched.

@@ -17,7 +17,7 @@ use opentelemetry::{Array, KeyValue, StringValue, Value};
 use super::propagation::{self, Extracted, Formats};
 use super::{Telemetry, X_REQUEST_ID, sampler};
 use crate::body::{self, Body, BoxError};
-use crate::outcome::ServedBy;
+use crate::outcome::{ReportServedBy, ServedBy};
 use crate::proxy::{ConnInfo, MeshPeer};
 use crate::rejection::Rejected;
 use crate::stack::{Direction, HttpRequest};
@@ -93,10 +93,12 @@ impl RequestScope {
         // Whether a line may be written: the ratio is applied at the end, since a policy
         // can raise the flag's (even from 0).
         let log = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO);
-        let request_id = request_id(req);
         if !log && telemetry.tracing.is_none() {
+            // Nothing records the id: set it, without the copy a record keeps.
+            req.headers_mut().entry(X_REQUEST_ID).or_insert_with(super::new_request_id);
             return Self(None);
         }
+        let request_id = request_id(req);
         Self(Some(Recording::start(telemetry, conn, req, request_id, log)))
     }
 
@@ -231,7 +233,10 @@ impl Recording {
             _ => None,
         };
         let shared = Arc::new(TraceShared { attempts: AtomicU32::new(0), spans });
-        req.extensions_mut().insert(RequestTrace(shared.clone()));
+        let extensions = req.extensions_mut();
+        extensions.insert(RequestTrace(shared.clone()));
+        // The access log's `upstream` and each try's span name the endpoint.
+        extensions.insert(ReportServedBy);
         self.shared = Some(shared);
     }
 

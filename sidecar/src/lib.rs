@@ -10,7 +10,7 @@
 //!   forwards everything else.
 //! * [`routes`] holds the applied configuration as an immutable [`routes::Snapshot`] behind
 //!   an atomic pointer; [`stack`] builds each service's tower stack; [`client`] pools
-//!   upstream connections.
+//!   upstream connections; [`coarse_timer`] times hyper's header reads.
 //! * [`metrics`], [`admin`], [`drain`], [`rejection`]: telemetry, the admin API, graceful
 //!   shutdown, and the responses the mesh makes itself.
 //! * [`resilience`]: the policy's layers (rate limit, bulkhead, timeout, faults).

@@ -568,38 +568,9 @@ mod tests {
         assert_eq!(gauge("ready"), 0);
     }
 
-    /// An upstream answering every request on every connection with `200 ok`.
-    async fn ok_server() -> SocketAddr {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    loop {
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            let mut chunk = [0u8; 1024];
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
-                        buf.drain(..end);
-                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        addr
-    }
-
     #[tokio::test]
     async fn responses_name_their_endpoint_only_when_asked() {
-        let addr = ok_server().await;
+        let (addr, _, _) = crate::pool::tests::server(usize::MAX).await;
         let config = BalancerConfig {
             label: "svc.default".into(),
             clients: Clients::new(Duration::from_secs(1)),

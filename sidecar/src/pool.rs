@@ -222,7 +222,7 @@ fn host_of(uri: &Uri) -> Option<HeaderValue> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::SocketAddr;
     use std::sync::atomic::AtomicUsize;
 
@@ -235,7 +235,7 @@ mod tests {
 
     /// A raw HTTP/1.1 server answering each request on a connection with `ok`; after
     /// `per_conn` requests it closes the connection without a word. Counts connections.
-    async fn server(per_conn: usize) -> (SocketAddr, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
+    pub(crate) async fn server(per_conn: usize) -> (SocketAddr, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let conns = Arc::new(AtomicUsize::new(0));

@@ -164,19 +164,19 @@ impl Retry {
 }
 
 impl Guard for Retry {
-    fn handle(&self, inner: &HttpService, mut req: HttpRequest) -> ResponseFuture {
+    fn handle(&self, inner: &HttpService, req: HttpRequest) -> ResponseFuture {
         self.state.shared.budget.deposit();
         let grpc = rejection::is_grpc(&req);
         if !self.state.config.may_retry(&req, grpc) {
             return inner.call(req);
         }
-        // A retry steers away from the endpoint that answered the failed try.
-        req.extensions_mut().insert(ReportServedBy);
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         if body.size_hint().lower() > MAX_REPLAY_BODY as u64 {
             // Known to be too long to replay: sent once, untouched.
             return inner.call(HttpRequest::from_parts(parts, body));
         }
+        // A retry steers away from the endpoint that answered the failed try.
+        parts.extensions.insert(ReportServedBy);
         // A body that has ended already (a GET, a `Content-Length: 0`) needs no record:
         // every try gets an empty one, which allocates nothing.
         let (replay, body) = if body.is_end_stream() {

@@ -206,8 +206,26 @@ impl Proxy {
     }
 }
 
+/// How long a stopped proxy gets to exit on SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
 impl Drop for Proxy {
+    /// SIGTERM first, so that a sidecar exits as in production (drained, its telemetry
+    /// flushed, and an instrumented build writes its profile: `scripts/build-pgo.sh`
+    /// trains on this harness); SIGKILL after [`STOP_GRACE`].
     fn drop(&mut self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill has no memory preconditions; the child is not yet reaped,
+            // so `pid` is still ours.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + STOP_GRACE;
+            while Instant::now() < deadline {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -3,7 +3,8 @@
 # HAProxy, on loopback (benches/mesh), the control plane's convergence on a real etcd
 # (benches/convergence), then the Criterion micro-benchmarks (benches/hot_paths).
 # Installs HAProxy and etcd when missing. Extra arguments go to the harness,
-# e.g. `scripts/bench.sh --quick` or `scripts/bench.sh --protocols http1 --repeats 5`.
+# e.g. `scripts/bench.sh --quick` or `scripts/bench.sh --protocols http1 --repeats 5`;
+# `PGO=1 scripts/bench.sh ...` measures the profile-guided build.
 # Tables are printed; the harness's JSON lands in target/bench/mesh.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,12 @@ if [ ! -x /usr/bin/etcd ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
 fi
 
+# PGO=1: measure the profile-guided build (scripts/build-pgo.sh, ~30 min more) instead of
+# the plain release build.
+if [ "${PGO:-0}" = 1 ]; then
+  scripts/build-pgo.sh
+  export BALLAST_SIDECAR_BIN=$PWD/target/pgo/ballast-sidecar
+fi
 cargo bench --locked --bench mesh -- "$@"
 # The control plane: 1,000 simulated sidecars on a real etcd (test.sh installs etcd-server).
 cargo bench --locked --bench convergence

@@ -27,8 +27,8 @@ if [ ! -x /usr/bin/etcd ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
 fi
 
-# PGO=1: measure the profile-guided build (scripts/build-pgo.sh, ~30 min more) instead of
-# the plain release build.
+# PGO=1: the mesh harness measures the profile-guided build (scripts/build-pgo.sh, ~30 min
+# more) instead of the plain release build; Criterion and convergence are unaffected.
 if [ "${PGO:-0}" = 1 ]; then
   scripts/build-pgo.sh
   export BALLAST_SIDECAR_BIN=$PWD/target/pgo/ballast-sidecar

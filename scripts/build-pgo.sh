@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A profile-guided release build of the sidecar, as the proxy image ships it.
+# A profile-guided release build of the sidecar. (The proxy image, deploy/Dockerfile,
+# ships the plain release build; see README "Benchmarks".)
 #
 #   scripts/build-pgo.sh            -> target/pgo/ballast-sidecar
 #
@@ -36,7 +37,12 @@ fi
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] \
   || { echo "build-pgo.sh: haproxy is missing (the harness compares against it): apt-get install -y haproxy" >&2; exit 1; }
 
-rm -rf "$OUT/profiles" "$OUT/merged.profdata"
+# A profile path or flags from the environment would send the counts elsewhere or
+# replace ours (CARGO_ENCODED_RUSTFLAGS wins over RUSTFLAGS).
+unset LLVM_PROFILE_FILE CARGO_ENCODED_RUSTFLAGS
+# The optimised build starts from scratch: cargo does not see a changed .profdata behind
+# unchanged flags for registry crates (hyper, tokio), which would keep an old profile.
+rm -rf "$OUT/profiles" "$OUT/merged.profdata" "$OUT/optimised"
 mkdir -p "$OUT/profiles"
 # --target keeps RUSTFLAGS off build scripts and proc macros; separate target dirs keep
 # the instrumented and the final build from invalidating each other or target/release.
@@ -46,7 +52,11 @@ RUSTFLAGS="-Cprofile-generate=$OUT/profiles" cargo build --release --locked -q -
 
 echo "build-pgo.sh: 2/3 training: the benchmark harness's quick pass" >&2
 BALLAST_SIDECAR_BIN="$OUT/instrumented/$HOST/release/ballast-sidecar" \
-  cargo bench --locked -q --bench mesh -- --quick --json "$OUT/training.json" >"$OUT/training.log"
+  cargo bench --locked -q --bench mesh -- --quick --json "$OUT/training.json" >"$OUT/training.log" \
+  || { echo "build-pgo.sh: the training pass failed; its tables are in $OUT/training.log" >&2; exit 1; }
+# Sidecars write their counts when they exit on the harness's SIGTERM.
+compgen -G "$OUT/profiles/*.profraw" >/dev/null \
+  || { echo "build-pgo.sh: the training wrote no profile to $OUT/profiles (were the sidecars killed rather than stopped?)" >&2; exit 1; }
 "$PROFDATA" merge -o "$OUT/merged.profdata" "$OUT/profiles"
 
 echo "build-pgo.sh: 3/3 optimised build" >&2

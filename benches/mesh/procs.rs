@@ -99,6 +99,9 @@ impl Proxy {
             .arg("--app-addr")
             .arg(app.to_string())
             .args(["--workers", "1"])
+            // Stopped with SIGTERM (see `Drop`): in-flight requests get 1 s, well within
+            // STOP_GRACE, instead of the default 30 s.
+            .args(["--drain-deadline", "1s"])
             // Only loopback: a Host the mesh does not know yet (before a registration
             // arrives) must not become a DNS lookup.
             .arg("--egress-dns=false")
@@ -214,9 +217,13 @@ impl Drop for Proxy {
     /// flushed, and an instrumented build writes its profile: `scripts/build-pgo.sh`
     /// trains on this harness); SIGKILL after [`STOP_GRACE`].
     fn drop(&mut self) {
+        // Already reaped (`is_running` saw it exit): its pid may be someone else's now.
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
         if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-            // SAFETY: kill has no memory preconditions; the child is not yet reaped,
-            // so `pid` is still ours.
+            // SAFETY: kill has no memory preconditions; the child was running just above
+            // and is only reaped by us, so `pid` is still ours.
             unsafe { libc::kill(pid, libc::SIGTERM) };
             let deadline = Instant::now() + STOP_GRACE;
             while Instant::now() < deadline {
@@ -226,6 +233,7 @@ impl Drop for Proxy {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+        eprintln!("  {} did not exit within {STOP_GRACE:?} of SIGTERM; killed", self.name);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

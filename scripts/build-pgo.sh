@@ -17,22 +17,31 @@
 # taught the layout. The training covers every path the harness measures, not only the
 # headline one, so no measured path is laid out as cold.
 #
-# Needs llvm-profdata of the LLVM major version rustc uses (installed from apt as
-# llvm-N when missing and run as root) and what the harness needs (haproxy; no etcd).
+# Needs llvm-profdata for rustc's LLVM (rustup's llvm-tools component, added when
+# missing, else Debian's llvm-N) and what the harness needs (haproxy; no etcd).
 # Takes two release builds and the pass: 33 minutes here while CI ran beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$PWD/target/pgo
 HOST=$(rustc -vV | awk '/^host:/ {print $2}')
+# llvm-profdata must read what rustc's LLVM writes: rustup's llvm-tools component (the
+# same LLVM build), added when missing; else Debian's llvm-N of the same major version.
 LLVM=$(rustc -vV | awk '/^LLVM version:/ {split($3, v, "."); print v[1]}')
-PROFDATA=${LLVM_PROFDATA:-llvm-profdata-$LLVM}
-if ! command -v "$PROFDATA" >/dev/null 2>&1; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "build-pgo.sh: $PROFDATA is missing (rustc uses LLVM $LLVM); run as root or: apt-get install -y llvm-$LLVM" >&2
-    exit 1
+TOOLS="$(rustc --print sysroot)/lib/rustlib/$HOST/bin/llvm-profdata"
+if [ -n "${LLVM_PROFDATA:-}" ]; then
+  PROFDATA=$LLVM_PROFDATA
+elif [ -x "$TOOLS" ] || { rustup component add llvm-tools >/dev/null 2>&1 && [ -x "$TOOLS" ]; }; then
+  PROFDATA=$TOOLS
+else
+  PROFDATA=llvm-profdata-$LLVM
+  if ! command -v "$PROFDATA" >/dev/null 2>&1; then
+    if [ "$(id -u)" != 0 ]; then
+      echo "build-pgo.sh: no llvm-profdata for LLVM $LLVM: rustup component add llvm-tools, or apt-get install -y llvm-$LLVM" >&2
+      exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "llvm-$LLVM" >/dev/null
   fi
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "llvm-$LLVM" >/dev/null
 fi
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] \
   || { echo "build-pgo.sh: haproxy is missing (the harness compares against it): apt-get install -y haproxy" >&2; exit 1; }

@@ -63,7 +63,8 @@ impl CoarseTimer {
     }
 
     /// Sleeps not yet dropped.
-    pub fn pending(&self) -> usize {
+    #[cfg(test)]
+    fn pending(&self) -> usize {
         self.0.lock().sleeps.len()
     }
 }

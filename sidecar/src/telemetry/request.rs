@@ -134,15 +134,7 @@ impl RequestScope {
 
 /// The request's `x-request-id`, made and set when it has none.
 fn request_id(req: &mut HttpRequest) -> HeaderValue {
-    let headers = req.headers_mut();
-    match headers.get(X_REQUEST_ID) {
-        Some(v) => v.clone(),
-        None => {
-            let id = super::new_request_id();
-            headers.insert(X_REQUEST_ID, id.clone());
-            id
-        }
-    }
+    req.headers_mut().entry(X_REQUEST_ID).or_insert_with(super::new_request_id).clone()
 }
 
 impl Recording {

@@ -27,6 +27,8 @@
 //!   scenarios, new mesh TLS connections to the server sidecar are timed, full and
 //!   resumed (`handshake.rs`).
 //! * `haproxy`: client → HAProxy (one thread, keep-alive both sides) → upstream.
+//! * `relay`: client → a bare epoll byte relay (`relay.rs`) → upstream: the floor, what
+//!   any process in the path costs on this machine before it does any HTTP.
 //!
 //! Placement: the load generator and the upstream run on the first CPU, every proxy on
 //! the second (`--workers 1` for Ballast, `nbthread 1` for HAProxy), so a proxy's CPU
@@ -38,7 +40,7 @@
 //! Options (after `--`): `--quick` (1 run, short phases), `--repeats N`,
 //! `--protocols http1,http2,grpc`,
 //! `--setups direct,ballast-x1,ballast-x1-policy,ballast-x2,ballast-x2-trace1,ballast-x2-trace100,`
-//! `ballast-x2-accesslog,ballast-x2-mtls,haproxy`,
+//! `ballast-x2-accesslog,ballast-x2-mtls,haproxy,relay`,
 //! `--modes fixed,max`, `--rates 1000,10000`, `--seconds S`, `--no-tcp`, `--no-handshakes`,
 //! `--json PATH`.
 //! To profile a proxy: `perf record -g -C 1` (the proxy CPU) while a filtered run goes.
@@ -48,6 +50,7 @@ mod identity;
 mod loadgen;
 mod otlp_sink;
 mod procs;
+mod relay;
 mod report;
 mod upstream;
 
@@ -91,6 +94,8 @@ enum Setup {
     Ballast2Mtls,
     #[serde(rename = "haproxy")]
     Haproxy,
+    #[serde(rename = "relay")]
+    Relay,
 }
 
 impl Setup {
@@ -105,11 +110,12 @@ impl Setup {
             Setup::Ballast2AccessLog => "ballast x2 access log",
             Setup::Ballast2Mtls => "ballast x2 mTLS",
             Setup::Haproxy => "haproxy",
+            Setup::Relay => "relay (floor)",
         }
     }
 
     /// Every set-up, in the order of the tables.
-    const ALL: [Setup; 9] = [
+    const ALL: [Setup; 10] = [
         Setup::Direct,
         Setup::Ballast1,
         Setup::Ballast1Policy,
@@ -119,6 +125,7 @@ impl Setup {
         Setup::Ballast2AccessLog,
         Setup::Ballast2Mtls,
         Setup::Haproxy,
+        Setup::Relay,
     ];
 
     /// `ballast x2` with one more feature on: compared to the plain pair as well.
@@ -467,6 +474,9 @@ struct Bed {
     m2_sink: Proxy,
     m2_sink_admin: SocketAddr,
     haproxy: Proxy,
+    /// The bare byte relay in front of the upstream's HTTP port (every protocol).
+    relay: Proxy,
+    relay_addr: SocketAddr,
     ha_h1: SocketAddr,
     ha_h2: SocketAddr,
     ha_tcp: SocketAddr,
@@ -604,6 +614,8 @@ impl Bed {
         }
         let (ha_h1, ha_h2, ha_tcp) = (procs::free_addr(), procs::free_addr(), procs::free_addr());
         let haproxy = Proxy::haproxy(&haproxy_config(&up, ha_h1, ha_h2, ha_tcp), ha_h1, proxy_cpu)?;
+        let relay_addr = procs::free_addr();
+        let relay = Proxy::relay(relay_addr, up.http, proxy_cpu)?;
         Ok(Self {
             up,
             b1,
@@ -623,6 +635,8 @@ impl Bed {
             m2_sink,
             m2_sink_admin: m2_sink_addrs.admin,
             haproxy,
+            relay,
+            relay_addr,
             ha_h1,
             ha_h2,
             ha_tcp,
@@ -650,6 +664,7 @@ impl Bed {
             }
             Setup::Ballast2Mtls => (self.m2_client_addrs.outbound, SERVICE),
             Setup::Haproxy => (if proto == Proto::Http1 { self.ha_h1 } else { self.ha_h2 }, SERVICE),
+            Setup::Relay => (self.relay_addr, SERVICE),
         };
         Target { addr, authority: authority.to_owned(), proto }
     }
@@ -663,10 +678,11 @@ impl Bed {
             }
             Setup::Ballast2Mtls => vec![&self.m2_client, &self.m2_server],
             Setup::Haproxy => vec![&self.haproxy],
+            Setup::Relay => vec![&self.relay],
         }
     }
 
-    fn all(&mut self) -> [&mut Proxy; 13] {
+    fn all(&mut self) -> [&mut Proxy; 14] {
         [
             &mut self.b1,
             &mut self.b2.client,
@@ -681,6 +697,7 @@ impl Bed {
             &mut self.m2_server,
             &mut self.m2_sink,
             &mut self.haproxy,
+            &mut self.relay,
         ]
     }
 }
@@ -900,6 +917,7 @@ fn machine(cpus: usize) -> BTreeMap<&'static str, String> {
 }
 
 fn main() {
+    relay::run_if_asked();
     if let Err(e) = run() {
         eprintln!("mesh bench: {e}");
         std::process::exit(1);

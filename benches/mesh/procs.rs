@@ -124,6 +124,18 @@ impl Proxy {
         Ok(proxy)
     }
 
+    /// The bare byte relay (`relay.rs`): this same binary, started as one.
+    pub fn relay(listen: SocketAddr, upstream: SocketAddr, cpu: usize) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let exe = std::env::current_exe()
+            .map_err(|e| format!("cannot find this binary to start the relay: {e}"))?;
+        let mut cmd = Command::new(exe);
+        cmd.env(crate::relay::ENV, format!("{listen},{upstream}"));
+        let proxy = Self::spawn("relay", cmd, dir, cpu)?;
+        proxy.wait_ready(|| TcpStream::connect(listen).is_ok())?;
+        Ok(proxy)
+    }
+
     fn spawn(name: &str, mut cmd: Command, dir: tempfile::TempDir, cpu: usize) -> Result<Self, String> {
         let stderr_path = dir.path().join("stderr.log");
         // Appending, so that `take_stderr` can empty the file under a running process.

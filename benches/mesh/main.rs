@@ -702,6 +702,16 @@ impl Bed {
     }
 }
 
+impl Drop for Bed {
+    /// Every proxy gets SIGTERM before any is waited for (each field's own drop then
+    /// waits for its exit), so they drain together.
+    fn drop(&mut self) {
+        for p in self.all() {
+            p.terminate();
+        }
+    }
+}
+
 fn measure(
     bed: &Bed,
     rt: &tokio::runtime::Runtime,

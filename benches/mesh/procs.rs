@@ -31,6 +31,8 @@ pub struct Proxy {
     child: Child,
     _dir: tempfile::TempDir,
     stderr_path: PathBuf,
+    /// When SIGTERM was sent ([`Proxy::terminate`]); the grace period runs from here.
+    terminated: Option<Instant>,
 }
 
 /// Where a sidecar's configuration comes from.
@@ -150,7 +152,7 @@ impl Proxy {
             cmd.pre_exec(move || pin_to(cpu));
         }
         let child = cmd.spawn().map_err(|e| format!("cannot start {name}: {e}"))?;
-        Ok(Self { name: name.to_owned(), child, _dir: dir, stderr_path })
+        Ok(Self { name: name.to_owned(), child, _dir: dir, stderr_path, terminated: None })
     }
 
     fn wait_ready(&self, ready: impl Fn() -> bool) -> Result<(), String> {
@@ -224,26 +226,43 @@ impl Proxy {
 /// How long a stopped proxy gets to exit on SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
-impl Drop for Proxy {
-    /// SIGTERM first, so that a sidecar exits as in production (drained, its telemetry
-    /// flushed, and an instrumented build writes its profile: `scripts/build-pgo.sh`
-    /// trains on this harness); SIGKILL after [`STOP_GRACE`].
-    fn drop(&mut self) {
+impl Proxy {
+    /// Sends SIGTERM once, without waiting: stopping every proxy this way first lets
+    /// them drain at the same time, so a teardown waits at most one grace period
+    /// rather than one per proxy.
+    pub fn terminate(&mut self) {
         // Already reaped (`is_running` saw it exit): its pid may be someone else's now.
-        if !matches!(self.child.try_wait(), Ok(None)) {
+        if self.terminated.is_some() || !matches!(self.child.try_wait(), Ok(None)) {
             return;
         }
         if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
             // SAFETY: kill has no memory preconditions; the child was running just above
             // and is only reaped by us, so `pid` is still ours.
             unsafe { libc::kill(pid, libc::SIGTERM) };
-            let deadline = Instant::now() + STOP_GRACE;
-            while Instant::now() < deadline {
-                if !matches!(self.child.try_wait(), Ok(None)) {
-                    return;
+            self.terminated = Some(Instant::now());
+        }
+    }
+}
+
+impl Drop for Proxy {
+    /// SIGTERM first (unless [`Proxy::terminate`] already sent it), so that a sidecar
+    /// exits as in production (drained, its telemetry flushed, and an instrumented build
+    /// writes its profile: `scripts/build-pgo.sh` trains on this harness); SIGKILL
+    /// [`STOP_GRACE`] after the SIGTERM.
+    fn drop(&mut self) {
+        self.terminate();
+        match self.terminated {
+            Some(sent) => {
+                while sent.elapsed() < STOP_GRACE {
+                    if !matches!(self.child.try_wait(), Ok(None)) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-                std::thread::sleep(Duration::from_millis(10));
             }
+            // Not signalled: exited already, or (never seen) a pid out of range.
+            None if !matches!(self.child.try_wait(), Ok(None)) => return,
+            None => {}
         }
         eprintln!("  {} did not exit within {STOP_GRACE:?} of SIGTERM; killed", self.name);
         let _ = self.child.kill();

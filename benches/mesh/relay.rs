@@ -113,7 +113,9 @@ fn watch(ep: RawFd, fd: RawFd) -> io::Result<()> {
 }
 
 /// Writes all of `data` to a non-blocking socket, waiting for room when it is full
-/// (never at these message sizes, but a full buffer must not lose bytes).
+/// (never at these message sizes, but a full buffer must not lose bytes). A peer that
+/// takes nothing for a second fails the write, and the caller closes both sides, so a
+/// stuck reader cannot hold the relay's one thread for longer.
 fn write_all(mut to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         match to.write(data) {
@@ -122,8 +124,15 @@ fn write_all(mut to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 let mut p = libc::pollfd { fd: to.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
                 // SAFETY: one valid pollfd.
-                if unsafe { libc::poll(&mut p, 1, 1_000) } < 0 {
-                    return Err(io::Error::last_os_error());
+                match unsafe { libc::poll(&mut p, 1, 1_000) } {
+                    0 => return Err(ErrorKind::TimedOut.into()),
+                    n if n < 0 => {
+                        let e = io::Error::last_os_error();
+                        if e.kind() != ErrorKind::Interrupted {
+                            return Err(e);
+                        }
+                    }
+                    _ => {}
                 }
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A profile-guided release build of the sidecar. (The proxy image, deploy/Dockerfile,
-# ships the plain release build; see README "Benchmarks".)
+# A profile-guided release build of the sidecar, the one the proxy image ships
+# (deploy/Dockerfile runs this script in its builder; see README "Benchmarks").
 #
 #   scripts/build-pgo.sh            -> target/pgo/ballast-sidecar
 #

@@ -7,6 +7,8 @@
 //! budgets, images set in one place, flags the binaries really have, workload identity
 //! wired from the control plane's CA through the injector to the scrape); and the alerts
 //! pass `promtool check rules` and their unit tests, naming only metrics that exist.
+//! The Dockerfile, which cannot be built here (no Docker engine), is checked for what its
+//! builder stage puts where the images copy from.
 
 mod support;
 
@@ -1457,4 +1459,98 @@ fn alerts_pass_promtool_and_alerts_and_dashboard_name_real_metrics() {
         });
     }
     p.assert_none("alerts and dashboard");
+}
+
+// ---- the Dockerfile ----------------------------------------------------------------------
+
+/// No Docker engine runs here, so the images are never built in CI; this checks what can
+/// be checked without one: every binary an image copies out of the builder is a binary of
+/// the workspace and is put in `/out/` by the builder on both of its paths (the
+/// profile-guided sidecar and, with `--build-arg PGO=0`, the plain one); the script the
+/// PGO path runs exists, is executable and writes where the builder copies from; and the
+/// build context keeps what that script needs (the harness under `benches/`, `scripts/`).
+#[test]
+fn the_dockerfile_copies_what_its_builder_builds() {
+    let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).expect("deploy/Dockerfile");
+    let dockerignore = std::fs::read_to_string(root().join(".dockerignore")).expect(".dockerignore");
+    let mut p = Problems(Vec::new());
+
+    // The workspace's binaries, from Cargo itself.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["metadata", "--no-deps", "--format-version", "1", "--offline"])
+        .current_dir(root())
+        .output()
+        .expect("cargo metadata runs");
+    assert!(out.status.success(), "cargo metadata: {}", output_text(&out));
+    let meta: Value = serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON");
+    let bins: BTreeSet<String> = arr(&meta, "/packages")
+        .iter()
+        .flat_map(|pkg| arr(pkg, "/targets"))
+        .filter(|t| strs(t, "/kind").iter().any(|k| k == "bin"))
+        .filter_map(|t| s(t, "/name").map(str::to_owned))
+        .collect();
+
+    // Joined continuation lines, so that one RUN is one line.
+    let text = dockerfile.replace("\\\n", " ");
+    let (builder, images) = text.split_once("\nFROM debian").expect("a builder stage, then the images");
+    let copied: BTreeSet<String> = images
+        .lines()
+        .filter(|l| l.trim_start().starts_with("COPY --from=builder"))
+        .flat_map(|l| l.split_whitespace().filter_map(|w| w.strip_prefix("/out/")).map(str::to_owned))
+        .filter(|b| !b.is_empty())
+        .collect();
+    p.check(copied.contains("ballast-sidecar"), || "no image copies ballast-sidecar".into());
+    // Where the builder puts each file in /out/: `cp SRC... /out/` commands.
+    let mut sources: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for cmd in builder.split("&&").chain(builder.split(';')) {
+        let words: Vec<&str> = cmd.split_whitespace().collect();
+        if let Some(i) = words.iter().position(|w| *w == "cp")
+            && words.last() == Some(&"/out/")
+        {
+            for src in &words[i + 1..words.len() - 1] {
+                let name = src.rsplit('/').next().unwrap_or(src);
+                sources.entry(name.to_owned()).or_default().push((*src).to_owned());
+            }
+        }
+    }
+    for b in &copied {
+        p.check(bins.contains(b), || format!("the Dockerfile copies {b}, which no workspace package builds"));
+        p.check(sources.contains_key(b), || format!("the builder never copies {b} into /out/"));
+    }
+    let sidecar: BTreeSet<&str> =
+        sources.get("ballast-sidecar").into_iter().flatten().map(String::as_str).collect();
+    p.check(sidecar.contains("target/pgo/ballast-sidecar"), || {
+        format!("the builder's PGO path must copy target/pgo/ballast-sidecar, copies {sidecar:?}")
+    });
+    p.check(sidecar.contains("target/release/ballast-sidecar"), || {
+        format!("the builder's PGO=0 path must copy target/release/ballast-sidecar, copies {sidecar:?}")
+    });
+
+    // The PGO script: there, executable, writing target/pgo/ballast-sidecar.
+    p.check(builder.contains("scripts/build-pgo.sh"), || {
+        "the builder does not run scripts/build-pgo.sh".into()
+    });
+    let script = root().join("scripts/build-pgo.sh");
+    let mode = std::fs::metadata(&script).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
+    p.check(mode.as_ref().is_ok_and(|m| m & 0o111 != 0), || {
+        format!("scripts/build-pgo.sh: {mode:?}, not executable")
+    });
+    let script = std::fs::read_to_string(&script).unwrap_or_default();
+    p.check(script.contains("OUT=$PWD/target/pgo") && script.contains("\"$OUT/ballast-sidecar\""), || {
+        "scripts/build-pgo.sh no longer writes target/pgo/ballast-sidecar, which the builder copies".into()
+    });
+    p.check(script.contains("--bench mesh"), || {
+        "scripts/build-pgo.sh no longer trains on the mesh harness".into()
+    });
+
+    // The build context keeps what the builder and the training need.
+    let ignored: Vec<&str> =
+        dockerignore.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    for needed in ["scripts", "benches", "tests", ".cargo", "Cargo.lock", "Cargo.toml", "sidecar"] {
+        p.check(!ignored.iter().any(|l| l.trim_end_matches('/') == needed), || {
+            format!(".dockerignore leaves out {needed}, which the builder needs")
+        });
+    }
+    p.assert_none("deploy/Dockerfile");
 }

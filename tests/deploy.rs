@@ -1503,7 +1503,7 @@ fn the_dockerfile_copies_what_its_builder_builds() {
     p.check(copied.contains("ballast-sidecar"), || "no image copies ballast-sidecar".into());
     // Where the builder puts each file in /out/: `cp SRC... /out/` commands.
     let mut sources: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for cmd in builder.split("&&").chain(builder.split(';')) {
+    for cmd in builder.split(['&', ';']) {
         let words: Vec<&str> = cmd.split_whitespace().collect();
         if let Some(i) = words.iter().position(|w| *w == "cp")
             && words.last() == Some(&"/out/")

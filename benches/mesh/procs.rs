@@ -21,8 +21,38 @@ pub fn pin_to(cpu: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A free loopback port (bound then released; the harness is alone on the machine).
+/// A free loopback port for a proxy under test to listen on, bound then released.
+///
+/// Chosen below the kernel's ephemeral range (`ip_local_port_range`), so that nothing
+/// else the harness does can take it between here and the proxy's own bind: every
+/// client connection and every port-0 listener (the upstreams, the sinks) gets its
+/// port from that range. A port from `bind(:0)` was taken that way once in CI (the
+/// load generator's connections use thousands of ephemeral ports), and the sidecar
+/// then failed to start with "Address already in use". Each call hands out a port not
+/// handed out before in this process; where the range below is too small, it falls
+/// back to `bind(:0)` and [`Proxy::sidecar_from`]'s retry.
 pub fn free_addr() -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    /// The next candidate, as an offset from [`LOW`]; starts at a place that depends on
+    /// the process id, so two harnesses on one machine (never done, but cheap) start apart.
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    const LOW: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u32>().ok()))
+        .unwrap_or(32_768);
+    let span = ephemeral_low.saturating_sub(LOW);
+    if span >= 1_000 {
+        let _ =
+            NEXT.compare_exchange(u32::MAX, std::process::id() % span, Ordering::Relaxed, Ordering::Relaxed);
+        for _ in 0..span {
+            let port = LOW + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+            let Ok(port) = u16::try_from(port) else { continue };
+            if let Ok(addr) = TcpListener::bind(("127.0.0.1", port)).and_then(|l| l.local_addr()) {
+                return addr;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port")
 }
 
@@ -77,6 +107,27 @@ impl Proxy {
         cpu: usize,
         env: &[(&str, String)],
     ) -> Result<(Self, SidecarAddrs), String> {
+        // A port taken between `free_addr` and the sidecar's bind (see there) fails the
+        // start with "Address already in use": that one failure is retried on fresh
+        // ports, any other fails the run.
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_sidecar(bin, name, &source, app, cpu, env) {
+                Err(e) if e.contains("Address already in use") => last = e,
+                other => return other,
+            }
+        }
+        Err(format!("{name} found no free ports in 3 attempts; last: {last}"))
+    }
+
+    fn try_sidecar(
+        bin: &Path,
+        name: &str,
+        source: &Source<'_>,
+        app: SocketAddr,
+        cpu: usize,
+        env: &[(&str, String)],
+    ) -> Result<(Self, SidecarAddrs), String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let addrs = SidecarAddrs { outbound: free_addr(), inbound: free_addr(), admin: free_addr() };
         let mut cmd = Command::new(bin);
@@ -88,7 +139,7 @@ impl Proxy {
                 cmd.arg("--config").arg(&cfg);
             }
             Source::ControlPlane { url, args } => {
-                cmd.arg("--control-plane").arg(url);
+                cmd.arg("--control-plane").arg(*url);
                 cmd.args(args.iter().map(|a| a.replace("{inbound}", &addrs.inbound.to_string())));
             }
         }
@@ -109,8 +160,8 @@ impl Proxy {
             .arg("--egress-dns=false")
             .env("BALLAST_LOG", "warn")
             .envs(env.iter().map(|(k, v)| (k, v)));
-        let proxy = Self::spawn(name, cmd, dir, cpu)?;
-        proxy.wait_ready(|| http_get(addrs.admin, "/ready").is_ok_and(|s| s == 200))?;
+        let mut proxy = Self::spawn(name, cmd, dir, cpu)?;
+        proxy.wait_ready_or_exit(|| http_get(addrs.admin, "/ready").is_ok_and(|s| s == 200))?;
         Ok((proxy, addrs))
     }
 
@@ -153,6 +204,22 @@ impl Proxy {
         }
         let child = cmd.spawn().map_err(|e| format!("cannot start {name}: {e}"))?;
         Ok(Self { name: name.to_owned(), child, _dir: dir, stderr_path, terminated: None })
+    }
+
+    /// [`Proxy::wait_ready`] that gives up as soon as the process has exited (a sidecar
+    /// that cannot bind exits at once; waiting out the 20 s would only slow the retry).
+    fn wait_ready_or_exit(&mut self, ready: impl Fn() -> bool) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if ready() {
+                return Ok(());
+            }
+            if !self.is_running() {
+                return Err(format!("{} exited before it was ready: {}", self.name, self.stderr()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("{} did not become ready: {}", self.name, self.stderr()))
     }
 
     fn wait_ready(&self, ready: impl Fn() -> bool) -> Result<(), String> {

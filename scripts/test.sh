@@ -49,6 +49,10 @@ echo "--- cargo fmt --check"
 cargo fmt --all --check
 echo "--- cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# Broken intra-doc links and stray HTML in doc comments (the protos' comments included)
+# fail here, not in a reader's browser.
+echo "--- cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 # With the tests in the same invocation, so that dev-dependencies' features are unified
 # the same way as in the test run below: `--bins` alone resolves features without them,
 # and the test run then rebuilt tokio, hyper and everything above them a second time.

@@ -4,7 +4,7 @@
 //! view at the mesh's revision → an incremental update each time its view changes, each
 //! versioned with the revision it was built from. The sidecar acks or nacks each version.
 //!
-//! * **Views, not the mesh.** Each sidecar gets [`Mesh::view`] of its [`Scope`], and an
+//! * **Views, not the mesh.** Each sidecar gets [`Mesh::view`](crate::mesh::Mesh::view) of its [`Scope`], and an
 //!   update holds only the resources of that view that changed. A mesh change wakes
 //!   every stream, but one whose scope it does not reach ([`Scope::reaches`]) goes back
 //!   to sleep without building its view.

@@ -272,7 +272,7 @@ struct ClientSettings {
 /// Cache of endpoint clients by address and connection settings: two services with
 /// different `timeouts.connect` to the same address keep separate pools.
 ///
-/// Bounded: passthrough traffic can name any address, so past [`Clients::MAX`] entries
+/// Bounded: passthrough traffic can name any address, so past 4,096 entries (`Clients::MAX`)
 /// the cache is cleared (connections of dropped clients close when idle) rather than grown.
 pub struct Clients {
     connect_timeout: Duration,

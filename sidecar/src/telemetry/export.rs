@@ -3,7 +3,7 @@
 //!
 //! Not the SDK's `BatchSpanProcessor`: it counts the spans it drops only in its own
 //! internal log, and the issue (and any operator) wants them in `/metrics`; and the
-//! sidecar builds finished spans itself (see [`super::span`]), with no SDK tracer to
+//! sidecar builds finished spans itself (see [`super::Tracing`]), with no SDK tracer to
 //! feed a processor. What is kept from the SDK is its batching settings, read from the
 //! same `OTEL_BSP_*` variables with the same defaults, and the OTLP encoding and
 //! transports of `opentelemetry-otlp` (which also reads `OTEL_EXPORTER_OTLP_ENDPOINT`,

@@ -424,3 +424,84 @@ fn bare_ip_endpoints_take_the_requested_port() {
     let out = run(curl().args(["-x", &sc.proxy_url(), &format!("http://anyport:{}/name", up.addr.port())]));
     assert_eq!(stdout(&out), "any-port", "{out:?}");
 }
+
+/// A client connection that has not sent a complete request head for 30 s is closed
+/// 30-31 s after it went quiet (hyper's header read timeout on the coarse timer, README
+/// "The sidecar"): an idle keep-alive connection after its response, one stalled
+/// mid-head, and one trickling a header byte every two seconds (slowloris), which the
+/// timeout bounds as a whole rather than per byte. Meanwhile the sidecar keeps serving.
+#[test]
+fn connections_without_a_request_head_for_30s_are_closed() {
+    let a = Upstream::start("a");
+    let sc = Sidecar::start(&service_yaml("web", &[&a]), &[]);
+    let outbound = sc.outbound;
+    let closes_after = |name: &'static str, start: fn(&mut TcpStream) -> Instant| {
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(outbound).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(45))).unwrap();
+            let quiet_since = start(&mut s);
+            let mut buf = [0u8; 4096];
+            // What is left to read: nothing (the idle and stalled ones) or the keep-alive
+            // response already consumed by `start`; then the close.
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                    Err(e) => panic!("{name}: not closed within 45 s: {e}"),
+                }
+            }
+            (name, quiet_since.elapsed())
+        })
+    };
+    let idle = closes_after("idle keep-alive", |s| {
+        s.write_all(b"GET /name HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 200") && head.ends_with("\r\n\r\na"), "{head:?}");
+        Instant::now()
+    });
+    let stalled = closes_after("stalled mid-head", |s| {
+        s.write_all(b"GET /name HTTP/1.1\r\nHost: web\r\n").unwrap();
+        Instant::now()
+    });
+    let trickle = closes_after("trickling", |s| {
+        let started = Instant::now();
+        s.write_all(b"GET /name HTTP/1.1\r\nHost: web\r\nX-Slow: ").unwrap();
+        // A byte every 2 s, for 40 s at most, watching for the close every 100 ms so
+        // that it is seen when it happens rather than at the next write.
+        s.set_nonblocking(true).unwrap();
+        let mut next_byte = started + Duration::from_secs(2);
+        while started.elapsed() < Duration::from_secs(40) {
+            std::thread::sleep(Duration::from_millis(100));
+            match s.peek(&mut [0u8; 1]) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // Closed (EOF or reset), or something to read before the close.
+                _ => break,
+            }
+            if Instant::now() >= next_byte {
+                if s.write_all(b"a").is_err() {
+                    break;
+                }
+                next_byte += Duration::from_secs(2);
+            }
+        }
+        s.set_nonblocking(false).unwrap();
+        started
+    });
+    // The proxy still serves new requests while those wait out their timeouts.
+    std::thread::sleep(Duration::from_secs(10));
+    let out = run(curl().args(["-x", &sc.proxy_url(), "http://web/name"]));
+    assert_eq!(stdout(&out), "a", "{out:?}");
+    // Due 30-31 s after the sidecar started waiting for a head (the coarse timer is only
+    // ever late): the lower bound leaves 0.5 s for the sidecar's clock starting a little
+    // before the client's, the upper one 3 s for a slow machine.
+    for t in [idle, stalled, trickle] {
+        let (name, after) = t.join().unwrap();
+        assert!(
+            after >= Duration::from_millis(29_500) && after <= Duration::from_secs(34),
+            "{name}: closed after {after:?}"
+        );
+    }
+}

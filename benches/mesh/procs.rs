@@ -161,7 +161,7 @@ impl Proxy {
             .env("BALLAST_LOG", "warn")
             .envs(env.iter().map(|(k, v)| (k, v)));
         let mut proxy = Self::spawn(name, cmd, dir, cpu)?;
-        proxy.wait_ready_or_exit(|| http_get(addrs.admin, "/ready").is_ok_and(|s| s == 200))?;
+        proxy.wait_ready(|| http_get(addrs.admin, "/ready").is_ok_and(|s| s == 200))?;
         Ok((proxy, addrs))
     }
 
@@ -172,7 +172,7 @@ impl Proxy {
         std::fs::write(&cfg, config).map_err(|e| e.to_string())?;
         let mut cmd = Command::new("haproxy");
         cmd.arg("-db").arg("-f").arg(&cfg);
-        let proxy = Self::spawn("haproxy", cmd, dir, cpu)?;
+        let mut proxy = Self::spawn("haproxy", cmd, dir, cpu)?;
         proxy.wait_ready(|| TcpStream::connect(ready).is_ok())?;
         Ok(proxy)
     }
@@ -184,7 +184,7 @@ impl Proxy {
             .map_err(|e| format!("cannot find this binary to start the relay: {e}"))?;
         let mut cmd = Command::new(exe);
         cmd.env(crate::relay::ENV, format!("{listen},{upstream}"));
-        let proxy = Self::spawn("relay", cmd, dir, cpu)?;
+        let mut proxy = Self::spawn("relay", cmd, dir, cpu)?;
         proxy.wait_ready(|| TcpStream::connect(listen).is_ok())?;
         Ok(proxy)
     }
@@ -206,9 +206,10 @@ impl Proxy {
         Ok(Self { name: name.to_owned(), child, _dir: dir, stderr_path, terminated: None })
     }
 
-    /// [`Proxy::wait_ready`] that gives up as soon as the process has exited (a sidecar
-    /// that cannot bind exits at once; waiting out the 20 s would only slow the retry).
-    fn wait_ready_or_exit(&mut self, ready: impl Fn() -> bool) -> Result<(), String> {
+    /// Polls `ready` for up to 20 s, and gives up as soon as the process has exited (a
+    /// sidecar that cannot bind exits at once; waiting out the 20 s would only slow
+    /// [`Proxy::sidecar_from`]'s retry).
+    fn wait_ready(&mut self, ready: impl Fn() -> bool) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if ready() {
@@ -216,17 +217,6 @@ impl Proxy {
             }
             if !self.is_running() {
                 return Err(format!("{} exited before it was ready: {}", self.name, self.stderr()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(format!("{} did not become ready: {}", self.name, self.stderr()))
-    }
-
-    fn wait_ready(&self, ready: impl Fn() -> bool) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if ready() {
-                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
